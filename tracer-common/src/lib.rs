@@ -1,0 +1,223 @@
+//! The ABI shared by leaktrace's eBPF programs (`tracer-ebpf`) and its
+//! user-space daemon (`tracer`).
+//!
+//! Everything here is `#[repr(C)]`, `Copy` and made of fixed-width integers
+//! with explicit padding, so both sides agree on layout byte for byte; a
+//! `const` assertion next to each type pins its size. Map and program names
+//! live here too, so a rename cannot drift between the two sides.
+#![no_std]
+
+use core::mem::size_of;
+
+/// Deepest user stack the kernel records, in frames.
+pub const MAX_STACK_DEPTH: u32 = 127;
+
+/// Map names, as the eBPF object exports them.
+pub mod maps {
+    /// `(tgid, addr)` -> [`crate::AllocInfo`]: every block still live.
+    pub const ALLOCS: &str = "ALLOCS";
+    /// `(tgid, stack_id)` -> [`crate::StackTotals`]: kernel-side per-stack ledger.
+    pub const STACK_TOTALS: &str = "STACK_TOTALS";
+    /// Stack id -> user instruction pointers.
+    pub const STACK_TRACES: &str = "STACK_TRACES";
+    /// Thread id -> [`crate::PendingCall`]: an allocator call between entry and return.
+    pub const PENDING: &str = "PENDING";
+    /// Per-CPU array of `u64` counters indexed by [`crate::Counter`].
+    pub const COUNTERS: &str = "COUNTERS";
+}
+
+/// Key of the live-allocation table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AllocKey {
+    pub addr: u64,
+    pub tgid: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<AllocKey>() == 16);
+
+/// One live block.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AllocInfo {
+    pub size_bytes: u64,
+    pub ts_ns: u64,
+    /// Id in `STACK_TRACES`, or a negative errno when the stack was lost.
+    pub stack_id: i32,
+    /// One of [`AllocKind`] as `u32`.
+    pub kind: u32,
+}
+const _: () = assert!(size_of::<AllocInfo>() == 24);
+
+/// Key of the kernel-side per-stack ledger.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StackKey {
+    pub tgid: u32,
+    /// Id in `STACK_TRACES`; negative when the stack could not be recorded
+    /// (all such allocations of a process share one row).
+    pub stack_id: i32,
+}
+const _: () = assert!(size_of::<StackKey>() == 8);
+
+/// Running totals of one `(tgid, stack)` row. Updated with atomic adds.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StackTotals {
+    /// Bytes allocated from this stack and not yet freed.
+    pub outstanding_bytes: i64,
+    /// Blocks allocated from this stack and not yet freed.
+    pub outstanding_allocs: i64,
+    /// Bytes ever allocated from this stack since attach.
+    pub total_bytes: u64,
+    /// Blocks ever allocated from this stack since attach.
+    pub total_allocs: u64,
+}
+const _: () = assert!(size_of::<StackTotals>() == 32);
+
+/// An allocator call seen at entry and waiting for its return.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PendingCall {
+    /// Requested size.
+    pub size_bytes: u64,
+    /// For `realloc`: the block being resized (0 for none).
+    pub old_addr: u64,
+    /// Stack pointer at entry: tells a nested call (same or lower) from a
+    /// stale record whose return was never seen (higher).
+    pub entry_sp: u64,
+    /// One of [`AllocKind`] as `u32`.
+    pub kind: u32,
+    /// Allocator calls nested inside this one (calloc -> malloc, ...): they
+    /// are not counted again.
+    pub depth: u32,
+}
+const _: () = assert!(size_of::<PendingCall>() == 32);
+
+/// Which allocator entry point produced a block.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AllocKind {
+    Malloc = 0,
+    Calloc = 1,
+    Realloc = 2,
+    Memalign = 3,
+    PosixMemalign = 4,
+    Valloc = 5,
+    Mmap = 6,
+}
+
+impl AllocKind {
+    pub const fn from_u32(v: u32) -> Option<Self> {
+        Some(match v {
+            0 => Self::Malloc,
+            1 => Self::Calloc,
+            2 => Self::Realloc,
+            3 => Self::Memalign,
+            4 => Self::PosixMemalign,
+            5 => Self::Valloc,
+            6 => Self::Mmap,
+            _ => return None,
+        })
+    }
+}
+
+/// Indices of the per-CPU `COUNTERS` array. Every way an event can be
+/// dropped or mispaired has its own slot; the report shows them all.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// Allocations recorded in the live table.
+    Allocs = 0,
+    /// Frees that matched a recorded block.
+    Frees = 1,
+    /// Frees of blocks not in the table (allocated before attach, or lost).
+    FreesUnknown = 2,
+    /// Allocations that returned NULL (not counted).
+    FailedAllocs = 3,
+    /// Allocator calls nested inside another probed call (counted once).
+    Nested = 4,
+    /// Lost: the live table was full.
+    AllocsMapFull = 5,
+    /// Lost: the per-stack ledger was full.
+    StackTotalsMapFull = 6,
+    /// Lost: the pending-call table was full.
+    PendingMapFull = 7,
+    /// Stack lost to a stack-map hash collision.
+    StackCollision = 8,
+    /// Stack lost for another reason (fault, map full).
+    StackLost = 9,
+    /// Return seen without its entry.
+    MissingEntry = 10,
+    /// Entry whose return was never seen (longjmp, thread killed).
+    MissingReturn = 11,
+    /// A recorded block was replaced by a new one at the same address
+    /// (its free was never seen).
+    StaleReplaced = 12,
+}
+
+/// Number of slots in `COUNTERS`.
+pub const COUNTER_SLOTS: u32 = 16;
+
+impl Counter {
+    pub const ALL: [Counter; 13] = [
+        Counter::Allocs,
+        Counter::Frees,
+        Counter::FreesUnknown,
+        Counter::FailedAllocs,
+        Counter::Nested,
+        Counter::AllocsMapFull,
+        Counter::StackTotalsMapFull,
+        Counter::PendingMapFull,
+        Counter::StackCollision,
+        Counter::StackLost,
+        Counter::MissingEntry,
+        Counter::MissingReturn,
+        Counter::StaleReplaced,
+    ];
+
+    /// Name used in reports (`snake_case`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::Allocs => "allocs",
+            Counter::Frees => "frees",
+            Counter::FreesUnknown => "frees_unknown",
+            Counter::FailedAllocs => "failed_allocs",
+            Counter::Nested => "nested_calls",
+            Counter::AllocsMapFull => "allocs_map_full",
+            Counter::StackTotalsMapFull => "stack_totals_map_full",
+            Counter::PendingMapFull => "pending_map_full",
+            Counter::StackCollision => "stack_collisions",
+            Counter::StackLost => "stacks_lost",
+            Counter::MissingEntry => "missing_entry",
+            Counter::MissingReturn => "missing_return",
+            Counter::StaleReplaced => "stale_replaced",
+        }
+    }
+
+    /// Whether this counter means data was lost (as opposed to informational).
+    pub const fn is_loss(self) -> bool {
+        matches!(
+            self,
+            Counter::AllocsMapFull
+                | Counter::StackTotalsMapFull
+                | Counter::PendingMapFull
+                | Counter::StackCollision
+                | Counter::StackLost
+                | Counter::MissingEntry
+                | Counter::MissingReturn
+                | Counter::StaleReplaced
+        )
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all are repr(C), Copy, made of integers with explicit padding.
+    unsafe impl aya::Pod for AllocKey {}
+    unsafe impl aya::Pod for AllocInfo {}
+    unsafe impl aya::Pod for StackKey {}
+    unsafe impl aya::Pod for StackTotals {}
+    unsafe impl aya::Pod for PendingCall {}
+}

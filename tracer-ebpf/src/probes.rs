@@ -1,0 +1,332 @@
+//! Generic enter/exit/free helpers plus one thin program per allocator
+//! function, in the manner of libbpf-tools' memleak.
+
+use core::intrinsics::{atomic_xadd, AtomicOrdering};
+
+use aya_ebpf::{
+    bindings::BPF_F_USER_STACK,
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
+    macros::{map, uprobe, uretprobe},
+    maps::{HashMap, PerCpuArray, StackTrace},
+    programs::{tracing::StackIdContext as _, ProbeContext, RetProbeContext},
+};
+use tracer_common::{
+    AllocInfo, AllocKey, AllocKind, Counter, PendingCall, StackKey, StackTotals, COUNTER_SLOTS,
+};
+
+const EEXIST: i32 = 17;
+/// Stack id used for every allocation whose stack could not be recorded.
+const STACK_LOST: i32 = -1;
+
+#[map]
+static ALLOCS: HashMap<AllocKey, AllocInfo> = HashMap::with_max_entries(1 << 20, 0);
+
+#[map]
+static STACK_TOTALS: HashMap<StackKey, StackTotals> = HashMap::with_max_entries(1 << 16, 0);
+
+#[map]
+static STACK_TRACES: StackTrace = StackTrace::with_max_entries(1 << 16, 0);
+
+#[map]
+static PENDING: HashMap<u32, PendingCall> = HashMap::with_max_entries(1 << 14, 0);
+
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
+
+#[inline(always)]
+fn count(c: Counter) {
+    if let Some(p) = COUNTERS.get_ptr_mut(c as u32) {
+        // SAFETY: per-CPU slot, programs do not migrate while running.
+        unsafe { *p += 1 };
+    }
+}
+
+#[inline(always)]
+fn sp_of(regs: *mut aya_ebpf::bindings::pt_regs) -> u64 {
+    // SAFETY: the context of a uprobe is the trapped task's pt_regs.
+    unsafe { (*regs).rsp }
+}
+
+// ---- entry ---------------------------------------------------------------
+
+#[inline(always)]
+fn enter(ctx: &ProbeContext, kind: AllocKind, size_bytes: u64, old_addr: u64) -> u32 {
+    let tid = bpf_get_current_pid_tgid() as u32;
+    let entry_sp = sp_of(ctx.regs);
+    if let Some(p) = PENDING.get_ptr_mut(tid) {
+        // SAFETY: value pointer from a successful lookup.
+        let pending = unsafe { &mut *p };
+        if entry_sp <= pending.entry_sp {
+            // Called from inside a probed allocator call (calloc -> malloc,
+            // reallocarray -> realloc): the outer call is the one counted.
+            pending.depth += 1;
+            count(Counter::Nested);
+            return 0;
+        }
+        // The earlier call's return never came (longjmp, a thread cancelled
+        // inside malloc): drop it.
+        count(Counter::MissingReturn);
+    }
+    let call = PendingCall {
+        size_bytes,
+        old_addr,
+        entry_sp,
+        kind: kind as u32,
+        depth: 0,
+    };
+    if PENDING.insert(tid, call, 0).is_err() {
+        count(Counter::PendingMapFull);
+    }
+    0
+}
+
+#[uprobe]
+pub fn malloc_enter(ctx: ProbeContext) -> u32 {
+    let size: u64 = ctx.arg(0).unwrap_or(0);
+    enter(&ctx, AllocKind::Malloc, size, 0)
+}
+
+#[uprobe]
+pub fn calloc_enter(ctx: ProbeContext) -> u32 {
+    let n: u64 = ctx.arg(0).unwrap_or(0);
+    let size: u64 = ctx.arg(1).unwrap_or(0);
+    // An overflowing product fails in the allocator and is never recorded.
+    enter(&ctx, AllocKind::Calloc, n.wrapping_mul(size), 0)
+}
+
+#[uprobe]
+pub fn realloc_enter(ctx: ProbeContext) -> u32 {
+    let old: u64 = ctx.arg(0).unwrap_or(0);
+    let size: u64 = ctx.arg(1).unwrap_or(0);
+    enter(&ctx, AllocKind::Realloc, size, old)
+}
+
+#[uprobe]
+pub fn reallocarray_enter(ctx: ProbeContext) -> u32 {
+    let old: u64 = ctx.arg(0).unwrap_or(0);
+    let n: u64 = ctx.arg(1).unwrap_or(0);
+    let size: u64 = ctx.arg(2).unwrap_or(0);
+    enter(&ctx, AllocKind::Realloc, n.wrapping_mul(size), old)
+}
+
+/// `memalign(align, size)` and `aligned_alloc(align, size)`.
+#[uprobe]
+pub fn memalign_enter(ctx: ProbeContext) -> u32 {
+    let size: u64 = ctx.arg(1).unwrap_or(0);
+    enter(&ctx, AllocKind::Memalign, size, 0)
+}
+
+/// `posix_memalign(void **memptr, align, size)`: the block comes back
+/// through `memptr`, kept in `old_addr` until the return.
+#[uprobe]
+pub fn posix_memalign_enter(ctx: ProbeContext) -> u32 {
+    let memptr: u64 = ctx.arg(0).unwrap_or(0);
+    let size: u64 = ctx.arg(2).unwrap_or(0);
+    enter(&ctx, AllocKind::PosixMemalign, size, memptr)
+}
+
+/// `valloc(size)` and `pvalloc(size)`.
+#[uprobe]
+pub fn valloc_enter(ctx: ProbeContext) -> u32 {
+    let size: u64 = ctx.arg(0).unwrap_or(0);
+    enter(&ctx, AllocKind::Valloc, size, 0)
+}
+
+// ---- return --------------------------------------------------------------
+
+#[uretprobe]
+pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tid = pid_tgid as u32;
+    let tgid = (pid_tgid >> 32) as u32;
+    let Some(p) = PENDING.get_ptr_mut(tid) else {
+        count(Counter::MissingEntry);
+        return 0;
+    };
+    // SAFETY: value pointer from a successful lookup.
+    let pending = unsafe { &mut *p };
+    if pending.depth > 0 {
+        pending.depth -= 1;
+        return 0;
+    }
+    let call = *pending;
+    let _ = PENDING.remove(tid);
+
+    let ret: u64 = ctx.ret();
+    let addr = match AllocKind::from_u32(call.kind) {
+        Some(AllocKind::Realloc) => {
+            if ret == 0 {
+                if call.size_bytes == 0 && call.old_addr != 0 {
+                    // realloc(p, 0) frees p.
+                    release(tgid, call.old_addr, false);
+                } else {
+                    // A failed realloc leaves the old block live.
+                    count(Counter::FailedAllocs);
+                }
+                return 0;
+            }
+            if call.old_addr != 0 {
+                release(tgid, call.old_addr, false);
+            }
+            ret
+        }
+        Some(AllocKind::PosixMemalign) => {
+            // Returns 0 on success, the block is in *memptr.
+            if ret as u32 != 0 || call.old_addr == 0 {
+                count(Counter::FailedAllocs);
+                return 0;
+            }
+            // SAFETY: bpf_probe_read_user checks the user address.
+            match unsafe { bpf_probe_read_user(call.old_addr as *const u64) } {
+                Ok(addr) => addr,
+                Err(_) => {
+                    count(Counter::MissingEntry);
+                    return 0;
+                }
+            }
+        }
+        _ => ret,
+    };
+    if addr == 0 {
+        count(Counter::FailedAllocs);
+        return 0;
+    }
+    record(&ctx, tgid, addr, call.size_bytes, call.kind);
+    0
+}
+
+#[inline(always)]
+fn record(ctx: &RetProbeContext, tgid: u32, addr: u64, size_bytes: u64, kind: u32) {
+    let stack_id = match ctx.get_stackid(&STACK_TRACES, BPF_F_USER_STACK as u64) {
+        Ok(id) => id as i32,
+        Err(err) => {
+            if err == -EEXIST {
+                count(Counter::StackCollision);
+            } else {
+                count(Counter::StackLost);
+            }
+            STACK_LOST
+        }
+    };
+    let key = AllocKey {
+        addr,
+        tgid,
+        _pad: 0,
+    };
+    // SAFETY: the value is copied out before any other map operation.
+    if let Some(old) = unsafe { ALLOCS.get(&key) } {
+        // The block at this address was freed by a path we do not see.
+        let old = *old;
+        count(Counter::StaleReplaced);
+        debit(tgid, &old);
+    }
+    let info = AllocInfo {
+        size_bytes,
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        stack_id,
+        kind,
+    };
+    if ALLOCS.insert(key, info, 0).is_err() {
+        count(Counter::AllocsMapFull);
+        return;
+    }
+    count(Counter::Allocs);
+    credit(tgid, stack_id, size_bytes);
+}
+
+#[inline(always)]
+fn credit(tgid: u32, stack_id: i32, size_bytes: u64) {
+    let key = StackKey { tgid, stack_id };
+    if let Some(t) = STACK_TOTALS.get_ptr_mut(&key) {
+        add_totals(t, size_bytes as i64, 1, size_bytes);
+        return;
+    }
+    let fresh = StackTotals {
+        outstanding_bytes: size_bytes as i64,
+        outstanding_allocs: 1,
+        total_bytes: size_bytes,
+        total_allocs: 1,
+    };
+    // BPF_NOEXIST: another CPU may have created the row meanwhile.
+    if STACK_TOTALS.insert(key, fresh, 1).is_ok() {
+        return;
+    }
+    match STACK_TOTALS.get_ptr_mut(&key) {
+        Some(t) => add_totals(t, size_bytes as i64, 1, size_bytes),
+        None => count(Counter::StackTotalsMapFull),
+    }
+}
+
+#[inline(always)]
+fn debit(tgid: u32, info: &AllocInfo) {
+    let key = StackKey {
+        tgid,
+        stack_id: info.stack_id,
+    };
+    if let Some(t) = STACK_TOTALS.get_ptr_mut(&key) {
+        add_totals(t, -(info.size_bytes as i64), -1, 0);
+    }
+}
+
+#[inline(always)]
+fn add_totals(t: *mut StackTotals, bytes: i64, allocs: i64, total: u64) {
+    // SAFETY: `t` points into a map value; the fields are 8-byte aligned.
+    // BPF has no compare-and-swap for `Atomic*::fetch_add`, but the kernel
+    // provides atomic add, which is what this intrinsic lowers to.
+    unsafe {
+        atomic_xadd::<i64, i64, { AtomicOrdering::Relaxed }>(
+            &raw mut (*t).outstanding_bytes,
+            bytes,
+        );
+        atomic_xadd::<i64, i64, { AtomicOrdering::Relaxed }>(
+            &raw mut (*t).outstanding_allocs,
+            allocs,
+        );
+        if total != 0 {
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*t).total_bytes, total);
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*t).total_allocs, 1);
+        }
+    }
+}
+
+/// Forget a block: remove it from the table and debit its stack.
+/// `count_unknown` is false where a miss is expected (realloc after an
+/// internal free already seen).
+#[inline(always)]
+fn release(tgid: u32, addr: u64, count_unknown: bool) {
+    let key = AllocKey {
+        addr,
+        tgid,
+        _pad: 0,
+    };
+    // SAFETY: the value is copied out before the entry is removed.
+    match unsafe { ALLOCS.get(&key) } {
+        Some(info) => {
+            let info = *info;
+            if ALLOCS.remove(&key).is_ok() {
+                count(Counter::Frees);
+                debit(tgid, &info);
+            }
+        }
+        None => {
+            if count_unknown {
+                count(Counter::FreesUnknown);
+            }
+        }
+    }
+}
+
+// ---- free ----------------------------------------------------------------
+
+/// `free(ptr)`, attached past the function's NULL check where the kernel
+/// can emulate the instruction (see `tracer/src/probe/prologue.rs`).
+#[uprobe]
+pub fn free_enter(ctx: ProbeContext) -> u32 {
+    let addr: u64 = ctx.arg(0).unwrap_or(0);
+    if addr == 0 {
+        return 0;
+    }
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    release(tgid, addr, true);
+    0
+}

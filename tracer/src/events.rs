@@ -1,0 +1,130 @@
+//! Reading the kernel-side ledger: per-stack totals, stack traces and loss
+//! counters, as plain types for the stages after it.
+
+use std::collections::HashMap;
+
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, StackTraceMap};
+use tracer_common::{maps, Counter, StackKey, StackTotals};
+
+use crate::probe::Probes;
+
+/// Counters summed over CPUs, indexed by [`Counter`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Counters(pub HashMap<&'static str, u64>);
+
+impl Counters {
+    pub fn get(&self, c: Counter) -> u64 {
+        self.0.get(c.name()).copied().unwrap_or(0)
+    }
+
+    /// Events that could not be recorded, all causes together.
+    pub fn lost(&self) -> u64 {
+        Counter::ALL
+            .iter()
+            .filter(|c| c.is_loss())
+            .map(|c| self.get(*c))
+            .sum()
+    }
+}
+
+/// One reading of the per-stack ledger.
+#[derive(Clone, Debug, Default)]
+pub struct Reading {
+    pub rows: Vec<(StackKey, StackTotals)>,
+    pub counters: Counters,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("failed to read BPF map {map}: {reason}")]
+pub struct ReadError {
+    map: &'static str,
+    reason: String,
+}
+
+fn read_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> ReadError {
+    move |e| ReadError {
+        map,
+        reason: e.to_string(),
+    }
+}
+
+impl Probes {
+    /// Read every `(tgid, stack)` row and the counters.
+    pub fn read(&self) -> Result<Reading, ReadError> {
+        let map = self.ebpf.map(maps::STACK_TOTALS).ok_or(ReadError {
+            map: maps::STACK_TOTALS,
+            reason: "missing".into(),
+        })?;
+        let totals: BpfHashMap<&MapData, StackKey, StackTotals> =
+            BpfHashMap::try_from(map).map_err(read_err(maps::STACK_TOTALS))?;
+        let mut rows = Vec::new();
+        for item in totals.iter() {
+            match item {
+                Ok(row) => rows.push(row),
+                // A row deleted while iterating: skip it.
+                Err(aya::maps::MapError::KeyNotFound) => continue,
+                Err(e) => return Err(read_err(maps::STACK_TOTALS)(e)),
+            }
+        }
+        Ok(Reading {
+            rows,
+            counters: self.counters()?,
+        })
+    }
+
+    pub fn counters(&self) -> Result<Counters, ReadError> {
+        let map = self.ebpf.map(maps::COUNTERS).ok_or(ReadError {
+            map: maps::COUNTERS,
+            reason: "missing".into(),
+        })?;
+        let arr: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(map).map_err(read_err(maps::COUNTERS))?;
+        let mut out = HashMap::new();
+        for c in Counter::ALL {
+            let v = arr.get(&(c as u32), 0).map_err(read_err(maps::COUNTERS))?;
+            out.insert(c.name(), v.iter().sum());
+        }
+        Ok(Counters(out))
+    }
+
+    /// User-space instruction pointers of a recorded stack, innermost first.
+    pub fn stack(&self, stack_id: i32) -> Option<Vec<u64>> {
+        let id = u32::try_from(stack_id).ok()?;
+        let map = self.ebpf.map(maps::STACK_TRACES)?;
+        let traces = StackTraceMap::try_from(map).ok()?;
+        let trace = traces.get(&id, 0).ok()?;
+        Some(trace.frames().iter().map(|f| f.ip).collect())
+    }
+
+    /// Forget a process's rows (it exited): its live blocks and its ledger.
+    pub fn forget_process(&mut self, tgid: u32) -> Result<(), ReadError> {
+        if let Some(map) = self.ebpf.map_mut(maps::STACK_TOTALS) {
+            let mut totals: BpfHashMap<&mut MapData, StackKey, StackTotals> =
+                BpfHashMap::try_from(map).map_err(read_err(maps::STACK_TOTALS))?;
+            let keys: Vec<StackKey> = totals
+                .keys()
+                .filter_map(Result::ok)
+                .filter(|k| k.tgid == tgid)
+                .collect();
+            for k in keys {
+                let _ = totals.remove(&k);
+            }
+        }
+        if let Some(map) = self.ebpf.map_mut(maps::ALLOCS) {
+            let mut allocs: BpfHashMap<
+                &mut MapData,
+                tracer_common::AllocKey,
+                tracer_common::AllocInfo,
+            > = BpfHashMap::try_from(map).map_err(read_err(maps::ALLOCS))?;
+            let keys: Vec<_> = allocs
+                .keys()
+                .filter_map(Result::ok)
+                .filter(|k| k.tgid == tgid)
+                .collect();
+            for k in keys {
+                let _ = allocs.remove(&k);
+            }
+        }
+        Ok(())
+    }
+}

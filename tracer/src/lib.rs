@@ -1,0 +1,21 @@
+//! leaktrace: which call stacks hold the memory that keeps growing?
+//!
+//! Pipeline, one way: `probe` (load, attach) -> `events` (read the kernel
+//! ledger) -> `ledger` (per-stack totals over time, merged across
+//! processes) -> `trend` (growing, plateau, churn) -> `symbolize` ->
+//! `report`. Only `probe` and `events` touch aya; the stages after them
+//! take plain types and are unit-tested without root.
+
+pub mod cli;
+pub mod demo;
+pub mod elf;
+pub mod events;
+pub mod ledger;
+pub mod preflight;
+pub mod probe;
+pub mod procfs;
+pub mod prologue;
+pub mod report;
+pub mod run;
+pub mod symbolize;
+pub mod trend;

@@ -1,0 +1,58 @@
+//! Checks made before anything is loaded, so that a missing privilege or
+//! kernel feature gets one clear line instead of a verifier dump.
+
+use std::{fs, path::Path};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PreflightError {
+    #[error(
+        "leaktrace needs root (or CAP_BPF, CAP_PERFMON and CAP_SYS_PTRACE) to load eBPF \
+         programs and read other processes' memory maps; run it with sudo"
+    )]
+    NotPrivileged,
+    #[error(
+        "this kernel has no BTF ({0} is missing); leaktrace needs a kernel built with \
+         CONFIG_DEBUG_INFO_BTF=y"
+    )]
+    NoBtf(String),
+    #[error(
+        "this kernel has no uprobe support ({0} is missing); leaktrace needs a kernel \
+         built with CONFIG_UPROBE_EVENTS=y"
+    )]
+    NoUprobes(String),
+}
+
+const BTF: &str = "/sys/kernel/btf/vmlinux";
+const UPROBE_PMU: &str = "/sys/bus/event_source/devices/uprobe/type";
+
+const CAP_SYS_PTRACE: u32 = 19;
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
+const CAP_BPF: u32 = 39;
+
+fn effective_caps() -> u64 {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .unwrap_or(0)
+}
+
+pub fn check() -> Result<(), PreflightError> {
+    let caps = effective_caps();
+    let has = |c: u32| caps & (1u64 << c) != 0;
+    let bpf_ok = has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON));
+    if !bpf_ok || !has(CAP_SYS_PTRACE) {
+        return Err(PreflightError::NotPrivileged);
+    }
+    if !Path::new(UPROBE_PMU).exists() {
+        return Err(PreflightError::NoUprobes(UPROBE_PMU.into()));
+    }
+    if !Path::new(BTF).exists() {
+        return Err(PreflightError::NoBtf(BTF.into()));
+    }
+    Ok(())
+}

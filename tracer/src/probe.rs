@@ -1,0 +1,302 @@
+//! Loading the eBPF object and attaching allocator probes to processes.
+//!
+//! Input: validated sizes and target pids. Output: a loaded [`Probes`]
+//! whose maps `events` reads, plus, per process, what was attached where
+//! (or a [`ProbeError`] that says why not and what to do).
+//! This module and `events` are the only ones that touch aya.
+
+use std::{
+    collections::HashMap,
+    io,
+    num::NonZeroU32,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    programs::{
+        uprobe::{UProbeAttachLocation, UProbeScope},
+        ProgramError, UProbe,
+    },
+    Ebpf, EbpfLoader,
+};
+use tracer_common::maps;
+
+use crate::{elf, procfs, prologue};
+
+/// The eBPF object, built by `build.rs` from `tracer-ebpf`.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
+
+/// How a probed function is handled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    /// Entry program plus the shared return program, both at offset 0
+    /// (one trap serves both).
+    Alloc(&'static str),
+    /// Entry program at the cheapest correct offset (see `prologue`).
+    Free(&'static str),
+}
+
+/// glibc's allocator entry points and what handles each. C++
+/// `operator new`/`delete` call these.
+const ALLOCATOR_FUNCTIONS: &[(&str, Role)] = &[
+    ("malloc", Role::Alloc("malloc_enter")),
+    ("calloc", Role::Alloc("calloc_enter")),
+    ("realloc", Role::Alloc("realloc_enter")),
+    ("reallocarray", Role::Alloc("reallocarray_enter")),
+    ("memalign", Role::Alloc("memalign_enter")),
+    ("aligned_alloc", Role::Alloc("memalign_enter")),
+    ("posix_memalign", Role::Alloc("posix_memalign_enter")),
+    ("valloc", Role::Alloc("valloc_enter")),
+    ("pvalloc", Role::Alloc("valloc_enter")),
+    ("free", Role::Free("free_enter")),
+];
+
+const EXIT_PROGRAM: &str = "alloc_exit";
+
+/// Map sizes, from flags.
+#[derive(Clone, Copy, Debug)]
+pub struct MapSizes {
+    pub max_allocs: u32,
+    pub max_stacks: u32,
+    pub max_threads: u32,
+}
+
+/// One function with probes on it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AttachedFunction {
+    pub name: String,
+    pub offset: u64,
+}
+
+/// What was attached in one process.
+#[derive(Clone, Debug, Default)]
+pub struct Attachment {
+    /// Per object (path as the process sees it): the functions probed.
+    pub objects: Vec<(String, Vec<AttachedFunction>)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("failed to load leaktrace's eBPF programs: {0}; {1}")]
+    Load(String, &'static str),
+    #[error("process {pid} does not exist (or exited); check the pid with `ps -p {pid}`")]
+    NoProcess { pid: u32 },
+    #[error("failed to read the memory map of process {pid}: {source}; run leaktrace as root")]
+    Maps {
+        pid: u32,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "process {pid} ({comm}) maps no object that defines malloc/free; \
+         leaktrace traces processes that allocate through libc or a known allocator"
+    )]
+    NoAllocator { pid: u32, comm: String },
+    #[error("failed to attach uprobe {function} to {object} (pid {pid}): {reason}")]
+    Attach {
+        pid: u32,
+        function: String,
+        object: String,
+        reason: String,
+    },
+}
+
+/// Loaded programs and maps.
+pub struct Probes {
+    pub(crate) ebpf: Ebpf,
+}
+
+impl Probes {
+    /// Load the programs into the kernel with the given map sizes.
+    pub fn load(sizes: MapSizes) -> Result<Self, ProbeError> {
+        let mut loader = EbpfLoader::new();
+        loader
+            .map_max_entries(maps::ALLOCS, sizes.max_allocs)
+            .map_max_entries(maps::STACK_TOTALS, sizes.max_stacks)
+            .map_max_entries(maps::STACK_TRACES, sizes.max_stacks)
+            .map_max_entries(maps::PENDING, sizes.max_threads);
+        let mut ebpf = loader
+            .load(EBPF_OBJECT)
+            .map_err(|e| ProbeError::Load(format!("{e:#}"), load_hint(&e)))?;
+        let names: Vec<String> = ebpf.programs().map(|(n, _)| n.to_string()).collect();
+        for name in names {
+            let prog: &mut UProbe = ebpf
+                .program_mut(&name)
+                .ok_or_else(|| ProbeError::Load(format!("program {name} vanished"), ""))?
+                .try_into()
+                .map_err(|e: ProgramError| ProbeError::Load(format!("{name}: {e}"), ""))?;
+            prog.load().map_err(|e| {
+                ProbeError::Load(
+                    format!("{name} was rejected: {}", error_chain(&e)),
+                    load_hint(&e),
+                )
+            })?;
+        }
+        Ok(Self { ebpf })
+    }
+
+    /// Attach allocator probes to every object in `pid` that defines them.
+    pub fn attach_process(&mut self, pid: u32) -> Result<Attachment, ProbeError> {
+        let nz = NonZeroU32::new(pid).ok_or(ProbeError::NoProcess { pid })?;
+        let maps = procfs::read_maps(pid).map_err(|source| {
+            if source.kind() == io::ErrorKind::NotFound {
+                ProbeError::NoProcess { pid }
+            } else {
+                ProbeError::Maps { pid, source }
+            }
+        })?;
+        let wanted: Vec<&str> = ALLOCATOR_FUNCTIONS.iter().map(|(n, _)| *n).collect();
+        let mut seen: Vec<(String, u64)> = Vec::new();
+        let mut attachment = Attachment::default();
+        for entry in maps.iter().filter(|m| m.executable) {
+            let Some(path) = entry.path.clone() else {
+                continue;
+            };
+            if seen.contains(&(path.clone(), entry.inode)) {
+                continue;
+            }
+            seen.push((path.clone(), entry.inode));
+            let Some(open_path) = entry.open_path(pid) else {
+                continue;
+            };
+            let Ok(functions) = elf::find_functions(&open_path, &wanted) else {
+                continue;
+            };
+            if !functions.contains_key("malloc") && !functions.contains_key("free") {
+                continue;
+            }
+            let attached = self.attach_object(nz, &path, &open_path, &functions)?;
+            attachment.objects.push((path, attached));
+        }
+        if attachment.objects.is_empty() {
+            return Err(ProbeError::NoAllocator {
+                pid,
+                comm: procfs::comm(pid).unwrap_or_else(|| "?".into()),
+            });
+        }
+        Ok(attachment)
+    }
+
+    fn attach_object(
+        &mut self,
+        pid: NonZeroU32,
+        path: &str,
+        open_path: &Path,
+        functions: &HashMap<String, elf::Function>,
+    ) -> Result<Vec<AttachedFunction>, ProbeError> {
+        let mut done: Vec<AttachedFunction> = Vec::new();
+        let mut offsets_done: Vec<u64> = Vec::new();
+        for (name, role) in ALLOCATOR_FUNCTIONS {
+            let Some(func) = functions.get(*name) else {
+                continue;
+            };
+            // Aliases (memalign = aligned_alloc in glibc) are probed once.
+            if offsets_done.contains(&func.file_offset) {
+                continue;
+            }
+            offsets_done.push(func.file_offset);
+            let err = |e: ProgramError| ProbeError::Attach {
+                pid: pid.get(),
+                function: (*name).to_string(),
+                object: path.to_string(),
+                reason: attach_reason(&e),
+            };
+            match role {
+                Role::Alloc(entry) => {
+                    self.attach_one(entry, func.file_offset, open_path, pid)
+                        .map_err(err)?;
+                    self.attach_one(EXIT_PROGRAM, func.file_offset, open_path, pid)
+                        .map_err(err)?;
+                    done.push(AttachedFunction {
+                        name: (*name).to_string(),
+                        offset: 0,
+                    });
+                }
+                Role::Free(entry) => {
+                    let off = prologue::free_probe_offset(&func.code);
+                    self.attach_one(entry, func.file_offset + off, open_path, pid)
+                        .map_err(err)?;
+                    done.push(AttachedFunction {
+                        name: (*name).to_string(),
+                        offset: off,
+                    });
+                }
+            }
+        }
+        Ok(done)
+    }
+
+    fn attach_one(
+        &mut self,
+        program: &str,
+        file_offset: u64,
+        target: &Path,
+        pid: NonZeroU32,
+    ) -> Result<(), ProgramError> {
+        let prog: &mut UProbe = self
+            .ebpf
+            .program_mut(program)
+            .ok_or(ProgramError::NotLoaded)?
+            .try_into()?;
+        prog.attach(
+            UProbeAttachLocation::AbsoluteOffset(file_offset),
+            PathBuf::from(target),
+            UProbeScope::OneProcess(pid),
+        )?;
+        Ok(())
+    }
+}
+
+/// The first `io::Error` in an error's source chain.
+fn io_error_in<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a io::Error> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<io::Error>() {
+            return Some(io);
+        }
+        cur = err.source();
+    }
+    None
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(err) = cur {
+        out.push_str(": ");
+        out.push_str(&err.to_string());
+        cur = err.source();
+    }
+    out
+}
+
+fn load_hint(e: &(dyn std::error::Error + 'static)) -> &'static str {
+    match io_error_in(e).and_then(io::Error::raw_os_error) {
+        Some(libc::EPERM) | Some(libc::EACCES) => {
+            "run as root, or grant CAP_BPF, CAP_PERFMON and CAP_SYS_PTRACE"
+        }
+        _ => "this kernel may lack BPF support for uprobes (CONFIG_BPF_EVENTS)",
+    }
+}
+
+/// A one-line reason for a failed attach, with the fix where one is known.
+fn attach_reason(e: &ProgramError) -> String {
+    let io = io_error_in(e);
+    match io.and_then(io::Error::raw_os_error) {
+        Some(libc::EINVAL) => format!(
+            "{}; another tracer may hold a uprobe with a reference counter \
+             (USDT semaphore) on this address (dmesg says \"ref_ctr_offset mismatch\"): \
+             stop that tracer and retry",
+            io.map(|e| e.to_string()).unwrap_or_default()
+        ),
+        Some(libc::EPERM) | Some(libc::EACCES) => format!(
+            "{}; run as root, or grant CAP_BPF, CAP_PERFMON and CAP_SYS_PTRACE",
+            io.map(|e| e.to_string()).unwrap_or_default()
+        ),
+        Some(libc::ENOENT) => format!(
+            "{}; the process exited or its object is gone",
+            io.map(|e| e.to_string()).unwrap_or_default()
+        ),
+        _ => error_chain(e),
+    }
+}

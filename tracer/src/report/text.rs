@@ -1,0 +1,127 @@
+//! `--format text`: what a person reads in a terminal.
+
+use std::io::{self, Write};
+
+use super::{Frame, Report};
+
+pub fn human_bytes(b: f64) -> String {
+    let neg = b < 0.0;
+    let mut v = b.abs();
+    let mut unit = "B";
+    for u in ["KiB", "MiB", "GiB", "TiB"] {
+        if v < 1024.0 {
+            break;
+        }
+        v /= 1024.0;
+        unit = u;
+    }
+    let sign = if neg { "-" } else { "" };
+    if unit == "B" {
+        format!("{sign}{v:.0} B")
+    } else {
+        format!("{sign}{v:.1} {unit}")
+    }
+}
+
+fn frame_line(f: &Frame) -> String {
+    let func = f.function.as_deref().unwrap_or("??");
+    let mut s = func.to_string();
+    if f.inlined {
+        s.push_str(" (inlined)");
+    }
+    match (&f.file, f.line) {
+        (Some(file), Some(line)) => s.push_str(&format!(" at {}:{line}", short_path(file))),
+        (Some(file), None) => s.push_str(&format!(" at {}", short_path(file))),
+        _ => {}
+    }
+    if let Some(m) = &f.module {
+        let base = m.rsplit('/').next().unwrap_or(m);
+        match (f.function.is_none(), f.offset) {
+            (true, Some(off)) => s.push_str(&format!(" [{base}+{off:#x}]")),
+            _ => s.push_str(&format!(" [{base}]")),
+        }
+    }
+    s
+}
+
+/// Source paths shortened for a terminal: the Rust toolchain's
+/// `/rustc/<hash>/` prefix and the build directory of distro packages go.
+fn short_path(file: &str) -> &str {
+    if let Some(rest) = file.strip_prefix("/rustc/") {
+        return rest.split_once('/').map(|(_, r)| r).unwrap_or(rest);
+    }
+    file.strip_prefix("./").unwrap_or(file)
+}
+
+/// Frames shown per stack in text; JSON and the other formats keep all.
+pub const MAX_TEXT_FRAMES: usize = 16;
+
+pub fn write(report: &Report, out: &mut dyn Write) -> io::Result<()> {
+    let pids: Vec<String> = report
+        .targets
+        .iter()
+        .map(|t| format!("{} ({}, {})", t.pid, t.comm, t.status))
+        .collect();
+    writeln!(
+        out,
+        "leaktrace: {:.1}s, {} outstanding in {} allocations, {} events lost; targets: {}",
+        report.duration_s,
+        human_bytes(report.totals.outstanding_bytes as f64),
+        report.totals.outstanding_allocs,
+        report.totals.lost_events,
+        pids.join(", ")
+    )?;
+    for note in &report.notes {
+        writeln!(out, "note: {note}")?;
+    }
+    if report.stacks.is_empty() {
+        writeln!(out, "no memory allocated since attach is outstanding")?;
+    }
+    for (i, s) in report.stacks.iter().enumerate() {
+        writeln!(
+            out,
+            "\n#{} {} outstanding in {} allocations, growth {}/s ({}), {} allocated in all; pids {}",
+            i + 1,
+            human_bytes(s.outstanding_bytes as f64),
+            s.outstanding_allocs,
+            human_bytes(s.growth_bytes_per_s),
+            s.trend.as_str(),
+            human_bytes(s.allocated_bytes as f64),
+            s.pids
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        )?;
+        for (n, f) in s.frames.iter().take(MAX_TEXT_FRAMES).enumerate() {
+            writeln!(out, "    {n:>2} {}", frame_line(f))?;
+        }
+        if s.frames.len() > MAX_TEXT_FRAMES {
+            writeln!(
+                out,
+                "       ... {} outer frames (all are in --format json)",
+                s.frames.len() - MAX_TEXT_FRAMES
+            )?;
+        }
+    }
+    if report.stacks_omitted > 0 {
+        writeln!(
+            out,
+            "\n({} more stacks not shown; raise --top)",
+            report.stacks_omitted
+        )?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_read_well() {
+        assert_eq!(human_bytes(512.0), "512 B");
+        assert_eq!(human_bytes(409600.0), "400.0 KiB");
+        assert_eq!(human_bytes(-2.0 * 1024.0 * 1024.0), "-2.0 MiB");
+    }
+}
