@@ -150,10 +150,13 @@ impl Args {
 mod tests {
     use super::*;
 
-    fn parse(args: &[&str]) -> Result<Config, ConfigError> {
+    fn parse(args: &[&str]) -> Result<Config, String> {
         let mut v = vec!["leaktrace"];
         v.extend_from_slice(args);
-        Args::parse_from(v).validate()
+        Args::try_parse_from(v)
+            .map_err(|e| e.to_string())?
+            .validate()
+            .map_err(|e| e.to_string())
     }
 
     #[test]
@@ -174,7 +177,7 @@ mod tests {
 
     #[test]
     fn bad_numbers_are_rejected() {
-        assert!(parse(&["-p", "1", "-i", "-1"]).is_err());
+        assert!(parse(&["-p", "1", "-i=-1"]).is_err());
         assert!(parse(&["-p", "1", "-d", "nan"]).is_err());
         assert!(parse(&["-p", "1", "-n", "0"]).is_err());
     }

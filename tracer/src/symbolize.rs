@@ -146,15 +146,11 @@ impl Normalizer {
     }
 
     fn find(&mut self, tgid: u32, ip: u64) -> Option<MapEntry> {
-        if !self.maps.contains_key(&tgid) {
-            let maps = procfs::read_maps(tgid).ok()?;
-            self.maps.insert(tgid, maps);
-        }
-        self.maps
-            .get(&tgid)?
-            .iter()
-            .find(|m| m.start <= ip && ip < m.end)
-            .cloned()
+        let maps = match self.maps.entry(tgid) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(procfs::read_maps(tgid).ok()?),
+        };
+        maps.iter().find(|m| m.start <= ip && ip < m.end).cloned()
     }
 
     fn module_for(&mut self, tgid: u32, e: &MapEntry) -> u32 {

@@ -153,7 +153,14 @@ mod tests {
 
     #[test]
     fn churn_at_a_level_is_churn() {
-        let s = series(|t| 1000.0 + if t as u64 % 2 == 0 { 8.0 } else { 0.0 });
+        let s = series(|t| {
+            1000.0
+                + if (t as u64).is_multiple_of(2) {
+                    8.0
+                } else {
+                    0.0
+                }
+        });
         assert_eq!(fit(&s, 1_000_000.0).trend, Trend::Churn);
     }
 

@@ -1,1 +1,336 @@
-fn main() {}
+//! `cargo xtask`: everything a fresh machine needs, in one place.
+//!
+//! - `setup`: nightly `rust-src`, `bpf-linker` linked against the same LLVM
+//!   major as the nightly toolchain, and the Debian packages the tests use.
+//!   Idempotent; `build`, `run`, `test` and `bench` run it first.
+//! - `build`: the `leaktrace` binary (its build script compiles the eBPF
+//!   programs on nightly through aya-build).
+//! - `run -- ARGS`: build, then run `leaktrace ARGS` as root (through sudo
+//!   when needed). Without `-p`, leaktrace runs its built-in demo.
+//! - `test`: formatting, clippy, unit tests, then the privileged end-to-end
+//!   suite against real processes.
+
+use std::{
+    env,
+    ffi::OsString,
+    fs,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install the toolchain pieces and packages (idempotent).
+    Setup,
+    /// Build leaktrace.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Build and run leaktrace as root; arguments after `--` go to it.
+    Run {
+        #[arg(long)]
+        release: bool,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Run every test, the privileged end-to-end suite included.
+    Test {
+        /// Only run tests whose name contains this.
+        filter: Option<String>,
+    },
+}
+
+/// Debian packages the end-to-end suite needs.
+const TEST_PACKAGES: &[&str] = &["gcc", "libc6-dev", "gdb", "util-linux", "procps"];
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Setup => setup(true),
+        Cmd::Build { release } => {
+            setup(false)?;
+            build(release)
+        }
+        Cmd::Run { release, args } => {
+            setup(false)?;
+            build(release)?;
+            run_leaktrace(release, &args)
+        }
+        Cmd::Test { filter } => {
+            setup(true)?;
+            test(filter.as_deref())
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    c.current_dir(workspace_root());
+    c
+}
+
+fn status(cmd: &mut Command) -> Result<()> {
+    let st = cmd
+        .status()
+        .with_context(|| format!("failed to start {cmd:?}"))?;
+    if !st.success() {
+        bail!("{cmd:?} failed: {st}");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("failed to start {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn is_root() -> bool {
+    output(Command::new("id").arg("-u"))
+        .map(|s| s.trim() == "0")
+        .unwrap_or(false)
+}
+
+fn cargo_home() -> PathBuf {
+    env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .unwrap_or_else(|| PathBuf::from("/root/.cargo"))
+}
+
+fn setup(packages: bool) -> Result<()> {
+    ensure_rust_src()?;
+    ensure_bpf_linker()?;
+    if packages {
+        ensure_packages(TEST_PACKAGES)?;
+    }
+    Ok(())
+}
+
+fn ensure_rust_src() -> Result<()> {
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))
+    .context("the nightly toolchain is needed to build the eBPF programs")?;
+    if !installed.lines().any(|l| l.starts_with("rust-src")) {
+        eprintln!("xtask: adding rust-src to the nightly toolchain");
+        status(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+    }
+    Ok(())
+}
+
+/// The nightly toolchain's LLVM: its major version and the directory of
+/// its `libLLVM` shared library.
+fn nightly_llvm() -> Result<(String, String, PathBuf)> {
+    let vv = output(Command::new("rustc").args(["+nightly", "-vV"]))?;
+    let llvm = vv
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .context("`rustc +nightly -vV` printed no LLVM version")?
+        .trim()
+        .to_string();
+    let major = llvm.split('.').next().unwrap_or_default().to_string();
+    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?;
+    Ok((major, llvm, PathBuf::from(sysroot.trim()).join("lib")))
+}
+
+fn ensure_bpf_linker() -> Result<()> {
+    let (major, full, lib_dir) = nightly_llvm()?;
+    let libllvm = fs::read_dir(&lib_dir)
+        .with_context(|| format!("failed to list {}", lib_dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                n.starts_with("libLLVM.so.") || (n.starts_with("libLLVM-") && n.ends_with(".so"))
+            })
+        })
+        .with_context(|| format!("no libLLVM shared library in {}", lib_dir.display()))?;
+    let stamp_text = format!("llvm {full} {}\n", libllvm.display());
+    let prefix = cargo_home().join("leaktrace-llvm").join(&major);
+    let stamp = prefix.join("stamp");
+    let works = Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if works && fs::read_to_string(&stamp).ok().as_deref() == Some(stamp_text.as_str()) {
+        return Ok(());
+    }
+    eprintln!(
+        "xtask: building bpf-linker against the nightly toolchain's LLVM {full} (about a minute)"
+    );
+    let lib = prefix.join("lib");
+    fs::create_dir_all(&lib).with_context(|| format!("failed to create {}", lib.display()))?;
+    for entry in fs::read_dir(&lib_dir)?.filter_map(|e| e.ok()) {
+        let name = entry.file_name();
+        let n = name.to_string_lossy();
+        if n.starts_with("libLLVM") {
+            let link = lib.join(&name);
+            let _ = fs::remove_file(&link);
+            std::os::unix::fs::symlink(entry.path(), &link)?;
+        }
+    }
+    let link = lib.join("libLLVM.so");
+    let _ = fs::remove_file(&link);
+    std::os::unix::fs::symlink(&libllvm, &link)?;
+    status(
+        Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+            .args([
+                "install",
+                "--force",
+                "bpf-linker",
+                "--no-default-features",
+                "--features",
+                &format!("llvm-{major}"),
+            ])
+            .env("LLVM_PREFIX", &prefix),
+    )?;
+    fs::write(&stamp, stamp_text)?;
+    Ok(())
+}
+
+fn ensure_packages(pkgs: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = pkgs
+        .iter()
+        .copied()
+        .filter(|p| {
+            !Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", p])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+                .unwrap_or(false)
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!(
+            "missing Debian packages {}; install them with `sudo apt-get install {}`",
+            missing.join(" "),
+            missing.join(" ")
+        );
+    }
+    eprintln!("xtask: installing {}", missing.join(" "));
+    status(Command::new("apt-get").args(["update", "-q"]))?;
+    status(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+fn build(release: bool) -> Result<()> {
+    let mut c = cargo();
+    c.args(["build", "--package", "leaktrace"]);
+    if release {
+        c.arg("--release");
+    }
+    status(&mut c)
+}
+
+fn leaktrace_bin(release: bool) -> PathBuf {
+    workspace_root()
+        .join("target")
+        .join(if release { "release" } else { "debug" })
+        .join("leaktrace")
+}
+
+fn run_leaktrace(release: bool, args: &[OsString]) -> Result<()> {
+    let bin = leaktrace_bin(release);
+    let mut c = if is_root() {
+        Command::new(&bin)
+    } else {
+        eprintln!("xtask: leaktrace needs root; running it through sudo");
+        let mut c = Command::new("sudo");
+        c.arg("--").arg(&bin);
+        c
+    };
+    c.args(args);
+    let st = c
+        .status()
+        .with_context(|| format!("failed to run {}", bin.display()))?;
+    if !st.success() {
+        bail!("leaktrace exited with {st}");
+    }
+    Ok(())
+}
+
+fn test(filter: Option<&str>) -> Result<()> {
+    status(cargo().args(["fmt", "--all", "--", "--check"]))
+        .context("formatting differs; run `cargo fmt --all`")?;
+    status(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    build(false)?;
+    let mut unit = cargo();
+    unit.args([
+        "test",
+        "--package",
+        "leaktrace",
+        "--package",
+        "tracer-common",
+    ]);
+    if let Some(f) = filter {
+        unit.arg(f);
+    }
+    status(&mut unit)?;
+    let mut e2e = cargo();
+    e2e.args(["test", "--package", "leaktrace-tests"])
+        .env("LEAKTRACE_BIN", leaktrace_bin(false));
+    if let Some(f) = filter {
+        e2e.arg(f);
+    }
+    status(&mut e2e)
+}
