@@ -314,6 +314,7 @@ fn test(filter: Option<&str>) -> Result<()> {
         "warnings",
     ]))?;
     build(false)?;
+    let mut tally = Tally::default();
     let mut unit = cargo();
     unit.args([
         "test",
@@ -325,12 +326,54 @@ fn test(filter: Option<&str>) -> Result<()> {
     if let Some(f) = filter {
         unit.arg(f);
     }
-    status(&mut unit)?;
+    let unit_ok = tally.run(&mut unit)?;
     let mut e2e = cargo();
     e2e.args(["test", "--package", "leaktrace-tests"])
         .env("LEAKTRACE_BIN", leaktrace_bin(false));
     if let Some(f) = filter {
         e2e.arg(f);
     }
-    status(&mut e2e)
+    let e2e_ok = unit_ok && tally.run(&mut e2e)?;
+    println!("{} passed, {} failed", tally.passed, tally.failed);
+    if !(unit_ok && e2e_ok) || tally.failed > 0 {
+        bail!("tests failed");
+    }
+    if tally.passed == 0 {
+        bail!("no test ran");
+    }
+    Ok(())
+}
+
+/// Adds up cargo test's `test result:` lines while passing output through.
+#[derive(Default)]
+struct Tally {
+    passed: u64,
+    failed: u64,
+}
+
+impl Tally {
+    fn run(&mut self, cmd: &mut Command) -> Result<bool> {
+        use std::io::{BufRead as _, BufReader};
+        let mut child = cmd
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .with_context(|| format!("failed to start {cmd:?}"))?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        for line in BufReader::new(stdout).lines() {
+            let line = line?;
+            println!("{line}");
+            if let Some(rest) = line.strip_prefix("test result: ") {
+                let num = |label: &str| -> u64 {
+                    rest.split(';')
+                        .find_map(|part| part.trim().strip_suffix(label))
+                        .and_then(|n| n.trim().rsplit(' ').next().map(str::to_string))
+                        .and_then(|n| n.parse().ok())
+                        .unwrap_or(0)
+                };
+                self.passed += num(" passed");
+                self.failed += num(" failed");
+            }
+        }
+        Ok(child.wait()?.success())
+    }
 }
