@@ -211,8 +211,52 @@ impl Counter {
     }
 }
 
+/// One row of a compact x86-64 unwind table, derived from DWARF CFI
+/// (`.eh_frame` / `.debug_frame`) by user space and evaluated by the eBPF
+/// unwinder. A row applies from `pc` up to the next row's `pc`. The return
+/// address is always at `CFA - 8` (x86-64 System V).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct UnwindRow {
+    /// Start of the range, as an ELF virtual address of the object (add the
+    /// mapping's load bias for a runtime address).
+    pub pc: u32,
+    /// Added to the register named by `cfa_reg`.
+    pub cfa_offset: i32,
+    /// With `rbp_rule == RBP_AT_CFA_OFFSET`: the caller's `%rbp` is saved
+    /// at `CFA + rbp_offset`.
+    pub rbp_offset: i16,
+    /// One of the `CFA_*` constants.
+    pub cfa_reg: u8,
+    /// One of the `RBP_*` constants.
+    pub rbp_rule: u8,
+}
+const _: () = assert!(size_of::<UnwindRow>() == 12);
+
+/// `CFA = %rsp + cfa_offset`.
+pub const CFA_RSP: u8 = 0;
+/// `CFA = %rbp + cfa_offset`.
+pub const CFA_RBP: u8 = 1;
+/// PLT stubs: `CFA = %rsp + 8 + (((%rip & 15) >= 11) ? 8 : 0)`.
+pub const CFA_PLT: u8 = 2;
+/// No rule here (a gap between functions, a signal frame, or an
+/// expression the unwinder does not evaluate): the walk stops, marked.
+pub const CFA_UNDEFINED: u8 = 3;
+/// `%rbp` is the outermost frame marker: the walk ends here normally
+/// (the CFI marks the return address undefined, as `_start` does).
+pub const CFA_END_OF_STACK: u8 = 4;
+
+/// The caller's `%rbp` equals the current one.
+pub const RBP_SAME: u8 = 0;
+/// The caller's `%rbp` is saved at `CFA + rbp_offset`.
+pub const RBP_AT_CFA_OFFSET: u8 = 1;
+/// The caller's `%rbp` cannot be recovered (the walk can go on while no
+/// later rule needs it).
+pub const RBP_UNDEFINED: u8 = 2;
+
 #[cfg(feature = "user")]
 mod pod {
+    unsafe impl aya::Pod for UnwindRow {}
     use super::*;
     // SAFETY: all are repr(C), Copy, made of integers with explicit padding.
     unsafe impl aya::Pod for AllocKey {}
