@@ -57,6 +57,10 @@ pub struct Args {
     /// Run the built-in demo (also what happens with no --pid).
     #[arg(long)]
     pub demo: bool,
+    /// Benchmarking only: probe `free` at its first instruction instead of
+    /// the cheaper point the prologue decoder picks.
+    #[arg(long, hide = true)]
+    pub free_probe_at_entry: bool,
     /// Internal: be the demo's leaking program.
     #[arg(long, hide = true)]
     pub demo_target: bool,
@@ -76,6 +80,7 @@ pub struct Config {
     pub sample_every: Duration,
     pub max_allocs: u32,
     pub max_stacks: u32,
+    pub free_probe_at_entry: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -142,6 +147,7 @@ impl Args {
             sample_every,
             max_allocs: self.max_allocs,
             max_stacks: self.max_stacks,
+            free_probe_at_entry: self.free_probe_at_entry,
         })
     }
 }

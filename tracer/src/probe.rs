@@ -61,6 +61,13 @@ pub struct MapSizes {
     pub max_threads: u32,
 }
 
+/// Where probes go.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ProbeOptions {
+    /// Probe `free` at offset 0 (benchmarks compare it with the cheaper point).
+    pub free_at_entry: bool,
+}
+
 /// One function with probes on it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AttachedFunction {
@@ -104,11 +111,12 @@ pub enum ProbeError {
 /// Loaded programs and maps.
 pub struct Probes {
     pub(crate) ebpf: Ebpf,
+    options: ProbeOptions,
 }
 
 impl Probes {
     /// Load the programs into the kernel with the given map sizes.
-    pub fn load(sizes: MapSizes) -> Result<Self, ProbeError> {
+    pub fn load(sizes: MapSizes, options: ProbeOptions) -> Result<Self, ProbeError> {
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries(maps::ALLOCS, sizes.max_allocs)
@@ -132,7 +140,7 @@ impl Probes {
                 )
             })?;
         }
-        Ok(Self { ebpf })
+        Ok(Self { ebpf, options })
     }
 
     /// Attach allocator probes to every object in `pid` that defines them.
@@ -213,7 +221,11 @@ impl Probes {
                     });
                 }
                 Role::Free(entry) => {
-                    let off = prologue::free_probe_offset(&func.code);
+                    let off = if self.options.free_at_entry {
+                        0
+                    } else {
+                        prologue::free_probe_offset(&func.code)
+                    };
                     self.attach_one(entry, func.file_offset + off, open_path, pid)
                         .map_err(err)?;
                     done.push(AttachedFunction {

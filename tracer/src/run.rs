@@ -19,7 +19,7 @@ use crate::{
     events::Counters,
     ledger::{Ledger, Row},
     preflight,
-    probe::{MapSizes, ProbeError, Probes},
+    probe::{MapSizes, ProbeError, ProbeOptions, Probes},
     procfs::{self, ProcId},
     report::{self, Report, Target},
     symbolize::{Normalizer, Symbolizer},
@@ -184,11 +184,16 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         });
     }
 
-    let mut probes = Probes::load(MapSizes {
-        max_allocs: cfg.max_allocs,
-        max_stacks: cfg.max_stacks,
-        max_threads: 1 << 14,
-    })?;
+    let mut probes = Probes::load(
+        MapSizes {
+            max_allocs: cfg.max_allocs,
+            max_stacks: cfg.max_stacks,
+            max_threads: 1 << 14,
+        },
+        ProbeOptions {
+            free_at_entry: cfg.free_probe_at_entry,
+        },
+    )?;
     let mut first_err = None;
     for t in &mut targets {
         match probes.attach_process(t.id.pid) {
