@@ -24,7 +24,60 @@ pub mod maps {
     pub const PENDING: &str = "PENDING";
     /// Per-CPU array of `u64` counters indexed by [`crate::Counter`].
     pub const COUNTERS: &str = "COUNTERS";
+    /// tgid -> 1 for every traced process (filters the syscall programs).
+    pub const TARGETS: &str = "TARGETS";
+    /// Thread id -> [`crate::PendingSyscall`].
+    pub const PENDING_SYSCALLS: &str = "PENDING_SYSCALLS";
+    /// Ring buffer of [`crate::SyscallEvent`].
+    pub const EVENTS: &str = "EVENTS";
 }
+
+/// Syscalls leaktrace accounts (x86-64 numbers).
+pub mod sys {
+    pub const MMAP: u32 = 9;
+    pub const MUNMAP: u32 = 11;
+    pub const BRK: u32 = 12;
+    pub const MREMAP: u32 = 25;
+    /// `MAP_ANONYMOUS`.
+    pub const MAP_ANONYMOUS: u64 = 0x20;
+}
+
+/// A memory syscall between entry and exit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PendingSyscall {
+    pub nr: u32,
+    /// Copied to [`SyscallEvent::flags`].
+    pub flags: u32,
+    pub args: [u64; 3],
+}
+const _: () = assert!(size_of::<PendingSyscall>() == 32);
+
+/// A completed memory syscall of a traced process, for user space's
+/// region tracker. Calls made from inside a probed allocator (malloc's own
+/// mmap and brk) are not sent: the allocation is already counted.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SyscallEvent {
+    pub ts_ns: u64,
+    pub tgid: u32,
+    /// One of the `sys::*` numbers.
+    pub nr: u32,
+    /// Return value (an address for mmap, mremap and brk).
+    pub ret: u64,
+    /// mmap: len, flags; munmap: addr, len; mremap: old addr, old len, new
+    /// len; brk: requested break.
+    pub args: [u64; 3],
+    /// User stack of the call; negative when lost.
+    pub stack_id: i32,
+    /// `SYSCALL_IN_ALLOCATOR` when made from inside a probed allocator call.
+    pub flags: u32,
+}
+const _: () = assert!(size_of::<SyscallEvent>() == 56);
+
+/// The syscall came from inside malloc & co. (only brk is sent then, so the
+/// region tracker knows where the break is).
+pub const SYSCALL_IN_ALLOCATOR: u32 = 1;
 
 /// Key of the live-allocation table.
 #[repr(C)]
@@ -154,13 +207,17 @@ pub enum Counter {
     /// A recorded block was replaced by a new one at the same address
     /// (its free was never seen).
     StaleReplaced = 12,
+    /// Lost: the syscall ring buffer was full.
+    EventsLost = 13,
+    /// Lost: the pending-syscall table was full.
+    PendingSyscallsFull = 14,
 }
 
 /// Number of slots in `COUNTERS`.
 pub const COUNTER_SLOTS: u32 = 16;
 
 impl Counter {
-    pub const ALL: [Counter; 13] = [
+    pub const ALL: [Counter; 15] = [
         Counter::Allocs,
         Counter::Frees,
         Counter::FreesUnknown,
@@ -174,6 +231,8 @@ impl Counter {
         Counter::MissingEntry,
         Counter::MissingReturn,
         Counter::StaleReplaced,
+        Counter::EventsLost,
+        Counter::PendingSyscallsFull,
     ];
 
     /// Name used in reports (`snake_case`).
@@ -192,6 +251,8 @@ impl Counter {
             Counter::MissingEntry => "missing_entry",
             Counter::MissingReturn => "missing_return",
             Counter::StaleReplaced => "stale_replaced",
+            Counter::EventsLost => "syscall_events_lost",
+            Counter::PendingSyscallsFull => "pending_syscalls_full",
         }
     }
 
@@ -207,6 +268,8 @@ impl Counter {
                 | Counter::MissingEntry
                 | Counter::MissingReturn
                 | Counter::StaleReplaced
+                | Counter::EventsLost
+                | Counter::PendingSyscallsFull
         )
     }
 }
@@ -238,6 +301,9 @@ pub const CFA_RSP: u8 = 0;
 /// `CFA = %rbp + cfa_offset`.
 pub const CFA_RBP: u8 = 1;
 /// PLT stubs: `CFA = %rsp + 8 + (((%rip & 15) >= 11) ? 8 : 0)`.
+/// In these rows `cfa_offset` carries the threshold the CFI tests against:
+/// 11 for the usual lazy PLT (`DW_OP_lit11`), 10 for the variant binutils
+/// emits with `DW_OP_lit10`; compare with `cfa_offset` rather than 11.
 pub const CFA_PLT: u8 = 2;
 /// No rule here (a gap between functions, a signal frame, or an
 /// expression the unwinder does not evaluate): the walk stops, marked.
@@ -257,6 +323,8 @@ pub const RBP_UNDEFINED: u8 = 2;
 #[cfg(feature = "user")]
 mod pod {
     unsafe impl aya::Pod for UnwindRow {}
+    unsafe impl aya::Pod for PendingSyscall {}
+    unsafe impl aya::Pod for SyscallEvent {}
     use super::*;
     // SAFETY: all are repr(C), Copy, made of integers with explicit padding.
     unsafe impl aya::Pod for AllocKey {}

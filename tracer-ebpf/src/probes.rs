@@ -5,13 +5,16 @@ use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use aya_ebpf::{
     bindings::BPF_F_USER_STACK,
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
-    macros::{map, uprobe, uretprobe},
-    maps::{HashMap, PerCpuArray, StackTrace},
-    programs::{tracing::StackIdContext as _, ProbeContext, RetProbeContext},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
+    },
+    macros::{map, raw_tracepoint, uprobe, uretprobe},
+    maps::{HashMap, PerCpuArray, RingBuf, StackTrace},
+    programs::{tracing::StackIdContext as _, ProbeContext, RawTracePointContext, RetProbeContext},
 };
 use tracer_common::{
-    AllocInfo, AllocKey, AllocKind, Counter, PendingCall, StackKey, StackTotals, COUNTER_SLOTS,
+    sys, AllocInfo, AllocKey, AllocKind, Counter, PendingCall, PendingSyscall, StackKey,
+    StackTotals, SyscallEvent, COUNTER_SLOTS, SYSCALL_IN_ALLOCATOR,
 };
 
 const EEXIST: i32 = 17;
@@ -328,5 +331,121 @@ pub fn free_enter(ctx: ProbeContext) -> u32 {
     }
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     release(tgid, addr, true);
+    0
+}
+
+// ---- memory syscalls -----------------------------------------------------
+
+#[map]
+static TARGETS: HashMap<u32, u32> = HashMap::with_max_entries(1 << 14, 0);
+
+#[map]
+static PENDING_SYSCALLS: HashMap<u32, PendingSyscall> = HashMap::with_max_entries(1 << 14, 0);
+
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
+
+/// Offsets of the argument registers in x86-64 `struct pt_regs`.
+const PT_REGS_DI: usize = 112;
+const PT_REGS_SI: usize = 104;
+const PT_REGS_DX: usize = 96;
+const PT_REGS_R10: usize = 56;
+
+#[inline(always)]
+fn reg(regs: *const u8, off: usize) -> u64 {
+    // SAFETY: bpf_probe_read_kernel checks the kernel address.
+    unsafe { bpf_probe_read_kernel(regs.add(off).cast::<u64>()) }.unwrap_or(0)
+}
+
+/// `sys_enter(struct pt_regs *regs, long id)`, every syscall of every task:
+/// keep only memory syscalls of traced processes made outside the allocator.
+#[raw_tracepoint(tracepoint = "sys_enter")]
+pub fn sys_enter(ctx: RawTracePointContext) -> u32 {
+    let nr: u64 = ctx.arg(1);
+    let nr = nr as u32;
+    if nr != sys::MMAP && nr != sys::MUNMAP && nr != sys::MREMAP && nr != sys::BRK {
+        return 0;
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    let tid = pid_tgid as u32;
+    // SAFETY: read-only lookup.
+    if unsafe { TARGETS.get(&tgid) }.is_none() {
+        return 0;
+    }
+    // Inside malloc & co: the block is counted by the allocator probes.
+    // Only the break's new position is still wanted.
+    // SAFETY: read-only lookup.
+    let in_allocator = unsafe { PENDING.get(&tid) }.is_some();
+    if in_allocator && nr != sys::BRK {
+        return 0;
+    }
+    let regs: u64 = ctx.arg(0);
+    let regs = regs as *const u8;
+    let args = match nr {
+        sys::MMAP => {
+            let flags = reg(regs, PT_REGS_R10);
+            if flags & sys::MAP_ANONYMOUS == 0 {
+                return 0;
+            }
+            [reg(regs, PT_REGS_SI), flags, 0]
+        }
+        sys::MUNMAP => [reg(regs, PT_REGS_DI), reg(regs, PT_REGS_SI), 0],
+        sys::MREMAP => [
+            reg(regs, PT_REGS_DI),
+            reg(regs, PT_REGS_SI),
+            reg(regs, PT_REGS_DX),
+        ],
+        _ => [reg(regs, PT_REGS_DI), 0, 0],
+    };
+    let flags = if in_allocator {
+        SYSCALL_IN_ALLOCATOR
+    } else {
+        0
+    };
+    let pending = PendingSyscall { nr, flags, args };
+    if PENDING_SYSCALLS.insert(tid, pending, 0).is_err() {
+        count(Counter::PendingSyscallsFull);
+    }
+    0
+}
+
+/// `sys_exit(struct pt_regs *regs, long ret)`.
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn sys_exit(ctx: RawTracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tid = pid_tgid as u32;
+    // SAFETY: the value is copied before the entry is removed.
+    let Some(pending) = (unsafe { PENDING_SYSCALLS.get(&tid) }).copied() else {
+        return 0;
+    };
+    let _ = PENDING_SYSCALLS.remove(&tid);
+    let ret: i64 = ctx.arg(1);
+    if ret < 0 && ret > -4096 {
+        return 0;
+    }
+    let stack_id = if pending.flags & SYSCALL_IN_ALLOCATOR != 0 {
+        STACK_LOST
+    } else {
+        match ctx.get_stackid(&STACK_TRACES, BPF_F_USER_STACK as u64) {
+            Ok(id) => id as i32,
+            Err(_) => {
+                count(Counter::StackLost);
+                STACK_LOST
+            }
+        }
+    };
+    let event = SyscallEvent {
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        tgid: (pid_tgid >> 32) as u32,
+        nr: pending.nr,
+        ret: ret as u64,
+        args: pending.args,
+        stack_id,
+        flags: pending.flags,
+    };
+    if EVENTS.output::<SyscallEvent>(&event, 0).is_err() {
+        count(Counter::EventsLost);
+    }
     0
 }

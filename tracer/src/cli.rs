@@ -9,8 +9,77 @@ use crate::report::SortBy;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
+    /// For a terminal.
     Text,
+    /// The `leaktrace.report/v1` schema.
     Json,
+    /// Collapsed stacks (`frame;frame bytes`, root first) for flamegraph.pl
+    /// and inferno.
+    Folded,
+    /// What grew: `frames before after` (differential folded).
+    GrowthFolded,
+    /// A flamegraph of outstanding bytes.
+    Svg,
+    /// A differential flamegraph of what grew between the first and last
+    /// sample.
+    GrowthSvg,
+    /// gzipped profile.proto for `go tool pprof`, Pyroscope, Parca.
+    Pprof,
+}
+
+impl Format {
+    /// Every format, as written into an output directory.
+    pub const ALL: [Format; 7] = [
+        Format::Text,
+        Format::Json,
+        Format::Folded,
+        Format::GrowthFolded,
+        Format::Svg,
+        Format::GrowthSvg,
+        Format::Pprof,
+    ];
+
+    /// File name used in an output directory.
+    pub fn file_name(self) -> &'static str {
+        match self {
+            Format::Text => "report.txt",
+            Format::Json => "report.json",
+            Format::Folded => "report.folded",
+            Format::GrowthFolded => "report.growth.folded",
+            Format::Svg => "report.svg",
+            Format::GrowthSvg => "report.growth.svg",
+            Format::Pprof => "report.pb.gz",
+        }
+    }
+
+    /// The format a file name asks for, by its ending.
+    pub fn from_file_name(name: &str) -> Option<Format> {
+        let n = name.to_ascii_lowercase();
+        Some(if n.ends_with(".growth.svg") {
+            Format::GrowthSvg
+        } else if n.ends_with(".growth.folded") {
+            Format::GrowthFolded
+        } else if n.ends_with(".svg") {
+            Format::Svg
+        } else if n.ends_with(".folded") || n.ends_with(".collapsed") {
+            Format::Folded
+        } else if n.ends_with(".json") {
+            Format::Json
+        } else if n.ends_with(".pb.gz") || n.ends_with(".pprof") || n.ends_with(".pb") {
+            Format::Pprof
+        } else if n.ends_with(".txt") {
+            Format::Text
+        } else {
+            return None;
+        })
+    }
+}
+
+/// Where the final report goes, in which format.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Output {
+    pub path: PathBuf,
+    pub format: Format,
 }
 
 /// Find the call stacks that hold growing memory in live processes.
@@ -22,9 +91,28 @@ pub enum Format {
 #[derive(Debug, Parser)]
 #[command(name = "leaktrace", version, about, long_about)]
 pub struct Args {
-    /// Process to trace (repeatable).
+    /// Process to trace (repeatable). Its children are traced too.
     #[arg(short = 'p', long = "pid", value_name = "PID")]
     pub pids: Vec<u32>,
+    /// Trace every process with this name, now and later (repeatable).
+    #[arg(long = "comm", value_name = "NAME")]
+    pub comms: Vec<String>,
+    /// Trace every process in this cgroup (a container, a pod), now and
+    /// later: `/sys/fs/cgroup/memory/app` or `/app` (repeatable).
+    #[arg(long = "cgroup", value_name = "PATH")]
+    pub cgroups: Vec<String>,
+    /// Also probe allocator functions with this symbol prefix, for custom
+    /// builds (`je_`, `tc_` and `mi_` are always probed) (repeatable).
+    #[arg(long = "allocator-prefix", value_name = "PREFIX")]
+    pub allocator_prefixes: Vec<String>,
+    /// Count only allocations older than this many seconds (hides
+    /// short-lived memory; reads every live allocation at each sample).
+    #[arg(long, value_name = "SECS")]
+    pub min_age: Option<f64>,
+    /// Do not account anonymous mmap/munmap/mremap and brk made outside
+    /// the allocator (saves a tracepoint hit on every syscall).
+    #[arg(long)]
+    pub no_syscalls: bool,
     /// Seconds between periodic reports (0: only the final report)
     /// [default: 10; 2 in the demo].
     #[arg(short = 'i', long, value_name = "SECS")]
@@ -36,12 +124,16 @@ pub struct Args {
     /// Stacks to show in each report.
     #[arg(short = 'n', long, value_name = "N", default_value_t = 10)]
     pub top: usize,
-    /// Format of the final report.
+    /// Format of the final report on stdout, or in a single `-o FILE`
+    /// whose name does not say.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
-    /// Write the final report to this file instead of stdout.
+    /// Write the final report to FILE instead of stdout (repeatable; the
+    /// format follows the name: .json .txt .folded .growth.folded .svg
+    /// .growth.svg .pb.gz). A directory (existing, or ending in `/`) gets
+    /// every format.
     #[arg(short = 'o', long, value_name = "FILE")]
-    pub output: Option<PathBuf>,
+    pub output: Vec<PathBuf>,
     /// Order stacks by growth rate or by outstanding bytes.
     #[arg(long, value_enum, default_value_t = SortBy::Growth)]
     pub sort: SortBy,
@@ -70,12 +162,18 @@ pub struct Args {
 #[derive(Clone, Debug)]
 pub struct Config {
     pub pids: Vec<u32>,
+    pub comms: Vec<String>,
+    pub cgroups: Vec<String>,
+    pub allocator_prefixes: Vec<String>,
+    pub min_age: Option<Duration>,
+    pub syscalls: bool,
     pub demo: bool,
     pub interval: Option<Duration>,
     pub duration: Option<Duration>,
     pub top: usize,
     pub format: Format,
-    pub output: Option<PathBuf>,
+    /// Empty: the final report goes to stdout in `format`.
+    pub outputs: Vec<Output>,
     pub sort: SortBy,
     pub sample_every: Duration,
     pub max_allocs: u32,
@@ -93,6 +191,11 @@ pub enum ConfigError {
     },
     #[error("--{flag} must be at least {min}")]
     TooSmall { flag: &'static str, min: u64 },
+    #[error(
+        "cannot tell the format of output file {0} from its name; name it .json, .txt, \
+         .folded, .growth.folded, .svg, .growth.svg or .pb.gz, or give one -o with --format"
+    )]
+    UnknownOutput(String),
 }
 
 fn secs(flag: &'static str, value: f64, min: f64) -> Result<Duration, ConfigError> {
@@ -104,7 +207,8 @@ fn secs(flag: &'static str, value: f64, min: f64) -> Result<Duration, ConfigErro
 
 impl Args {
     pub fn validate(self) -> Result<Config, ConfigError> {
-        let demo = self.demo || self.pids.is_empty();
+        let demo =
+            self.demo || (self.pids.is_empty() && self.comms.is_empty() && self.cgroups.is_empty());
         let interval = secs(
             "interval",
             self.interval.unwrap_or(if demo { 2.0 } else { 10.0 }),
@@ -135,14 +239,45 @@ impl Args {
                 min: 64,
             });
         }
+        let mut outputs = Vec::new();
+        let single = self.output.len() == 1;
+        for path in &self.output {
+            let is_dir = path.is_dir() || path.to_string_lossy().ends_with('/');
+            if is_dir {
+                outputs.extend(Format::ALL.iter().map(|f| Output {
+                    path: path.join(f.file_name()),
+                    format: *f,
+                }));
+                continue;
+            }
+            let name = path.to_string_lossy();
+            let format = match Format::from_file_name(&name) {
+                Some(f) if !single || self.format == Format::Text => f,
+                _ if single => self.format,
+                _ => return Err(ConfigError::UnknownOutput(name.into_owned())),
+            };
+            outputs.push(Output {
+                path: path.clone(),
+                format,
+            });
+        }
+        let min_age = match self.min_age {
+            Some(a) => Some(secs("min-age", a, 0.0)?),
+            None => None,
+        };
         Ok(Config {
             pids: self.pids,
+            comms: self.comms,
+            cgroups: self.cgroups,
+            allocator_prefixes: self.allocator_prefixes,
+            min_age,
+            syscalls: !self.no_syscalls,
             demo,
             interval: (!interval.is_zero()).then_some(interval),
             duration,
             top: self.top,
             format: self.format,
-            output: self.output,
+            outputs,
             sort: self.sort,
             sample_every,
             max_allocs: self.max_allocs,

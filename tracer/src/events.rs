@@ -27,6 +27,17 @@ impl Counters {
     }
 }
 
+/// `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 /// One reading of the per-stack ledger.
 #[derive(Clone, Debug, Default)]
 pub struct Reading {
@@ -72,6 +83,35 @@ impl Probes {
         })
     }
 
+    /// Per-stack totals of live blocks older than `min_age_ns` only, from
+    /// the live-allocation table (one pass over it).
+    pub fn read_aged(&self, min_age_ns: u64) -> Result<Vec<(StackKey, StackTotals)>, ReadError> {
+        let map = self.ebpf.map(maps::ALLOCS).ok_or(ReadError {
+            map: maps::ALLOCS,
+            reason: "missing".into(),
+        })?;
+        let allocs: BpfHashMap<&MapData, tracer_common::AllocKey, tracer_common::AllocInfo> =
+            BpfHashMap::try_from(map).map_err(read_err(maps::ALLOCS))?;
+        let cutoff = monotonic_ns().saturating_sub(min_age_ns);
+        let mut acc: HashMap<StackKey, StackTotals> = HashMap::new();
+        for (key, info) in allocs.iter().filter_map(Result::ok) {
+            if info.ts_ns > cutoff {
+                continue;
+            }
+            let t = acc
+                .entry(StackKey {
+                    tgid: key.tgid,
+                    stack_id: info.stack_id.max(-1),
+                })
+                .or_default();
+            t.outstanding_bytes += info.size_bytes as i64;
+            t.outstanding_allocs += 1;
+            t.total_bytes += info.size_bytes;
+            t.total_allocs += 1;
+        }
+        Ok(acc.into_iter().collect())
+    }
+
     pub fn counters(&self) -> Result<Counters, ReadError> {
         let map = self.ebpf.map(maps::COUNTERS).ok_or(ReadError {
             map: maps::COUNTERS,
@@ -85,6 +125,23 @@ impl Probes {
             out.insert(c.name(), v.iter().sum());
         }
         Ok(Counters(out))
+    }
+
+    /// Drain the syscall ring buffer.
+    pub fn drain_syscalls(&mut self, out: &mut Vec<tracer_common::SyscallEvent>) {
+        let Some(rb) = self.events.as_mut() else {
+            return;
+        };
+        while let Some(item) = rb.next() {
+            if item.len() >= std::mem::size_of::<tracer_common::SyscallEvent>() {
+                // SAFETY: the kernel wrote a SyscallEvent (same repr(C)
+                // layout); read_unaligned copes with any alignment.
+                let ev = unsafe {
+                    std::ptr::read_unaligned(item.as_ptr().cast::<tracer_common::SyscallEvent>())
+                };
+                out.push(ev);
+            }
+        }
     }
 
     /// User-space instruction pointers of a recorded stack, innermost first.

@@ -13,9 +13,10 @@ use std::{
 };
 
 use aya::{
+    maps::{HashMap as BpfHashMap, MapData, RingBuf},
     programs::{
-        uprobe::{UProbeAttachLocation, UProbeScope},
-        ProgramError, UProbe,
+        uprobe::{UProbeAttachLocation, UProbeLinkId, UProbeScope},
+        Program, ProgramError, RawTracePoint, UProbe,
     },
     Ebpf, EbpfLoader,
 };
@@ -36,8 +37,10 @@ enum Role {
     Free(&'static str),
 }
 
-/// glibc's allocator entry points and what handles each. C++
-/// `operator new`/`delete` call these.
+/// Allocator entry points by their unprefixed name and what handles each.
+/// glibc exports these; jemalloc (`je_` or unprefixed), tcmalloc (`tc_`),
+/// mimalloc (`mi_`) and custom builds (`--allocator-prefix`) export the same
+/// names behind a prefix. C++ `operator new`/`delete` call these.
 const ALLOCATOR_FUNCTIONS: &[(&str, Role)] = &[
     ("malloc", Role::Alloc("malloc_enter")),
     ("calloc", Role::Alloc("calloc_enter")),
@@ -49,7 +52,21 @@ const ALLOCATOR_FUNCTIONS: &[(&str, Role)] = &[
     ("valloc", Role::Alloc("valloc_enter")),
     ("pvalloc", Role::Alloc("valloc_enter")),
     ("free", Role::Free("free_enter")),
+    ("cfree", Role::Free("free_enter")),
+    // jemalloc's non-standard API (Rust's jemallocator uses it).
+    ("mallocx", Role::Alloc("malloc_enter")),
+    ("rallocx", Role::Alloc("realloc_enter")),
+    ("dallocx", Role::Free("free_enter")),
+    ("sdallocx", Role::Free("free_enter")),
+    // mimalloc's own names.
+    ("zalloc", Role::Alloc("malloc_enter")),
 ];
+
+/// Names too generic to probe without an allocator prefix.
+const UNPREFIXED_SKIP: &[&str] = &["zalloc"];
+
+/// Prefixes of known allocators; `--allocator-prefix` adds more.
+pub const KNOWN_PREFIXES: &[&str] = &["", "je_", "tc_", "mi_"];
 
 const EXIT_PROGRAM: &str = "alloc_exit";
 
@@ -62,10 +79,15 @@ pub struct MapSizes {
 }
 
 /// Where probes go.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct ProbeOptions {
     /// Probe `free` at offset 0 (benchmarks compare it with the cheaper point).
     pub free_at_entry: bool,
+    /// Extra symbol prefixes of custom allocator builds.
+    pub extra_prefixes: Vec<String>,
+    /// Account anonymous mmap/munmap/mremap and brk made outside the
+    /// allocator.
+    pub syscalls: bool,
 }
 
 /// One function with probes on it.
@@ -112,6 +134,16 @@ pub enum ProbeError {
 pub struct Probes {
     pub(crate) ebpf: Ebpf,
     options: ProbeOptions,
+    /// Syscall events, taken out of `ebpf` so they can be drained while the
+    /// other maps are read.
+    pub(crate) events: Option<RingBuf<MapData>>,
+    /// Links per traced process, detached when it exits.
+    links: HashMap<u32, Vec<(&'static str, UProbeLinkId)>>,
+    /// Objects already attached per process, by (device, inode).
+    attached_objects: HashMap<u32, Vec<(String, u64)>>,
+    /// Allocator functions per object file, by (device, inode): libc is
+    /// parsed once, not once per worker.
+    elf_cache: HashMap<(String, u64), Option<HashMap<String, elf::Function>>>,
 }
 
 impl Probes {
@@ -128,22 +160,56 @@ impl Probes {
             .map_err(|e| ProbeError::Load(format!("{e:#}"), load_hint(&e)))?;
         let names: Vec<String> = ebpf.programs().map(|(n, _)| n.to_string()).collect();
         for name in names {
-            let prog: &mut UProbe = ebpf
+            let prog = ebpf
                 .program_mut(&name)
-                .ok_or_else(|| ProbeError::Load(format!("program {name} vanished"), ""))?
-                .try_into()
-                .map_err(|e: ProgramError| ProbeError::Load(format!("{name}: {e}"), ""))?;
-            prog.load().map_err(|e| {
+                .ok_or_else(|| ProbeError::Load(format!("program {name} vanished"), ""))?;
+            let res = match prog {
+                Program::UProbe(p) => p.load(),
+                Program::RawTracePoint(p) => p.load(),
+                _ => continue,
+            };
+            res.map_err(|e| {
                 ProbeError::Load(
                     format!("{name} was rejected: {}", error_chain(&e)),
                     load_hint(&e),
                 )
             })?;
         }
-        Ok(Self { ebpf, options })
+        let events = match ebpf.take_map(maps::EVENTS) {
+            Some(m) => Some(
+                RingBuf::try_from(m)
+                    .map_err(|e| ProbeError::Load(format!("ring buffer: {e}"), ""))?,
+            ),
+            None => None,
+        };
+        if options.syscalls {
+            for (prog, tp) in [("sys_enter", "sys_enter"), ("sys_exit", "sys_exit")] {
+                let p: &mut RawTracePoint = ebpf
+                    .program_mut(prog)
+                    .ok_or_else(|| ProbeError::Load(format!("program {prog} missing"), ""))?
+                    .try_into()
+                    .map_err(|e: ProgramError| ProbeError::Load(format!("{prog}: {e}"), ""))?;
+                p.attach(tp).map_err(|e| {
+                    ProbeError::Load(
+                        format!("failed to attach raw tracepoint {tp}: {}", error_chain(&e)),
+                        load_hint(&e),
+                    )
+                })?;
+            }
+        }
+        Ok(Self {
+            ebpf,
+            options,
+            events,
+            links: HashMap::new(),
+            attached_objects: HashMap::new(),
+            elf_cache: HashMap::new(),
+        })
     }
 
-    /// Attach allocator probes to every object in `pid` that defines them.
+    /// Attach allocator probes to every object in `pid` that defines them
+    /// and is not probed in it yet (call again after dlopen or exec), and
+    /// mark the process as traced for the syscall programs.
     pub fn attach_process(&mut self, pid: u32) -> Result<Attachment, ProbeError> {
         let nz = NonZeroU32::new(pid).ok_or(ProbeError::NoProcess { pid })?;
         let maps = procfs::read_maps(pid).map_err(|source| {
@@ -153,36 +219,98 @@ impl Probes {
                 ProbeError::Maps { pid, source }
             }
         })?;
-        let wanted: Vec<&str> = ALLOCATOR_FUNCTIONS.iter().map(|(n, _)| *n).collect();
-        let mut seen: Vec<(String, u64)> = Vec::new();
+        let wanted = self.wanted_names();
+        let wanted: Vec<&str> = wanted.iter().map(String::as_str).collect();
         let mut attachment = Attachment::default();
+        let mut seen: Vec<(String, u64)> = Vec::new();
         for entry in maps.iter().filter(|m| m.executable) {
             let Some(path) = entry.path.clone() else {
                 continue;
             };
-            if seen.contains(&(path.clone(), entry.inode)) {
+            let key = (entry.dev.clone(), entry.inode);
+            if seen.contains(&key)
+                || self
+                    .attached_objects
+                    .get(&pid)
+                    .is_some_and(|v| v.contains(&key))
+            {
                 continue;
             }
-            seen.push((path.clone(), entry.inode));
+            seen.push(key.clone());
             let Some(open_path) = entry.open_path(pid) else {
                 continue;
             };
-            let Ok(functions) = elf::find_functions(&open_path, &wanted) else {
-                continue;
-            };
-            if !functions.contains_key("malloc") && !functions.contains_key("free") {
+            let functions = self
+                .elf_cache
+                .entry(key.clone())
+                .or_insert_with(|| elf::find_functions(&open_path, &wanted).ok())
+                .clone();
+            let Some(functions) = functions else { continue };
+            if functions.is_empty() {
                 continue;
             }
             let attached = self.attach_object(nz, &path, &open_path, &functions)?;
-            attachment.objects.push((path, attached));
+            self.attached_objects.entry(pid).or_default().push(key);
+            if !attached.is_empty() {
+                attachment.objects.push((path, attached));
+            }
         }
-        if attachment.objects.is_empty() {
+        let already = self
+            .attached_objects
+            .get(&pid)
+            .is_some_and(|v| !v.is_empty());
+        if attachment.objects.is_empty() && !already {
             return Err(ProbeError::NoAllocator {
                 pid,
                 comm: procfs::comm(pid).unwrap_or_else(|| "?".into()),
             });
         }
+        self.set_target(pid, true);
         Ok(attachment)
+    }
+
+    /// Detach from a process (it exited, or exec'd into a new image) and
+    /// forget what the syscall filter knew of it.
+    pub fn detach_process(&mut self, pid: u32) {
+        for (prog, link) in self.links.remove(&pid).unwrap_or_default() {
+            if let Some(Program::UProbe(p)) = self.ebpf.program_mut(prog) {
+                let _ = p.detach(link);
+            }
+        }
+        self.attached_objects.remove(&pid);
+        self.set_target(pid, false);
+    }
+
+    fn set_target(&mut self, pid: u32, on: bool) {
+        let Some(map) = self.ebpf.map_mut(maps::TARGETS) else {
+            return;
+        };
+        let Ok(mut targets) = BpfHashMap::<&mut MapData, u32, u32>::try_from(map) else {
+            return;
+        };
+        let _ = if on {
+            targets.insert(pid, 1, 0)
+        } else {
+            targets.remove(&pid)
+        };
+    }
+
+    /// Every symbol name probed: each function under each prefix.
+    fn wanted_names(&self) -> Vec<String> {
+        let mut names = Vec::new();
+        for prefix in KNOWN_PREFIXES
+            .iter()
+            .map(|p| p.to_string())
+            .chain(self.options.extra_prefixes.iter().cloned())
+        {
+            for (f, _) in ALLOCATOR_FUNCTIONS {
+                if prefix.is_empty() && UNPREFIXED_SKIP.contains(f) {
+                    continue;
+                }
+                names.push(format!("{prefix}{f}"));
+            }
+        }
+        names
     }
 
     fn attach_object(
@@ -194,45 +322,49 @@ impl Probes {
     ) -> Result<Vec<AttachedFunction>, ProbeError> {
         let mut done: Vec<AttachedFunction> = Vec::new();
         let mut offsets_done: Vec<u64> = Vec::new();
-        for (name, role) in ALLOCATOR_FUNCTIONS {
-            let Some(func) = functions.get(*name) else {
-                continue;
-            };
-            // Aliases (memalign = aligned_alloc in glibc) are probed once.
-            if offsets_done.contains(&func.file_offset) {
-                continue;
-            }
-            offsets_done.push(func.file_offset);
-            let err = |e: ProgramError| ProbeError::Attach {
-                pid: pid.get(),
-                function: (*name).to_string(),
-                object: path.to_string(),
-                reason: attach_reason(&e),
-            };
-            match role {
-                Role::Alloc(entry) => {
-                    self.attach_one(entry, func.file_offset, open_path, pid)
-                        .map_err(err)?;
-                    self.attach_one(EXIT_PROGRAM, func.file_offset, open_path, pid)
-                        .map_err(err)?;
-                    done.push(AttachedFunction {
-                        name: (*name).to_string(),
-                        offset: 0,
-                    });
+        let prefixes: Vec<String> = KNOWN_PREFIXES
+            .iter()
+            .map(|p| p.to_string())
+            .chain(self.options.extra_prefixes.iter().cloned())
+            .collect();
+        for prefix in &prefixes {
+            for (base, role) in ALLOCATOR_FUNCTIONS {
+                let name = format!("{prefix}{base}");
+                let Some(func) = functions.get(&name) else {
+                    continue;
+                };
+                // Aliases (memalign = aligned_alloc in glibc, malloc =
+                // je_malloc in some builds) are probed once.
+                if offsets_done.contains(&func.file_offset) {
+                    continue;
                 }
-                Role::Free(entry) => {
-                    let off = if self.options.free_at_entry {
+                offsets_done.push(func.file_offset);
+                let err = |e: ProgramError| ProbeError::Attach {
+                    pid: pid.get(),
+                    function: name.clone(),
+                    object: path.to_string(),
+                    reason: attach_reason(&e),
+                };
+                let offset = match role {
+                    Role::Alloc(entry) => {
+                        self.attach_one(entry, func.file_offset, open_path, pid)
+                            .map_err(err)?;
+                        self.attach_one(EXIT_PROGRAM, func.file_offset, open_path, pid)
+                            .map_err(err)?;
                         0
-                    } else {
-                        prologue::free_probe_offset(&func.code)
-                    };
-                    self.attach_one(entry, func.file_offset + off, open_path, pid)
-                        .map_err(err)?;
-                    done.push(AttachedFunction {
-                        name: (*name).to_string(),
-                        offset: off,
-                    });
-                }
+                    }
+                    Role::Free(entry) => {
+                        let off = if self.options.free_at_entry {
+                            0
+                        } else {
+                            prologue::free_probe_offset(&func.code)
+                        };
+                        self.attach_one(entry, func.file_offset + off, open_path, pid)
+                            .map_err(err)?;
+                        off
+                    }
+                };
+                done.push(AttachedFunction { name, offset });
             }
         }
         Ok(done)
@@ -240,7 +372,7 @@ impl Probes {
 
     fn attach_one(
         &mut self,
-        program: &str,
+        program: &'static str,
         file_offset: u64,
         target: &Path,
         pid: NonZeroU32,
@@ -250,11 +382,15 @@ impl Probes {
             .program_mut(program)
             .ok_or(ProgramError::NotLoaded)?
             .try_into()?;
-        prog.attach(
+        let link = prog.attach(
             UProbeAttachLocation::AbsoluteOffset(file_offset),
             PathBuf::from(target),
             UProbeScope::OneProcess(pid),
         )?;
+        self.links
+            .entry(pid.get())
+            .or_default()
+            .push((program, link));
         Ok(())
     }
 }

@@ -61,6 +61,12 @@ pub fn comm(pid: u32) -> Option<String> {
         .map(|s| s.trim_end().to_string())
 }
 
+/// Parent process id, from `/proc/PID/stat`.
+pub fn ppid(pid: u32) -> Option<u32> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat_fields_after_comm(&stat)?.get(1)?.parse().ok()
+}
+
 /// Thread group id of a task, from `/proc/PID/status`.
 pub fn tgid(pid: u32) -> Option<u32> {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

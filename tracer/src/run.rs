@@ -1,9 +1,10 @@
-//! The daemon: attach, read the kernel ledger on a timer, report
-//! periodically and once at the end (duration, Ctrl-C, SIGTERM, or every
-//! target gone). Data flows one way: probe -> events -> ledger -> trend
-//! -> symbolize -> report.
+//! The daemon: attach, follow processes as they fork, exec and exit, read
+//! the kernel ledger on a timer, report periodically and once at the end
+//! (duration, Ctrl-C, SIGTERM, or every target gone). Data flows one way:
+//! probe -> events -> ledger -> trend -> symbolize -> report.
 
 use std::{
+    collections::HashMap,
     fs::File,
     io::{self, Write},
     process::{Child, Command, Stdio},
@@ -11,18 +12,24 @@ use std::{
 };
 
 use anyhow::Context as _;
-use tokio::signal::unix::{signal, SignalKind};
-use tracer_common::Counter;
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{signal, SignalKind},
+};
+use tracer_common::{sys, Counter, StackTotals, SyscallEvent, SYSCALL_IN_ALLOCATOR};
 
 use crate::{
     cli::{Config, Format},
     events::Counters,
     ledger::{Ledger, Row},
+    mmaps::MmapTracker,
     preflight,
     probe::{MapSizes, ProbeError, ProbeOptions, Probes},
+    proc_events::{ProcConnector, ProcEvent},
     procfs::{self, ProcId},
     report::{self, Report, Target},
     symbolize::{Normalizer, Symbolizer},
+    targets::Selector,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,49 +55,232 @@ impl Drop for DemoChild {
     }
 }
 
+/// Regions tracked at most (mmap/brk), per trace.
+const MAX_REGIONS: usize = 1 << 20;
+
 struct Session {
     probes: Probes,
-    targets: Vec<TargetState>,
+    selector: Selector,
+    targets: HashMap<u32, TargetState>,
     ledger: Ledger,
     normalizer: Normalizer,
     symbolizer: Symbolizer,
+    regions: MmapTracker,
     counters: Counters,
     started: Instant,
+    min_age_ns: Option<u64>,
+    /// Whether the trace ends when no target is left.
+    closed_set: bool,
+    syscall_buf: Vec<SyscallEvent>,
 }
 
 impl Session {
+    fn running(&self) -> usize {
+        self.targets
+            .values()
+            .filter(|t| t.status == Status::Running)
+            .count()
+    }
+
+    /// Attach to a process (new, forked, exec'd, or matched by name or
+    /// cgroup). Failures are kept as the target's status.
+    fn add(&mut self, pid: u32) -> Result<(), ProbeError> {
+        let Some(id) = ProcId::current(pid) else {
+            return Err(ProbeError::NoProcess { pid });
+        };
+        let comm = procfs::comm(pid).unwrap_or_else(|| "?".into());
+        let res = self.probes.attach_process(pid);
+        let status = match &res {
+            Ok(att) => {
+                for (object, funcs) in &att.objects {
+                    let names: Vec<String> = funcs
+                        .iter()
+                        .map(|f| match f.offset {
+                            0 => f.name.clone(),
+                            off => format!("{}+{off}", f.name),
+                        })
+                        .collect();
+                    log::debug!("pid {pid}: {object}: {}", names.join(" "));
+                }
+                if let Ok(maps) = procfs::read_maps(pid) {
+                    if let Some(heap) = maps.iter().find(|m| m.pseudo.as_deref() == Some("[heap]"))
+                    {
+                        self.regions.set_initial_brk(pid, heap.end);
+                    }
+                }
+                Status::Running
+            }
+            Err(e) => Status::NotAttached(e.to_string()),
+        };
+        self.targets.insert(pid, TargetState { id, comm, status });
+        res.map(|_| ())
+    }
+
+    /// Forget everything about a process's address space: it exited, or
+    /// exec'd into a new image whose addresses mean something else.
+    fn drop_address_space(&mut self, pid: u32) {
+        self.probes.detach_process(pid);
+        if let Err(e) = self.probes.forget_process(pid) {
+            log::warn!("{e}");
+        }
+        self.normalizer.forget_process(pid);
+        self.regions.forget(pid);
+    }
+
+    fn on_proc_event(&mut self, ev: ProcEvent) {
+        match ev {
+            ProcEvent::Fork { parent, child } => {
+                let traced_parent = self
+                    .targets
+                    .get(&parent)
+                    .is_some_and(|t| t.status == Status::Running);
+                if (traced_parent || self.selector.matches(child))
+                    && !self.targets.contains_key(&child)
+                {
+                    match self.add(child) {
+                        Ok(()) => log::info!("following child {child} of {parent}"),
+                        Err(e) => log::warn!("not following child {child} of {parent}: {e}"),
+                    }
+                }
+            }
+            ProcEvent::Exec { pid } => {
+                let traced = self
+                    .targets
+                    .get(&pid)
+                    .is_some_and(|t| t.status == Status::Running);
+                if traced {
+                    self.drop_address_space(pid);
+                    self.targets.remove(&pid);
+                    if let Err(e) = self.add(pid) {
+                        log::warn!(
+                            "process {pid} exec'd into something leaktrace cannot trace: {e}"
+                        );
+                    } else {
+                        log::info!("re-attached to {pid} after exec");
+                    }
+                } else if self.selector.matches(pid) {
+                    self.targets.remove(&pid);
+                    if let Err(e) = self.add(pid) {
+                        log::warn!("not tracing {pid}: {e}");
+                    }
+                }
+            }
+            ProcEvent::Exit { pid } => self.on_exit(pid),
+        }
+    }
+
+    fn on_exit(&mut self, pid: u32) {
+        let Some(t) = self.targets.get_mut(&pid) else {
+            return;
+        };
+        if t.status != Status::Running {
+            return;
+        }
+        t.status = Status::Exited;
+        log::info!("process {pid} ({}) exited", t.comm);
+        // The last process of a fixed set keeps its data for the final
+        // report; otherwise its memory is gone and so are its rows (a
+        // recycled worker must not look like a leak, and its pid may be
+        // reused).
+        if self.running() > 0 || !self.closed_set {
+            self.drop_address_space(pid);
+        } else {
+            self.probes.detach_process(pid);
+        }
+    }
+
+    /// Without the process connector: find new children and matches in
+    /// `/proc`, and exits by polling.
+    fn rescan(&mut self) {
+        let exited: Vec<u32> = self
+            .targets
+            .iter()
+            .filter(|(_, t)| t.status == Status::Running && !t.id.alive())
+            .map(|(p, _)| *p)
+            .collect();
+        for pid in exited {
+            self.on_exit(pid);
+        }
+        for pid in procfs::all_pids() {
+            if self.targets.contains_key(&pid) {
+                continue;
+            }
+            let parent_traced = procfs::ppid(pid).is_some_and(|pp| {
+                self.targets
+                    .get(&pp)
+                    .is_some_and(|t| t.status == Status::Running)
+            });
+            if parent_traced || self.selector.matches(pid) {
+                let _ = self.add(pid);
+            }
+        }
+    }
+
+    /// Libraries loaded since the last look (dlopen) get their probes.
+    fn refresh_objects(&mut self) {
+        let pids: Vec<u32> = self
+            .targets
+            .iter()
+            .filter(|(_, t)| t.status == Status::Running)
+            .map(|(p, _)| *p)
+            .collect();
+        for pid in pids {
+            if let Err(e) = self.probes.attach_process(pid) {
+                log::debug!("refresh of {pid}: {e}");
+            }
+        }
+    }
+
     /// One reading of the kernel ledger into the ledger's time series.
     fn sample(&mut self) -> anyhow::Result<()> {
+        self.syscall_buf.clear();
+        self.probes.drain_syscalls(&mut self.syscall_buf);
+        for ev in &self.syscall_buf {
+            apply_syscall(&mut self.regions, ev);
+        }
         let reading = self.probes.read()?;
+        let kernel_rows = match self.min_age_ns {
+            Some(age) => self.probes.read_aged(age)?,
+            None => reading.rows,
+        };
         let probes = &self.probes;
-        let rows: Vec<Row> = reading
-            .rows
+        let normalizer = &mut self.normalizer;
+        let mut rows: Vec<Row> = kernel_rows
             .iter()
             .map(|(key, totals)| Row {
-                stack: self
-                    .normalizer
-                    .resolve(key.tgid, key.stack_id, || probes.stack(key.stack_id)),
+                stack: normalizer.resolve(key.tgid, key.stack_id, || probes.stack(key.stack_id)),
                 pid: key.tgid,
                 totals: *totals,
             })
             .collect();
+        for r in self.regions.totals() {
+            let bytes = i64::try_from(r.bytes).unwrap_or(i64::MAX);
+            rows.push(Row {
+                stack: normalizer.resolve(r.tgid, r.stack_id, || probes.stack(r.stack_id)),
+                pid: r.tgid,
+                totals: StackTotals {
+                    outstanding_bytes: bytes,
+                    outstanding_allocs: r.regions as i64,
+                    total_bytes: r.bytes,
+                    total_allocs: r.regions,
+                },
+            });
+        }
         self.ledger
             .ingest(self.started.elapsed().as_secs_f64(), &rows);
         self.counters = reading.counters;
-        for t in &mut self.targets {
-            if t.status == Status::Running && !t.id.alive() {
-                t.status = Status::Exited;
-                log::info!("process {} ({}) exited", t.id.pid, t.comm);
-            }
-        }
         Ok(())
     }
 
-    fn all_gone(&self) -> bool {
-        !self.targets.iter().any(|t| t.status == Status::Running)
+    fn done(&self) -> bool {
+        self.closed_set && self.running() == 0
     }
 
     fn report(&mut self, cfg: &Config) -> Report {
+        self.report_top(cfg, cfg.top)
+    }
+
+    fn report_top(&mut self, cfg: &Config, top: usize) -> Report {
         let mut notes = Vec::new();
         let lost: Vec<String> = Counter::ALL
             .iter()
@@ -100,19 +290,35 @@ impl Session {
         if !lost.is_empty() {
             notes.push(format!("events lost: {}", lost.join(", ")));
         }
-        for t in &self.targets {
-            if let Status::NotAttached(why) = &t.status {
-                notes.push(format!(
-                    "process {} ({}) not traced: {why}",
-                    t.id.pid, t.comm
-                ));
+        if self.regions.dropped() > 0 {
+            notes.push(format!(
+                "{} mmap/brk regions not tracked (region table full)",
+                self.regions.dropped()
+            ));
+        }
+        if let Some(age) = self.min_age_ns {
+            notes.push(format!(
+                "only allocations older than {:.1}s are counted (--min-age)",
+                age as f64 / 1e9
+            ));
+        }
+        let mut pids: Vec<&u32> = self.targets.keys().collect();
+        pids.sort();
+        for pid in &pids {
+            if let Some(TargetState {
+                status: Status::NotAttached(why),
+                comm,
+                ..
+            }) = self.targets.get(pid)
+            {
+                notes.push(format!("process {pid} ({comm}) not traced: {why}"));
             }
         }
-        let targets = self
-            .targets
+        let targets = pids
             .iter()
-            .map(|t| Target {
-                pid: t.id.pid,
+            .filter_map(|pid| self.targets.get(pid).map(|t| (**pid, t)))
+            .map(|(pid, t)| Target {
+                pid,
                 comm: t.comm.clone(),
                 status: match &t.status {
                     Status::Running => "running".into(),
@@ -128,7 +334,7 @@ impl Session {
                 targets,
                 counters: &self.counters,
                 ledger: &self.ledger,
-                top: cfg.top,
+                top,
                 sort: cfg.sort,
                 notes,
             },
@@ -137,11 +343,40 @@ impl Session {
     }
 }
 
+/// Feed one memory syscall into the region tracker.
+fn apply_syscall(regions: &mut MmapTracker, ev: &SyscallEvent) {
+    match ev.nr {
+        sys::MMAP => regions.mmap(ev.tgid, ev.ret, ev.args[0], ev.stack_id),
+        sys::MUNMAP => regions.munmap(ev.tgid, ev.args[0], ev.args[1]),
+        sys::MREMAP => regions.mremap(
+            ev.tgid,
+            ev.args[0],
+            ev.args[1],
+            ev.ret,
+            ev.args[2],
+            ev.stack_id,
+        ),
+        sys::BRK if ev.flags & SYSCALL_IN_ALLOCATOR != 0 => regions.move_brk(ev.tgid, ev.ret),
+        sys::BRK => regions.brk(ev.tgid, ev.ret, ev.stack_id),
+        _ => {}
+    }
+}
+
 /// Write a report; a closed stdout (`leaktrace ... | head`) is not an error.
-fn emit(report: &Report, format: Format, out: &mut dyn Write) -> io::Result<()> {
+fn emit(
+    report: &Report,
+    format: Format,
+    build_ids: &std::collections::BTreeMap<String, String>,
+    out: &mut dyn Write,
+) -> io::Result<()> {
     let res = match format {
         Format::Text => report::text::write(report, out),
         Format::Json => report::json::write(report, out),
+        Format::Folded => report::folded::write(report, out),
+        Format::GrowthFolded => report::folded::write_growth(report, out),
+        Format::Svg => report::svg::write(report, out),
+        Format::GrowthSvg => report::svg::write_growth_svg(report, out),
+        Format::Pprof => report::pprof::write_with_build_ids(report, build_ids, out),
     }
     .and_then(|()| out.flush());
     match res {
@@ -161,30 +396,48 @@ fn spawn_demo() -> anyhow::Result<DemoChild> {
     Ok(DemoChild(child))
 }
 
+/// Many processes mean many probe links (one descriptor each).
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid out-pointer, then the same struct back.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     preflight::check()?;
+    raise_fd_limit();
 
     let mut demo = if cfg.demo { Some(spawn_demo()?) } else { None };
-    let mut pids = cfg.pids.clone();
+    let selector = Selector::new(&cfg.comms, &cfg.cgroups);
+    let mut pids = Vec::new();
+    for &pid in &cfg.pids {
+        // A thread id names its process.
+        let tgid = procfs::tgid(pid).ok_or(ProbeError::NoProcess { pid })?;
+        pids.push(tgid);
+    }
     if let Some(d) = &demo {
         pids.push(d.0.id());
     }
-    let mut targets = Vec::new();
-    for pid in pids {
-        // A thread id names its process.
-        let tgid = procfs::tgid(pid).ok_or(ProbeError::NoProcess { pid })?;
-        let id = ProcId::current(tgid).ok_or(ProbeError::NoProcess { pid })?;
-        if targets.iter().any(|t: &TargetState| t.id == id) {
-            continue;
-        }
-        targets.push(TargetState {
-            id,
-            comm: procfs::comm(tgid).unwrap_or_else(|| "?".into()),
-            status: Status::Running,
-        });
+    if selector.is_open() {
+        let me = std::process::id();
+        pids.extend(
+            procfs::all_pids()
+                .into_iter()
+                .filter(|p| *p != me && selector.matches(*p)),
+        );
     }
+    pids.sort_unstable();
+    pids.dedup();
 
-    let mut probes = Probes::load(
+    let probes = Probes::load(
         MapSizes {
             max_allocs: cfg.max_allocs,
             max_stacks: cfg.max_stacks,
@@ -192,46 +445,71 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         },
         ProbeOptions {
             free_at_entry: cfg.free_probe_at_entry,
+            extra_prefixes: cfg.allocator_prefixes.clone(),
+            syscalls: cfg.syscalls,
         },
     )?;
+    let connector = match ProcConnector::open().and_then(|c| {
+        // SAFETY: the connector owns its descriptor, which lives exactly as
+        // long as the AsyncFd that wraps it.
+        unsafe { AsyncFd::register(c) }.map_err(|e| io::Error::other(e.to_string()))
+    }) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            log::warn!(
+                "process events unavailable ({e}); following forks and exits by scanning /proc"
+            );
+            None
+        }
+    };
+    let mut session = Session {
+        probes,
+        selector: selector.clone(),
+        targets: HashMap::new(),
+        ledger: Ledger::default(),
+        normalizer: Normalizer::default(),
+        symbolizer: Symbolizer::new(),
+        regions: MmapTracker::with_limit(MAX_REGIONS),
+        counters: Counters::default(),
+        started: Instant::now(),
+        min_age_ns: cfg.min_age.map(|d| d.as_nanos() as u64),
+        closed_set: !selector.is_open(),
+        syscall_buf: Vec::new(),
+    };
     let mut first_err = None;
-    for t in &mut targets {
-        match probes.attach_process(t.id.pid) {
-            Ok(att) => {
-                for (object, funcs) in &att.objects {
-                    let names: Vec<String> = funcs
-                        .iter()
-                        .map(|f| {
-                            if f.offset == 0 {
-                                f.name.clone()
-                            } else {
-                                format!("{}+{}", f.name, f.offset)
-                            }
-                        })
-                        .collect();
-                    log::debug!("pid {}: {object}: {}", t.id.pid, names.join(" "));
-                }
-            }
-            Err(e) => {
-                t.status = Status::NotAttached(e.to_string());
-                first_err.get_or_insert(e);
-            }
+    for &pid in &pids {
+        if let Err(e) = session.add(pid) {
+            first_err.get_or_insert(e);
         }
     }
     if let Some(e) = first_err {
-        if targets.len() == 1 || targets.iter().all(|t| t.status != Status::Running) {
+        if session.running() == 0 && !selector.is_open() {
             return Err(e.into());
         }
         eprintln!("leaktrace: warning: {e}");
     }
-    let attached: Vec<String> = targets
+    let mut attached: Vec<String> = session
+        .targets
         .iter()
-        .filter(|t| t.status == Status::Running)
-        .map(|t| format!("{} ({})", t.id.pid, t.comm))
+        .filter(|(_, t)| t.status == Status::Running)
+        .map(|(p, t)| format!("{p} ({})", t.comm))
         .collect();
+    attached.sort();
+    if attached.len() > 8 {
+        let n = attached.len();
+        attached.truncate(8);
+        attached.push(format!("and {} more", n - 8));
+    }
+    let what = match (attached.is_empty(), selector.is_open()) {
+        (true, _) => "no process yet (waiting for matching processes)".to_string(),
+        (false, true) => format!(
+            "{} (and matching processes as they start)",
+            attached.join(", ")
+        ),
+        (false, false) => attached.join(", "),
+    };
     eprintln!(
-        "leaktrace: attached to {}; {}",
-        attached.join(", "),
+        "leaktrace: attached to {what}; {}",
         match cfg.duration {
             Some(d) => format!("tracing for {:.0}s (Ctrl-C ends early)", d.as_secs_f64()),
             None => "tracing until Ctrl-C".into(),
@@ -243,35 +521,52 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         }
     }
 
-    let mut session = Session {
-        probes,
-        targets,
-        ledger: Ledger::default(),
-        normalizer: Normalizer::default(),
-        symbolizer: Symbolizer::new(),
-        counters: Counters::default(),
-        started: Instant::now(),
-    };
-
     let mut sigterm = signal(SignalKind::terminate()).context("failed to handle SIGTERM")?;
     let mut sigint = signal(SignalKind::interrupt()).context("failed to handle SIGINT")?;
     let mut tick = tokio::time::interval(cfg.sample_every);
     let mut next_report = cfg.interval.map(|i| Instant::now() + i);
     let deadline = cfg.duration.map(|d| tokio::time::Instant::now() + d);
-    let periodic_ok = cfg.format == Format::Text || cfg.output.is_some();
+    let periodic_ok = cfg.format == Format::Text || !cfg.outputs.is_empty();
+    let mut proc_events = Vec::new();
     let why = loop {
         tokio::select! {
             _ = tick.tick() => {
+                if connector.is_none() {
+                    session.rescan();
+                }
+                session.refresh_objects();
                 session.sample()?;
-                if session.all_gone() {
+                if session.done() {
                     break "every target exited";
                 }
                 if let (Some(at), Some(every)) = (next_report, cfg.interval) {
                     if Instant::now() >= at && periodic_ok {
                         let r = session.report(&cfg);
-                        emit(&r, Format::Text, &mut io::stdout().lock())?;
+                        emit(&r, Format::Text, &Default::default(), &mut io::stdout().lock())?;
                         next_report = Some(at + every);
                     }
+                }
+            }
+            ready = async {
+                match &connector {
+                    Some(c) => c.readable().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let mut guard = ready.context("process event socket failed")?;
+                proc_events.clear();
+                let res = guard.get_inner().read_batch(&mut proc_events);
+                guard.clear_ready();
+                if let Err(e) = res {
+                    // Overrun: events were dropped; catch up from /proc.
+                    log::warn!("process events overrun ({e}); rescanning /proc");
+                    session.rescan();
+                }
+                for ev in proc_events.drain(..) {
+                    session.on_proc_event(ev);
+                }
+                if session.done() {
+                    break "every target exited";
                 }
             }
             _ = async { match deadline {
@@ -285,18 +580,43 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     session.sample()?;
     log::info!("stopping: {why}");
     let report = session.report(&cfg);
-    match &cfg.output {
-        Some(path) => {
-            let mut f = File::create(path)
-                .with_context(|| format!("failed to create report file {}", path.display()))?;
-            emit(&report, cfg.format, &mut f)
-                .with_context(|| format!("failed to write report file {}", path.display()))?;
-            eprintln!("leaktrace: {why}; report written to {}", path.display());
+    // Flamegraphs and profiles show every stack, not only the top ones.
+    let wants_all = |f: Format| !matches!(f, Format::Text | Format::Json);
+    let full = if cfg.outputs.iter().any(|o| wants_all(o.format)) || wants_all(cfg.format) {
+        session.report_top(&cfg, usize::MAX)
+    } else {
+        report.clone()
+    };
+    let build_ids = session.normalizer.build_ids();
+    if cfg.outputs.is_empty() {
+        eprintln!("leaktrace: {why}; final report:");
+        let r = if wants_all(cfg.format) {
+            &full
+        } else {
+            &report
+        };
+        emit(r, cfg.format, &build_ids, &mut io::stdout().lock())?;
+    } else {
+        let mut written = Vec::new();
+        for out in &cfg.outputs {
+            if let Some(dir) = out.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("failed to create directory {}", dir.display()))?;
+            }
+            let mut f =
+                io::BufWriter::new(File::create(&out.path).with_context(|| {
+                    format!("failed to create report file {}", out.path.display())
+                })?);
+            let r = if wants_all(out.format) {
+                &full
+            } else {
+                &report
+            };
+            emit(r, out.format, &build_ids, &mut f)
+                .with_context(|| format!("failed to write report file {}", out.path.display()))?;
+            written.push(out.path.display().to_string());
         }
-        None => {
-            eprintln!("leaktrace: {why}; final report:");
-            emit(&report, cfg.format, &mut io::stdout().lock())?;
-        }
+        eprintln!("leaktrace: {why}; report written to {}", written.join(", "));
     }
     drop(demo);
     Ok(())

@@ -89,6 +89,20 @@ impl Normalizer {
         self.maps.remove(&tgid);
     }
 
+    /// GNU build ids of the objects seen, by the path the processes see,
+    /// read through the kept descriptors (right even for containers).
+    pub fn build_ids(&self) -> std::collections::BTreeMap<String, String> {
+        self.modules
+            .iter()
+            .filter_map(|m| {
+                Some((
+                    m.path.clone(),
+                    crate::report::pprof::build_id(&m.read_path)?,
+                ))
+            })
+            .collect()
+    }
+
     pub fn stack(&self, idx: StackIdx) -> &[NormFrame] {
         self.stacks
             .get(idx as usize)

@@ -52,7 +52,14 @@ enum Cmd {
 }
 
 /// Debian packages the end-to-end suite needs.
-const TEST_PACKAGES: &[&str] = &["gcc", "libc6-dev", "gdb", "util-linux", "procps"];
+const TEST_PACKAGES: &[&str] = &[
+    "gcc",
+    "libc6-dev",
+    "gdb",
+    "util-linux",
+    "procps",
+    "golang-go",
+];
 
 fn main() -> ExitCode {
     match run(Cli::parse()) {

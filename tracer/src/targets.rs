@@ -1,0 +1,131 @@
+//! Which processes to trace: explicit pids, every process with a name
+//! (`--comm`), every process in a cgroup (`--cgroup`), now and later.
+//! Children of traced processes are traced too (followed by the caller).
+
+use std::fs;
+
+/// What the user asked to trace.
+#[derive(Clone, Debug, Default)]
+pub struct Selector {
+    pub comms: Vec<String>,
+    /// Cgroup paths relative to their hierarchy's root (`/kubepods/pod1`).
+    pub cgroups: Vec<String>,
+}
+
+/// Longest name the kernel keeps in `comm`.
+const TASK_COMM_LEN: usize = 15;
+
+impl Selector {
+    /// Build from `--comm` and `--cgroup` values. Cgroup arguments may be
+    /// mount paths (`/sys/fs/cgroup/memory/app`) or hierarchy paths (`/app`).
+    pub fn new(comms: &[String], cgroups: &[String]) -> Self {
+        Self {
+            comms: comms.to_vec(),
+            cgroups: cgroups.iter().map(|c| cgroup_relative(c)).collect(),
+        }
+    }
+
+    /// Whether the selector names anything beyond explicit pids: then the
+    /// trace waits for matching processes instead of ending when the
+    /// current ones exit.
+    pub fn is_open(&self) -> bool {
+        !self.comms.is_empty() || !self.cgroups.is_empty()
+    }
+
+    /// Whether process `pid` matches a name or a cgroup.
+    pub fn matches(&self, pid: u32) -> bool {
+        if !self.comms.is_empty() {
+            if let Some(comm) = crate::procfs::comm(pid) {
+                if self.comms.iter().any(|c| comm_matches(c, &comm)) {
+                    return true;
+                }
+            }
+        }
+        if !self.cgroups.is_empty() {
+            let Ok(text) = fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
+                return false;
+            };
+            let paths = parse_proc_cgroup(&text);
+            return self
+                .cgroups
+                .iter()
+                .any(|want| paths.iter().any(|p| cgroup_contains(want, p)));
+        }
+        false
+    }
+}
+
+/// `comm` is truncated to 15 bytes by the kernel.
+pub fn comm_matches(wanted: &str, comm: &str) -> bool {
+    let w = wanted.as_bytes();
+    let w = &w[..w.len().min(TASK_COMM_LEN)];
+    w == comm.as_bytes()
+}
+
+/// Strip a cgroup mount prefix: `/sys/fs/cgroup/memory/app` -> `/app`,
+/// `/sys/fs/cgroup/unified/app` -> `/app`, `/sys/fs/cgroup/app` -> `/app`.
+pub fn cgroup_relative(path: &str) -> String {
+    let p = path.trim_end_matches('/');
+    let rel = if let Some(rest) = p.strip_prefix("/sys/fs/cgroup") {
+        let rest = rest.trim_start_matches('/');
+        // v1 controllers and the v2 "unified" mount sit one level down.
+        let first = rest.split('/').next().unwrap_or("");
+        let is_mount = std::path::Path::new("/sys/fs/cgroup")
+            .join(first)
+            .join("cgroup.procs")
+            .exists()
+            && !std::path::Path::new("/sys/fs/cgroup/cgroup.procs").exists();
+        if is_mount || matches!(first, "memory" | "cpu" | "pids" | "unified" | "systemd") {
+            rest.split_once('/').map(|(_, r)| r).unwrap_or("")
+        } else {
+            rest
+        }
+    } else {
+        p.trim_start_matches('/')
+    };
+    format!("/{rel}")
+}
+
+/// Paths from `/proc/PID/cgroup` (`ID:controllers:path` per line).
+pub fn parse_proc_cgroup(text: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|l| l.splitn(3, ':').nth(2).map(str::to_string))
+        .collect()
+}
+
+/// `want` contains `path` if it is the same cgroup or an ancestor.
+pub fn cgroup_contains(want: &str, path: &str) -> bool {
+    if want == "/" {
+        return true;
+    }
+    path == want || path.strip_prefix(want).is_some_and(|r| r.starts_with('/'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn comm_is_truncated_like_the_kernel() {
+        assert!(comm_matches("nginx", "nginx"));
+        assert!(comm_matches("very-long-worker-name", "very-long-worke"));
+        assert!(!comm_matches("nginx", "nginx2"));
+    }
+
+    #[test]
+    fn cgroup_paths_normalise() {
+        assert_eq!(cgroup_relative("/sys/fs/cgroup/memory/app/"), "/app");
+        assert_eq!(cgroup_relative("/sys/fs/cgroup/unified/a/b"), "/a/b");
+        assert_eq!(cgroup_relative("/app"), "/app");
+        assert_eq!(cgroup_relative("app"), "/app");
+    }
+
+    #[test]
+    fn cgroup_membership_includes_descendants() {
+        let text = "12:memory:/app/worker1\n0::/app/worker1\n";
+        let paths = parse_proc_cgroup(text);
+        assert!(paths.iter().any(|p| cgroup_contains("/app", p)));
+        assert!(!paths.iter().any(|p| cgroup_contains("/ap", p)));
+        assert!(paths.iter().any(|p| cgroup_contains("/app/worker1", p)));
+    }
+}
