@@ -10,7 +10,17 @@
 use core::mem::size_of;
 
 /// Deepest user stack the kernel records, in frames.
-pub const MAX_STACK_DEPTH: u32 = 127;
+pub const MAX_FRAMES: usize = 64;
+
+/// Most executable mappings per process the unwinder knows; addresses in
+/// further mappings unwind by frame pointer.
+pub const MAX_PROC_MAPS: usize = 128;
+
+/// Identity of a recorded stack: a 64-bit hash of its frames (never 0).
+pub type StackId = u64;
+
+/// Stack id of every allocation whose stack could not be recorded.
+pub const STACK_LOST: StackId = 0;
 
 /// Map names, as the eBPF object exports them.
 pub mod maps {
@@ -18,8 +28,14 @@ pub mod maps {
     pub const ALLOCS: &str = "ALLOCS";
     /// `(tgid, stack_id)` -> [`crate::StackTotals`]: kernel-side per-stack ledger.
     pub const STACK_TOTALS: &str = "STACK_TOTALS";
-    /// Stack id -> user instruction pointers.
-    pub const STACK_TRACES: &str = "STACK_TRACES";
+    /// Stack id -> [`crate::StackBuf`]: each distinct stack, stored once.
+    pub const STACKS: &str = "STACKS";
+    /// Array of [`crate::UnwindRow`]: every object's unwind table, back to back.
+    pub const UNWIND_ROWS: &str = "UNWIND_ROWS";
+    /// tgid -> [`crate::ProcMaps`]: a process's executable mappings.
+    pub const PROC_MAPS: &str = "PROC_MAPS";
+    /// Per-CPU scratch [`crate::StackBuf`] for the unwinder.
+    pub const SCRATCH: &str = "SCRATCH";
     /// Thread id -> [`crate::PendingCall`]: an allocator call between entry and return.
     pub const PENDING: &str = "PENDING";
     /// Per-CPU array of `u64` counters indexed by [`crate::Counter`].
@@ -68,12 +84,13 @@ pub struct SyscallEvent {
     /// mmap: len, flags; munmap: addr, len; mremap: old addr, old len, new
     /// len; brk: requested break.
     pub args: [u64; 3],
-    /// User stack of the call; negative when lost.
-    pub stack_id: i32,
+    /// User stack of the call, or [`STACK_LOST`].
+    pub stack_id: StackId,
     /// `SYSCALL_IN_ALLOCATOR` when made from inside a probed allocator call.
     pub flags: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<SyscallEvent>() == 56);
+const _: () = assert!(size_of::<SyscallEvent>() == 64);
 
 /// The syscall came from inside malloc & co. (only brk is sent then, so the
 /// region tracker knows where the break is).
@@ -95,23 +112,25 @@ const _: () = assert!(size_of::<AllocKey>() == 16);
 pub struct AllocInfo {
     pub size_bytes: u64,
     pub ts_ns: u64,
-    /// Id in `STACK_TRACES`, or a negative errno when the stack was lost.
-    pub stack_id: i32,
+    /// Key in `STACKS`, or [`STACK_LOST`].
+    pub stack_id: StackId,
     /// One of [`AllocKind`] as `u32`.
     pub kind: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<AllocInfo>() == 24);
+const _: () = assert!(size_of::<AllocInfo>() == 32);
 
 /// Key of the kernel-side per-stack ledger.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct StackKey {
     pub tgid: u32,
-    /// Id in `STACK_TRACES`; negative when the stack could not be recorded
+    pub _pad: u32,
+    /// Key in `STACKS`; [`STACK_LOST`] when the stack could not be recorded
     /// (all such allocations of a process share one row).
-    pub stack_id: i32,
+    pub stack_id: StackId,
 }
-const _: () = assert!(size_of::<StackKey>() == 8);
+const _: () = assert!(size_of::<StackKey>() == 16);
 
 /// Running totals of one `(tgid, stack)` row. Updated with atomic adds.
 #[repr(C)]
@@ -274,6 +293,62 @@ impl Counter {
     }
 }
 
+/// A stack as the unwinder recorded it: return addresses, innermost
+/// first, and why the walk stopped.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StackBuf {
+    pub len: u32,
+    /// One of the `stop::*` reasons.
+    pub stop: u32,
+    pub ips: [u64; MAX_FRAMES],
+}
+const _: () = assert!(size_of::<StackBuf>() == 8 + 8 * MAX_FRAMES);
+
+/// Why an unwind ended.
+pub mod stop {
+    /// Reached the outermost frame (`_start`, a thread's entry).
+    pub const COMPLETE: u32 = 0;
+    /// Hit `MAX_FRAMES`.
+    pub const DEPTH: u32 = 1;
+    /// An address outside any file mapping: JIT or other generated code.
+    pub const ANON_CODE: u32 = 2;
+    /// No unwind rule covers the address (a gap in the object's CFI).
+    pub const NO_CFI: u32 = 3;
+    /// Stack memory could not be read.
+    pub const UNREADABLE: u32 = 4;
+    /// A CFI rule the unwinder does not evaluate (signal frame, ...).
+    pub const UNSUPPORTED: u32 = 5;
+    /// The walk produced an implausible frame (frame-pointer fallback in
+    /// code built without frame pointers).
+    pub const BAD_FRAME: u32 = 6;
+}
+
+/// One executable mapping of a traced process, for the unwinder.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExecMap {
+    pub start: u64,
+    pub end: u64,
+    /// Runtime address minus ELF virtual address.
+    pub bias: u64,
+    /// First row of the object's table in `UNWIND_ROWS`.
+    pub rows_start: u32,
+    /// Rows in the table; 0: no CFI, unwind through frame pointers.
+    pub rows_len: u32,
+}
+const _: () = assert!(size_of::<ExecMap>() == 32);
+
+/// Executable mappings of one process, sorted by `start`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ProcMaps {
+    pub len: u32,
+    pub _pad: u32,
+    pub maps: [ExecMap; MAX_PROC_MAPS],
+}
+const _: () = assert!(size_of::<ProcMaps>() == 8 + 32 * MAX_PROC_MAPS);
+
 /// One row of a compact x86-64 unwind table, derived from DWARF CFI
 /// (`.eh_frame` / `.debug_frame`) by user space and evaluated by the eBPF
 /// unwinder. A row applies from `pc` up to the next row's `pc`. The return
@@ -324,6 +399,9 @@ pub const RBP_UNDEFINED: u8 = 2;
 mod pod {
     unsafe impl aya::Pod for UnwindRow {}
     unsafe impl aya::Pod for PendingSyscall {}
+    unsafe impl aya::Pod for StackBuf {}
+    unsafe impl aya::Pod for ExecMap {}
+    unsafe impl aya::Pod for ProcMaps {}
     unsafe impl aya::Pod for SyscallEvent {}
     use super::*;
     // SAFETY: all are repr(C), Copy, made of integers with explicit padding.

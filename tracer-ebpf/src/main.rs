@@ -17,6 +17,8 @@
 
 #[cfg(target_arch = "bpf")]
 mod probes;
+#[cfg(target_arch = "bpf")]
+mod unwind;
 
 #[cfg(not(target_arch = "bpf"))]
 fn main() {}

@@ -4,22 +4,19 @@
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use aya_ebpf::{
-    bindings::BPF_F_USER_STACK,
     helpers::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
     },
     macros::{map, raw_tracepoint, uprobe, uretprobe},
-    maps::{HashMap, PerCpuArray, RingBuf, StackTrace},
-    programs::{tracing::StackIdContext as _, ProbeContext, RawTracePointContext, RetProbeContext},
+    maps::{HashMap, PerCpuArray, RingBuf},
+    programs::{ProbeContext, RawTracePointContext, RetProbeContext},
 };
 use tracer_common::{
-    sys, AllocInfo, AllocKey, AllocKind, Counter, PendingCall, PendingSyscall, StackKey,
-    StackTotals, SyscallEvent, COUNTER_SLOTS, SYSCALL_IN_ALLOCATOR,
+    sys, AllocInfo, AllocKey, AllocKind, Counter, PendingCall, PendingSyscall, StackId, StackKey,
+    StackTotals, SyscallEvent, COUNTER_SLOTS, STACK_LOST, SYSCALL_IN_ALLOCATOR,
 };
 
-const EEXIST: i32 = 17;
-/// Stack id used for every allocation whose stack could not be recorded.
-const STACK_LOST: i32 = -1;
+use crate::unwind::{record_stack, Regs};
 
 #[map]
 static ALLOCS: HashMap<AllocKey, AllocInfo> = HashMap::with_max_entries(1 << 20, 0);
@@ -28,16 +25,13 @@ static ALLOCS: HashMap<AllocKey, AllocInfo> = HashMap::with_max_entries(1 << 20,
 static STACK_TOTALS: HashMap<StackKey, StackTotals> = HashMap::with_max_entries(1 << 16, 0);
 
 #[map]
-static STACK_TRACES: StackTrace = StackTrace::with_max_entries(1 << 16, 0);
-
-#[map]
 static PENDING: HashMap<u32, PendingCall> = HashMap::with_max_entries(1 << 14, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
 
 #[inline(always)]
-fn count(c: Counter) {
+pub(crate) fn count(c: Counter) {
     if let Some(p) = COUNTERS.get_ptr_mut(c as u32) {
         // SAFETY: per-CPU slot, programs do not migrate while running.
         unsafe { *p += 1 };
@@ -200,17 +194,18 @@ pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
 
 #[inline(always)]
 fn record(ctx: &RetProbeContext, tgid: u32, addr: u64, size_bytes: u64, kind: u32) {
-    let stack_id = match ctx.get_stackid(&STACK_TRACES, BPF_F_USER_STACK as u64) {
-        Ok(id) => id as i32,
-        Err(err) => {
-            if err == -EEXIST {
-                count(Counter::StackCollision);
-            } else {
-                count(Counter::StackLost);
-            }
-            STACK_LOST
-        }
-    };
+    // At the return the registers are the caller's: the walk starts at the
+    // call site, so the immediate caller is never missing.
+    // SAFETY: the context of a uretprobe is the task's pt_regs.
+    let regs = unsafe { &*ctx.regs };
+    let stack_id = record_stack(
+        tgid,
+        Regs {
+            ip: regs.rip,
+            sp: regs.rsp,
+            bp: regs.rbp,
+        },
+    );
     let key = AllocKey {
         addr,
         tgid,
@@ -228,6 +223,7 @@ fn record(ctx: &RetProbeContext, tgid: u32, addr: u64, size_bytes: u64, kind: u3
         ts_ns: unsafe { bpf_ktime_get_ns() },
         stack_id,
         kind,
+        _pad: 0,
     };
     if ALLOCS.insert(key, info, 0).is_err() {
         count(Counter::AllocsMapFull);
@@ -238,8 +234,12 @@ fn record(ctx: &RetProbeContext, tgid: u32, addr: u64, size_bytes: u64, kind: u3
 }
 
 #[inline(always)]
-fn credit(tgid: u32, stack_id: i32, size_bytes: u64) {
-    let key = StackKey { tgid, stack_id };
+fn credit(tgid: u32, stack_id: StackId, size_bytes: u64) {
+    let key = StackKey {
+        tgid,
+        _pad: 0,
+        stack_id,
+    };
     if let Some(t) = STACK_TOTALS.get_ptr_mut(&key) {
         add_totals(t, size_bytes as i64, 1, size_bytes);
         return;
@@ -264,6 +264,7 @@ fn credit(tgid: u32, stack_id: i32, size_bytes: u64) {
 fn debit(tgid: u32, info: &AllocInfo) {
     let key = StackKey {
         tgid,
+        _pad: 0,
         stack_id: info.stack_id,
     };
     if let Some(t) = STACK_TOTALS.get_ptr_mut(&key) {
@@ -350,6 +351,9 @@ const PT_REGS_DI: usize = 112;
 const PT_REGS_SI: usize = 104;
 const PT_REGS_DX: usize = 96;
 const PT_REGS_R10: usize = 56;
+const PT_REGS_BP: usize = 32;
+const PT_REGS_IP: usize = 128;
+const PT_REGS_SP: usize = 152;
 
 #[inline(always)]
 fn reg(regs: *const u8, off: usize) -> u64 {
@@ -424,25 +428,31 @@ pub fn sys_exit(ctx: RawTracePointContext) -> u32 {
     if ret < 0 && ret > -4096 {
         return 0;
     }
+    let tgid = (pid_tgid >> 32) as u32;
     let stack_id = if pending.flags & SYSCALL_IN_ALLOCATOR != 0 {
         STACK_LOST
     } else {
-        match ctx.get_stackid(&STACK_TRACES, BPF_F_USER_STACK as u64) {
-            Ok(id) => id as i32,
-            Err(_) => {
-                count(Counter::StackLost);
-                STACK_LOST
-            }
-        }
+        // The syscall's pt_regs are the user registers at the `syscall`.
+        let regs: u64 = ctx.arg(0);
+        let regs = regs as *const u8;
+        record_stack(
+            tgid,
+            Regs {
+                ip: reg(regs, PT_REGS_IP),
+                sp: reg(regs, PT_REGS_SP),
+                bp: reg(regs, PT_REGS_BP),
+            },
+        )
     };
     let event = SyscallEvent {
         ts_ns: unsafe { bpf_ktime_get_ns() },
-        tgid: (pid_tgid >> 32) as u32,
+        tgid,
         nr: pending.nr,
         ret: ret as u64,
         args: pending.args,
         stack_id,
         flags: pending.flags,
+        _pad: 0,
     };
     if EVENTS.output::<SyscallEvent>(&event, 0).is_err() {
         count(Counter::EventsLost);

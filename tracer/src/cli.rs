@@ -146,6 +146,10 @@ pub struct Args {
     /// Most distinct stacks tracked (kernel map size).
     #[arg(long, value_name = "N", default_value_t = 1 << 16)]
     pub max_stacks: u32,
+    /// Most unwind-table rows kept in the kernel (12 bytes each; libc needs
+    /// ~28,000, python3.11 ~65,000).
+    #[arg(long, value_name = "N", default_value_t = 1 << 21)]
+    pub max_unwind_rows: u32,
     /// Run the built-in demo (also what happens with no --pid).
     #[arg(long)]
     pub demo: bool,
@@ -178,6 +182,7 @@ pub struct Config {
     pub sample_every: Duration,
     pub max_allocs: u32,
     pub max_stacks: u32,
+    pub max_unwind_rows: u32,
     pub free_probe_at_entry: bool,
 }
 
@@ -282,6 +287,7 @@ impl Args {
             sample_every,
             max_allocs: self.max_allocs,
             max_stacks: self.max_stacks,
+            max_unwind_rows: self.max_unwind_rows,
             free_probe_at_entry: self.free_probe_at_entry,
         })
     }

@@ -3,8 +3,8 @@
 
 use std::collections::HashMap;
 
-use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, StackTraceMap};
-use tracer_common::{maps, Counter, StackKey, StackTotals};
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
+use tracer_common::{maps, Counter, StackBuf, StackId, StackKey, StackTotals, STACK_LOST};
 
 use crate::probe::Probes;
 
@@ -101,7 +101,8 @@ impl Probes {
             let t = acc
                 .entry(StackKey {
                     tgid: key.tgid,
-                    stack_id: info.stack_id.max(-1),
+                    _pad: 0,
+                    stack_id: info.stack_id,
                 })
                 .or_default();
             t.outstanding_bytes += info.size_bytes as i64;
@@ -144,13 +145,17 @@ impl Probes {
         }
     }
 
-    /// User-space instruction pointers of a recorded stack, innermost first.
-    pub fn stack(&self, stack_id: i32) -> Option<Vec<u64>> {
-        let id = u32::try_from(stack_id).ok()?;
-        let map = self.ebpf.map(maps::STACK_TRACES)?;
-        let traces = StackTraceMap::try_from(map).ok()?;
-        let trace = traces.get(&id, 0).ok()?;
-        Some(trace.frames().iter().map(|f| f.ip).collect())
+    /// A recorded stack: return addresses, innermost first, and why the
+    /// walk stopped (`tracer_common::stop`).
+    pub fn stack(&self, stack_id: StackId) -> Option<(Vec<u64>, u32)> {
+        if stack_id == STACK_LOST {
+            return None;
+        }
+        let map = self.ebpf.map(maps::STACKS)?;
+        let stacks: BpfHashMap<&MapData, StackId, StackBuf> = BpfHashMap::try_from(map).ok()?;
+        let buf = stacks.get(&stack_id, 0).ok()?;
+        let len = (buf.len as usize).min(buf.ips.len());
+        Some((buf.ips[..len].to_vec(), buf.stop))
     }
 
     /// Forget a process's rows (it exited): its live blocks and its ledger.

@@ -30,6 +30,7 @@
 //! pages, so it holds no memory until touched again.
 
 use std::collections::{btree_map, BTreeMap, HashMap};
+use tracer_common::StackId;
 
 use serde::Serialize;
 
@@ -40,7 +41,7 @@ pub const PAGE_SIZE: u64 = 4096;
 pub const DEFAULT_MAX_REGIONS: usize = 1 << 18;
 
 /// A process and the kernel's stack id for the syscall's user stack.
-pub type StackKey = (u32, i32);
+pub type StackKey = (u32, StackId);
 
 /// How a region came to be mapped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -57,7 +58,7 @@ pub enum RegionKind {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Region {
     pub end: u64,
-    pub stack_id: i32,
+    pub stack_id: StackId,
     pub kind: RegionKind,
 }
 
@@ -65,7 +66,7 @@ pub struct Region {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct RegionTotals {
     pub tgid: u32,
-    pub stack_id: i32,
+    pub stack_id: StackId,
     pub kind: RegionKind,
     pub bytes: u64,
     pub regions: u64,
@@ -90,7 +91,7 @@ struct Sum {
     regions: u64,
 }
 
-type GroupKey = (u32, i32, RegionKind);
+type GroupKey = (u32, StackId, RegionKind);
 
 /// Counts kept next to the region maps. Every change to a region map goes
 /// through here so the totals and the limit cannot drift from the maps.
@@ -187,7 +188,7 @@ impl MmapTracker {
 
     /// mmap returned `addr` for `len` bytes. A new mapping replaces whatever
     /// part of existing tracked regions it overlaps (`MAP_FIXED`).
-    pub fn mmap(&mut self, tgid: u32, addr: u64, len: u64, stack_id: i32) {
+    pub fn mmap(&mut self, tgid: u32, addr: u64, len: u64, stack_id: StackId) {
         let len = page_up(len);
         if len == 0 || is_error_return(addr) {
             return;
@@ -232,7 +233,7 @@ impl MmapTracker {
         old_len: u64,
         new: u64,
         new_len: u64,
-        stack_id: i32,
+        stack_id: StackId,
     ) {
         let old_len = page_up(old_len);
         let new_len = page_up(new_len);
@@ -291,7 +292,7 @@ impl MmapTracker {
     /// Growth becomes a brk region `[old_brk, new_brk)` with `stack_id`;
     /// shrinking unmaps `[new_brk, old_brk)`, trimming or removing the
     /// topmost regions. Before the break is known, only records it.
-    pub fn brk(&mut self, tgid: u32, new_brk: u64, stack_id: i32) {
+    pub fn brk(&mut self, tgid: u32, new_brk: u64, stack_id: StackId) {
         self.set_brk(tgid, new_brk, Some(stack_id));
     }
 
@@ -303,7 +304,7 @@ impl MmapTracker {
         self.set_brk(tgid, new_brk, None);
     }
 
-    fn set_brk(&mut self, tgid: u32, new_brk: u64, stack_id: Option<i32>) {
+    fn set_brk(&mut self, tgid: u32, new_brk: u64, stack_id: Option<StackId>) {
         let proc = self.procs.entry(tgid).or_default();
         let Some(old_brk) = proc.brk.replace(new_brk) else {
             return;
@@ -447,7 +448,7 @@ fn push_fill(
     placed: &mut Vec<(u64, Region)>,
     start: u64,
     end: u64,
-    stack_id: i32,
+    stack_id: StackId,
     kind: RegionKind,
 ) {
     if let Some((_, last)) = placed.last_mut() {
@@ -480,7 +481,7 @@ mod tests {
     }
 
     /// `(tgid, stack, kind, bytes, regions)` rows, for compact asserts.
-    fn rows(tr: &MmapTracker) -> Vec<(u32, i32, RegionKind, u64, u64)> {
+    fn rows(tr: &MmapTracker) -> Vec<(u32, StackId, RegionKind, u64, u64)> {
         check_invariants(tr);
         tr.totals()
             .into_iter()
@@ -489,7 +490,7 @@ mod tests {
     }
 
     /// `(start page, end page, stack)` of one process's regions.
-    fn spans(tr: &MmapTracker, tgid: u32) -> Vec<(u64, u64, i32)> {
+    fn spans(tr: &MmapTracker, tgid: u32) -> Vec<(u64, u64, StackId)> {
         tr.regions(tgid)
             .map(|(s, r)| ((s - BASE) / P, (r.end - BASE) / P, r.stack_id))
             .collect()
@@ -894,7 +895,7 @@ mod tests {
 
     #[derive(Clone, Copy, PartialEq, Eq)]
     struct Cell {
-        stack: i32,
+        stack: StackId,
         kind: RegionKind,
         /// Which region holds the page: a region is a run of consecutive
         /// pages with one id.
@@ -918,7 +919,7 @@ mod tests {
             len.div_ceil(P)
         }
 
-        fn mmap(&mut self, tgid: u32, addr: u64, len: u64, stack: i32) {
+        fn mmap(&mut self, tgid: u32, addr: u64, len: u64, stack: StackId) {
             let n = Self::pages(len);
             if n == 0 {
                 return;
@@ -952,7 +953,7 @@ mod tests {
             old_len: u64,
             new: u64,
             new_len: u64,
-            stack: i32,
+            stack: StackId,
         ) {
             let (old_n, new_n) = (Self::pages(old_len), Self::pages(new_len));
             if new_n == 0 {
@@ -1005,7 +1006,7 @@ mod tests {
         }
 
         /// `stack` is `None` for a brk from inside the allocator.
-        fn brk(&mut self, tgid: u32, new_brk: u64, stack: Option<i32>) {
+        fn brk(&mut self, tgid: u32, new_brk: u64, stack: Option<StackId>) {
             let id = self.fresh();
             let (pages, brk) = self.procs.entry(tgid).or_default();
             let Some(old) = brk.replace(new_brk) else {
@@ -1070,7 +1071,7 @@ mod tests {
         let mut rng = Rng(seed);
         for step in 0..ops {
             let tgid = 1 + rng.below(2) as u32;
-            let stack = rng.below(5) as i32 - 1;
+            let stack = rng.below(5) as StackId;
             // Lengths from 0 to 11 pages, often not page multiples.
             let len =
                 |rng: &mut Rng| (rng.below(12) * P).saturating_sub(rng.below(2) * rng.below(P));

@@ -13,16 +13,16 @@ use std::{
 };
 
 use aya::{
-    maps::{HashMap as BpfHashMap, MapData, RingBuf},
+    maps::{Array, HashMap as BpfHashMap, MapData, RingBuf},
     programs::{
         uprobe::{UProbeAttachLocation, UProbeLinkId, UProbeScope},
         Program, ProgramError, RawTracePoint, UProbe,
     },
     Ebpf, EbpfLoader,
 };
-use tracer_common::maps;
+use tracer_common::{maps, ExecMap, ProcMaps, UnwindRow, MAX_PROC_MAPS};
 
-use crate::{elf, procfs, prologue};
+use crate::{elf, procfs, prologue, unwind_table};
 
 /// The eBPF object, built by `build.rs` from `tracer-ebpf`.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
@@ -76,6 +76,8 @@ pub struct MapSizes {
     pub max_allocs: u32,
     pub max_stacks: u32,
     pub max_threads: u32,
+    pub max_unwind_rows: u32,
+    pub max_processes: u32,
 }
 
 /// Where probes go.
@@ -144,6 +146,34 @@ pub struct Probes {
     /// Allocator functions per object file, by (device, inode): libc is
     /// parsed once, not once per worker.
     elf_cache: HashMap<(String, u64), Option<HashMap<String, elf::Function>>>,
+    /// Unwind tables loaded into `UNWIND_ROWS`, by (device, inode): where
+    /// they start, how many rows, and the object's load segments.
+    unwind_objects: HashMap<(String, u64), UnwindObject>,
+    /// Next free row in `UNWIND_ROWS`.
+    unwind_next: u32,
+    unwind_capacity: u32,
+    /// The executable mappings last registered per process.
+    registered: HashMap<u32, Vec<(u64, u64)>>,
+    /// What the unwinder could not be given, for the report.
+    pub unwind_notes: UnwindNotes,
+}
+
+#[derive(Clone, Debug, Default)]
+struct UnwindObject {
+    rows_start: u32,
+    rows_len: u32,
+    segments: Vec<unwind_table::Segment>,
+}
+
+/// Objects whose unwind tables could not be loaded.
+#[derive(Clone, Debug, Default)]
+pub struct UnwindNotes {
+    /// Objects left to the frame-pointer rule because the row table was full.
+    pub table_full: Vec<String>,
+    /// Objects whose CFI could not be read, with the reason.
+    pub unreadable: Vec<String>,
+    /// Processes with more executable mappings than the unwinder keeps.
+    pub too_many_mappings: Vec<u32>,
 }
 
 impl Probes {
@@ -153,7 +183,9 @@ impl Probes {
         loader
             .map_max_entries(maps::ALLOCS, sizes.max_allocs)
             .map_max_entries(maps::STACK_TOTALS, sizes.max_stacks)
-            .map_max_entries(maps::STACK_TRACES, sizes.max_stacks)
+            .map_max_entries(maps::STACKS, sizes.max_stacks)
+            .map_max_entries(maps::UNWIND_ROWS, sizes.max_unwind_rows)
+            .map_max_entries(maps::PROC_MAPS, sizes.max_processes)
             .map_max_entries(maps::PENDING, sizes.max_threads);
         let mut ebpf = loader
             .load(EBPF_OBJECT)
@@ -204,6 +236,11 @@ impl Probes {
             links: HashMap::new(),
             attached_objects: HashMap::new(),
             elf_cache: HashMap::new(),
+            unwind_objects: HashMap::new(),
+            unwind_next: 0,
+            unwind_capacity: sizes.max_unwind_rows,
+            registered: HashMap::new(),
+            unwind_notes: UnwindNotes::default(),
         })
     }
 
@@ -266,7 +303,133 @@ impl Probes {
             });
         }
         self.set_target(pid, true);
+        self.register_unwind(pid, &maps);
         Ok(attachment)
+    }
+
+    /// Give the unwinder this process's executable mappings, loading each
+    /// new object's unwind table once.
+    fn register_unwind(&mut self, pid: u32, maps: &[procfs::MapEntry]) {
+        let exec: Vec<&procfs::MapEntry> = maps
+            .iter()
+            .filter(|m| m.executable && m.path.is_some())
+            .collect();
+        let signature: Vec<(u64, u64)> = exec.iter().map(|m| (m.start, m.end)).collect();
+        if self.registered.get(&pid) == Some(&signature) {
+            return;
+        }
+        let mut entries: Vec<ExecMap> = Vec::with_capacity(exec.len());
+        for m in &exec {
+            let key = (m.dev.clone(), m.inode);
+            if !self.unwind_objects.contains_key(&key) {
+                let obj = self.load_unwind_object(pid, m);
+                self.unwind_objects.insert(key.clone(), obj);
+            }
+            let Some(obj) = self.unwind_objects.get(&key) else {
+                continue;
+            };
+            // A file page can belong to two segments (the end of the
+            // read-only one and the start of the text): an executable
+            // mapping is the text's.
+            let text: Vec<unwind_table::Segment> = obj
+                .segments
+                .iter()
+                .filter(|s| s.executable)
+                .copied()
+                .collect();
+            let Some(vaddr) = unwind_table::vaddr_of_file_offset(&text, m.offset)
+                .or_else(|| unwind_table::vaddr_of_file_offset(&obj.segments, m.offset))
+            else {
+                continue;
+            };
+            entries.push(ExecMap {
+                start: m.start,
+                end: m.end,
+                bias: m.start.wrapping_sub(vaddr),
+                rows_start: obj.rows_start,
+                rows_len: obj.rows_len,
+            });
+        }
+        entries.sort_by_key(|e| e.start);
+        if entries.len() > MAX_PROC_MAPS {
+            self.unwind_notes.too_many_mappings.push(pid);
+            entries.truncate(MAX_PROC_MAPS);
+        }
+        let mut value = ProcMaps {
+            len: entries.len() as u32,
+            _pad: 0,
+            maps: [ExecMap::default(); MAX_PROC_MAPS],
+        };
+        value.maps[..entries.len()].copy_from_slice(&entries);
+        if let Some(map) = self.ebpf.map_mut(maps::PROC_MAPS) {
+            if let Ok(mut pm) = BpfHashMap::<&mut MapData, u32, ProcMaps>::try_from(map) {
+                if let Err(e) = pm.insert(pid, value, 0) {
+                    log::warn!("failed to register the mappings of process {pid}: {e}");
+                }
+            }
+        }
+        self.registered.insert(pid, signature);
+    }
+
+    fn load_unwind_object(&mut self, pid: u32, m: &procfs::MapEntry) -> UnwindObject {
+        let path = m.path.clone().unwrap_or_default();
+        let Some(open) = m.open_path(pid) else {
+            return UnwindObject::default();
+        };
+        let segments = match unwind_table::load_segments(&open) {
+            Ok(s) => s,
+            Err(e) => {
+                self.unwind_notes.unreadable.push(format!("{path}: {e}"));
+                return UnwindObject::default();
+            }
+        };
+        let table = match unwind_table::build(&open) {
+            Ok(t) => t,
+            Err(e) => {
+                self.unwind_notes.unreadable.push(format!("{path}: {e}"));
+                return UnwindObject {
+                    segments,
+                    ..Default::default()
+                };
+            }
+        };
+        let len = table.rows.len() as u32;
+        if len == 0 {
+            return UnwindObject {
+                segments,
+                ..Default::default()
+            };
+        }
+        if self.unwind_next.saturating_add(len) > self.unwind_capacity {
+            self.unwind_notes.table_full.push(path);
+            return UnwindObject {
+                segments,
+                ..Default::default()
+            };
+        }
+        let start = self.unwind_next;
+        let Some(map) = self.ebpf.map_mut(maps::UNWIND_ROWS) else {
+            return UnwindObject::default();
+        };
+        let Ok(mut rows) = Array::<&mut MapData, UnwindRow>::try_from(map) else {
+            return UnwindObject::default();
+        };
+        for (i, row) in table.rows.iter().enumerate() {
+            if rows.set(start + i as u32, *row, 0).is_err() {
+                self.unwind_notes.table_full.push(path);
+                return UnwindObject {
+                    segments,
+                    ..Default::default()
+                };
+            }
+        }
+        self.unwind_next += len;
+        log::debug!("unwind table for {path}: {len} rows at {start}");
+        UnwindObject {
+            rows_start: start,
+            rows_len: len,
+            segments,
+        }
     }
 
     /// Detach from a process (it exited, or exec'd into a new image) and
@@ -278,7 +441,13 @@ impl Probes {
             }
         }
         self.attached_objects.remove(&pid);
+        self.registered.remove(&pid);
         self.set_target(pid, false);
+        if let Some(map) = self.ebpf.map_mut(maps::PROC_MAPS) {
+            if let Ok(mut pm) = BpfHashMap::<&mut MapData, u32, ProcMaps>::try_from(map) {
+                let _ = pm.remove(&pid);
+            }
+        }
     }
 
     fn set_target(&mut self, pid: u32, on: bool) {

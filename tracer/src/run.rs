@@ -442,6 +442,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             max_allocs: cfg.max_allocs,
             max_stacks: cfg.max_stacks,
             max_threads: 1 << 14,
+            max_unwind_rows: cfg.max_unwind_rows,
+            max_processes: 1 << 11,
         },
         ProbeOptions {
             free_at_entry: cfg.free_probe_at_entry,

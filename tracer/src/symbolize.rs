@@ -22,6 +22,8 @@ use blazesym::symbolize::{
     Input, Symbolized, Symbolizer as Blaze,
 };
 
+use tracer_common::{stop, StackId, STACK_LOST};
+
 use crate::{
     ledger::StackIdx,
     procfs::{self, MapEntry},
@@ -38,6 +40,9 @@ pub enum NormFrame {
     Anonymous { addr: u64, region: Option<String> },
     /// The kernel could not record this stack at all.
     Lost,
+    /// The walk stopped before the outermost frame; the reason is one of
+    /// `tracer_common::stop`.
+    Truncated(u32),
 }
 
 /// An object file seen in some traced process.
@@ -57,7 +62,7 @@ pub struct Normalizer {
     module_ids: HashMap<(String, u64, String), u32>,
     stacks: Vec<Vec<NormFrame>>,
     stack_ids: HashMap<Vec<NormFrame>, StackIdx>,
-    resolved: HashMap<(u32, i32), StackIdx>,
+    resolved: HashMap<(u32, StackId), StackIdx>,
     maps: HashMap<u32, Vec<MapEntry>>,
 }
 
@@ -67,14 +72,22 @@ impl Normalizer {
     pub fn resolve(
         &mut self,
         tgid: u32,
-        stack_id: i32,
-        ips: impl FnOnce() -> Option<Vec<u64>>,
+        stack_id: StackId,
+        ips: impl FnOnce() -> Option<(Vec<u64>, u32)>,
     ) -> StackIdx {
         if let Some(idx) = self.resolved.get(&(tgid, stack_id)) {
             return *idx;
         }
-        let frames = match (stack_id >= 0).then(ips).flatten() {
-            Some(ips) if !ips.is_empty() => self.normalize(tgid, &ips),
+        let frames = match (stack_id != STACK_LOST).then(ips).flatten() {
+            Some((ips, why)) if !ips.is_empty() => {
+                log::trace!("stack {stack_id:#x} of {tgid}: stop {why}, ips {ips:x?}");
+                let mut frames = self.normalize(tgid, &ips);
+                let ended_in_anon = matches!(frames.last(), Some(NormFrame::Anonymous { .. }));
+                if why != stop::COMPLETE && !ended_in_anon {
+                    frames.push(NormFrame::Truncated(why));
+                }
+                frames
+            }
             _ => vec![NormFrame::Lost],
         };
         let idx = self.intern(frames);
@@ -343,6 +356,15 @@ impl Symbolizer {
                 inlined: false,
                 offset: Some(*addr),
             }],
+            NormFrame::Truncated(why) => vec![Frame {
+                function: Some(format!("[truncated: {}]", stop_reason(*why))),
+                module: None,
+                file: None,
+                line: None,
+                kind: FrameKind::Native,
+                inlined: false,
+                offset: None,
+            }],
             NormFrame::Lost => vec![Frame {
                 function: Some("[stack lost]".into()),
                 module: None,
@@ -353,6 +375,19 @@ impl Symbolizer {
                 offset: None,
             }],
         }
+    }
+}
+
+/// Words for a `tracer_common::stop` reason.
+pub fn stop_reason(why: u32) -> &'static str {
+    match why {
+        stop::DEPTH => "deeper than the frame limit",
+        stop::ANON_CODE => "code outside any file (JIT)",
+        stop::NO_CFI => "no unwind info for this address",
+        stop::UNREADABLE => "stack memory unreadable",
+        stop::UNSUPPORTED => "unwind rule not supported (signal frame?)",
+        stop::BAD_FRAME => "implausible frame (no frame pointer, no unwind info)",
+        _ => "unknown reason",
     }
 }
 
