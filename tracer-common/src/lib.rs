@@ -56,6 +56,16 @@ pub mod sys {
     pub const MREMAP: u32 = 25;
     /// `MAP_ANONYMOUS`.
     pub const MAP_ANONYMOUS: u64 = 0x20;
+    /// Not a syscall: the OOM killer chose `tgid` (`oom:mark_victim`).
+    pub const OOM_VICTIM: u32 = 0xffff_0001;
+}
+
+/// Globals set by user space before load.
+pub mod globals {
+    /// Byte offset of `tgid` in `struct task_struct` (from kernel BTF).
+    pub const TASK_TGID_OFFSET: &str = "TASK_TGID_OFFSET";
+    /// 1: report every OOM victim, traced or not.
+    pub const OOM_ANY: &str = "OOM_ANY";
 }
 
 /// A memory syscall between entry and exit.

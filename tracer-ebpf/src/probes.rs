@@ -459,3 +459,51 @@ pub fn sys_exit(ctx: RawTracePointContext) -> u32 {
     }
     0
 }
+
+// ---- OOM black box -------------------------------------------------------
+
+/// Byte offset of `tgid` in `struct task_struct`, set from kernel BTF.
+#[unsafe(no_mangle)]
+static TASK_TGID_OFFSET: u32 = 0;
+
+/// 1: report every OOM victim, not only traced processes.
+#[unsafe(no_mangle)]
+static OOM_ANY: u32 = 0;
+
+/// `mark_victim(struct task_struct *task, uid_t uid)`: the OOM killer chose
+/// `task`. Tell user space at once so it can freeze the victim's view
+/// before the process is gone.
+#[raw_tracepoint(tracepoint = "mark_victim")]
+pub fn oom_mark_victim(ctx: RawTracePointContext) -> u32 {
+    // SAFETY: globals are plain reads of constants patched at load.
+    let off = unsafe { core::ptr::read_volatile(&raw const TASK_TGID_OFFSET) };
+    let any = unsafe { core::ptr::read_volatile(&raw const OOM_ANY) };
+    if off == 0 {
+        return 0;
+    }
+    let task: u64 = ctx.arg(0);
+    // SAFETY: bpf_probe_read_kernel checks the kernel address.
+    let Ok(tgid) =
+        (unsafe { bpf_probe_read_kernel((task as *const u8).add(off as usize).cast::<u32>()) })
+    else {
+        return 0;
+    };
+    // SAFETY: read-only lookup.
+    if any == 0 && unsafe { TARGETS.get(&tgid) }.is_none() {
+        return 0;
+    }
+    let event = SyscallEvent {
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        tgid,
+        nr: sys::OOM_VICTIM,
+        ret: 0,
+        args: [0; 3],
+        stack_id: STACK_LOST,
+        flags: 0,
+        _pad: 0,
+    };
+    if EVENTS.output::<SyscallEvent>(&event, 0).is_err() {
+        count(Counter::EventsLost);
+    }
+    0
+}

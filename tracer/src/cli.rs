@@ -146,6 +146,13 @@ pub struct Args {
     /// Most distinct stacks tracked (kernel map size).
     #[arg(long, value_name = "N", default_value_t = 1 << 16)]
     pub max_stacks: u32,
+    /// Where OOM reports go when the OOM killer picks a traced process.
+    #[arg(long, value_name = "DIR", default_value = ".")]
+    pub oom_dir: PathBuf,
+    /// Write an OOM report for any process the OOM killer picks, traced or
+    /// not.
+    #[arg(long)]
+    pub oom_any: bool,
     /// Most unwind-table rows kept in the kernel (12 bytes each; libc needs
     /// ~28,000, python3.11 ~65,000).
     #[arg(long, value_name = "N", default_value_t = 1 << 21)]
@@ -184,6 +191,8 @@ pub struct Config {
     pub max_stacks: u32,
     pub max_unwind_rows: u32,
     pub free_probe_at_entry: bool,
+    pub oom_dir: PathBuf,
+    pub oom_any: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -288,6 +297,8 @@ impl Args {
             max_allocs: self.max_allocs,
             max_stacks: self.max_stacks,
             max_unwind_rows: self.max_unwind_rows,
+            oom_dir: self.oom_dir,
+            oom_any: self.oom_any,
             free_probe_at_entry: self.free_probe_at_entry,
         })
     }

@@ -64,6 +64,31 @@ pub struct Ledger {
 }
 
 impl Ledger {
+    /// The part of the ledger that belongs to one process (its rows; the
+    /// series stay the combined ones).
+    pub fn only_pid(&self, pid: u32) -> Ledger {
+        let stacks = self
+            .stacks
+            .iter()
+            .filter_map(|(idx, s)| {
+                let t = s.per_pid.get(&pid)?;
+                let mut per_pid = BTreeMap::new();
+                per_pid.insert(pid, *t);
+                Some((
+                    *idx,
+                    StackState {
+                        per_pid,
+                        series: s.series.clone(),
+                    },
+                ))
+            })
+            .collect();
+        Ledger {
+            stacks,
+            samples: self.samples,
+        }
+    }
+
     /// Take a reading made at `t_s` seconds since the trace started.
     pub fn ingest(&mut self, t_s: f64, rows: &[Row]) {
         for state in self.stacks.values_mut() {

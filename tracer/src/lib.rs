@@ -6,12 +6,14 @@
 //! `report`. Only `probe` and `events` touch aya; the stages after them
 //! take plain types and are unit-tested without root.
 
+pub mod btf;
 pub mod cli;
 pub mod demo;
 pub mod elf;
 pub mod events;
 pub mod ledger;
 pub mod mmaps;
+pub mod oom;
 pub mod preflight;
 pub mod probe;
 pub mod proc_events;

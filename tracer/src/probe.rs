@@ -90,6 +90,8 @@ pub struct ProbeOptions {
     /// Account anonymous mmap/munmap/mremap and brk made outside the
     /// allocator.
     pub syscalls: bool,
+    /// Report every OOM victim, not only traced processes.
+    pub oom_any: bool,
 }
 
 /// One function with probes on it.
@@ -156,6 +158,8 @@ pub struct Probes {
     registered: HashMap<u32, Vec<(u64, u64)>>,
     /// What the unwinder could not be given, for the report.
     pub unwind_notes: UnwindNotes,
+    /// Whether the OOM black box is armed, or why not.
+    pub oom: Result<(), String>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -179,7 +183,17 @@ pub struct UnwindNotes {
 impl Probes {
     /// Load the programs into the kernel with the given map sizes.
     pub fn load(sizes: MapSizes, options: ProbeOptions) -> Result<Self, ProbeError> {
+        // The OOM black box reads the victim's tgid from its task_struct;
+        // the offset comes from the running kernel's BTF.
+        let tgid_offset: u32 = std::fs::read("/sys/kernel/btf/vmlinux")
+            .ok()
+            .and_then(|b| crate::btf::member_offset(&b, "task_struct", "tgid"))
+            .unwrap_or(0);
+        let oom_any: u32 = options.oom_any.into();
         let mut loader = EbpfLoader::new();
+        loader
+            .override_global(tracer_common::globals::TASK_TGID_OFFSET, &tgid_offset, true)
+            .override_global(tracer_common::globals::OOM_ANY, &oom_any, true);
         loader
             .map_max_entries(maps::ALLOCS, sizes.max_allocs)
             .map_max_entries(maps::STACK_TOTALS, sizes.max_stacks)
@@ -214,6 +228,11 @@ impl Probes {
             ),
             None => None,
         };
+        let oom = if tgid_offset == 0 {
+            Err("the kernel's BTF does not describe task_struct.tgid".to_string())
+        } else {
+            attach_raw_tp(&mut ebpf, "oom_mark_victim", "mark_victim")
+        };
         if options.syscalls {
             for (prog, tp) in [("sys_enter", "sys_enter"), ("sys_exit", "sys_exit")] {
                 let p: &mut RawTracePoint = ebpf
@@ -241,6 +260,7 @@ impl Probes {
             unwind_capacity: sizes.max_unwind_rows,
             registered: HashMap::new(),
             unwind_notes: UnwindNotes::default(),
+            oom,
         })
     }
 
@@ -561,6 +581,25 @@ impl Probes {
             .or_default()
             .push((program, link));
         Ok(())
+    }
+}
+
+fn attach_raw_tp(ebpf: &mut Ebpf, prog: &str, tp: &str) -> Result<(), String> {
+    let p: &mut RawTracePoint = ebpf
+        .program_mut(prog)
+        .ok_or_else(|| format!("program {prog} missing"))?
+        .try_into()
+        .map_err(|e: ProgramError| e.to_string())?;
+    p.attach(tp)
+        .map(|_| ())
+        .map_err(|e| format!("failed to attach raw tracepoint {tp}: {}", error_chain(&e)))
+}
+
+impl Probes {
+    /// A second descriptor of the event ring buffer, to wait on.
+    pub fn events_fd(&self) -> Option<std::os::fd::OwnedFd> {
+        use std::os::fd::AsFd as _;
+        self.events.as_ref()?.as_fd().try_clone_to_owned().ok()
     }
 }
 

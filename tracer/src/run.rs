@@ -72,6 +72,9 @@ struct Session {
     /// Whether the trace ends when no target is left.
     closed_set: bool,
     syscall_buf: Vec<SyscallEvent>,
+    oom_dir: std::path::PathBuf,
+    top: usize,
+    sort: crate::report::SortBy,
 }
 
 impl Session {
@@ -170,6 +173,14 @@ impl Session {
     }
 
     fn on_exit(&mut self, pid: u32) {
+        if !self.targets.contains_key(&pid) {
+            return;
+        }
+        // An OOM kill's event may still be queued: its report needs the
+        // rows this exit is about to drop.
+        if let Err(e) = self.on_events() {
+            log::warn!("{e:#}");
+        }
         let Some(t) = self.targets.get_mut(&pid) else {
             return;
         };
@@ -231,13 +242,45 @@ impl Session {
         }
     }
 
-    /// One reading of the kernel ledger into the ledger's time series.
-    fn sample(&mut self) -> anyhow::Result<()> {
+    /// Apply queued kernel events; returns the OOM victims among them.
+    fn drain_events(&mut self) -> Vec<u32> {
         self.syscall_buf.clear();
         self.probes.drain_syscalls(&mut self.syscall_buf);
+        let mut victims = Vec::new();
         for ev in &self.syscall_buf {
-            apply_syscall(&mut self.regions, ev);
+            if ev.nr == sys::OOM_VICTIM {
+                victims.push(ev.tgid);
+            } else {
+                apply_syscall(&mut self.regions, ev);
+            }
         }
+        victims
+    }
+
+    /// Events arrived: apply them, and on an OOM kill freeze the victim's
+    /// view into a report at once.
+    fn on_events(&mut self) -> anyhow::Result<()> {
+        let victims = self.drain_events();
+        if !victims.is_empty() {
+            self.ingest()?;
+            for v in victims {
+                self.write_oom_report(v);
+            }
+        }
+        Ok(())
+    }
+
+    /// One reading of the kernel ledger into the ledger's time series.
+    fn sample(&mut self) -> anyhow::Result<()> {
+        let victims = self.drain_events();
+        self.ingest()?;
+        for v in victims {
+            self.write_oom_report(v);
+        }
+        Ok(())
+    }
+
+    fn ingest(&mut self) -> anyhow::Result<()> {
         let reading = self.probes.read()?;
         let kernel_rows = match self.min_age_ns {
             Some(age) => self.probes.read_aged(age)?,
@@ -272,6 +315,66 @@ impl Session {
         Ok(())
     }
 
+    /// The OOM black box: the victim's outstanding stacks, its cgroup and
+    /// memory figures, as JSON and folded stacks in `--oom-dir`.
+    fn write_oom_report(&mut self, pid: u32) {
+        let comm = self
+            .targets
+            .get(&pid)
+            .map(|t| t.comm.clone())
+            .or_else(|| procfs::comm(pid))
+            .unwrap_or_else(|| "?".into());
+        let mut notes = vec![format!("the OOM killer chose process {pid} ({comm})")];
+        notes.extend(crate::oom::victim_facts(pid));
+        let ledger = self.ledger.only_pid(pid);
+        let (normalizer, symbolizer) = (&self.normalizer, &mut self.symbolizer);
+        let report = report::build(
+            report::Inputs {
+                duration_s: self.started.elapsed().as_secs_f64(),
+                targets: vec![Target {
+                    pid,
+                    comm: comm.clone(),
+                    status: "oom-killed".into(),
+                }],
+                counters: &self.counters,
+                ledger: &ledger,
+                top: self.top,
+                sort: self.sort,
+                notes,
+            },
+            &mut |idxs| symbolizer.symbolize(normalizer, idxs),
+        );
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let base = self.oom_dir.join(format!("leaktrace-oom-{pid}-{stamp}"));
+        let json = base.with_extension("json");
+        let folded = base.with_extension("folded");
+        let res = std::fs::create_dir_all(&self.oom_dir)
+            .and_then(|()| {
+                let mut f = io::BufWriter::new(File::create(&json)?);
+                report::json::write(&report, &mut f)?;
+                f.flush()
+            })
+            .and_then(|()| {
+                let mut f = io::BufWriter::new(File::create(&folded)?);
+                report::folded::write(&report, &mut f)?;
+                f.flush()
+            });
+        match res {
+            Ok(()) => eprintln!(
+                "leaktrace: the OOM killer chose process {pid} ({comm}); its report is in {} and {}",
+                json.display(),
+                folded.display()
+            ),
+            Err(e) => eprintln!(
+                "leaktrace: the OOM killer chose process {pid} ({comm}) but its report could not be written to {}: {e}",
+                self.oom_dir.display()
+            ),
+        }
+    }
+
     fn done(&self) -> bool {
         self.closed_set && self.running() == 0
     }
@@ -294,6 +397,22 @@ impl Session {
             notes.push(format!(
                 "{} mmap/brk regions not tracked (region table full)",
                 self.regions.dropped()
+            ));
+        }
+        if let Err(why) = &self.probes.oom {
+            notes.push(format!("OOM black box unavailable: {why}"));
+        }
+        let un = &self.probes.unwind_notes;
+        if !un.table_full.is_empty() {
+            notes.push(format!(
+                "unwind table full (raise --max-unwind-rows); frame pointers used for: {}",
+                un.table_full.join(", ")
+            ));
+        }
+        if !un.unreadable.is_empty() {
+            notes.push(format!(
+                "unwind info unreadable: {}",
+                un.unreadable.join("; ")
             ));
         }
         if let Some(age) = self.min_age_ns {
@@ -449,6 +568,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             free_at_entry: cfg.free_probe_at_entry,
             extra_prefixes: cfg.allocator_prefixes.clone(),
             syscalls: cfg.syscalls,
+            oom_any: cfg.oom_any,
         },
     )?;
     let connector = match ProcConnector::open().and_then(|c| {
@@ -477,6 +597,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         min_age_ns: cfg.min_age.map(|d| d.as_nanos() as u64),
         closed_set: !selector.is_open(),
         syscall_buf: Vec::new(),
+        oom_dir: cfg.oom_dir.clone(),
+        top: cfg.top,
+        sort: cfg.sort,
     };
     let mut first_err = None;
     for &pid in &pids {
@@ -523,6 +646,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         }
     }
 
+    let events_fd = session.probes.events_fd().and_then(|fd| {
+        // SAFETY: the duplicated descriptor is owned by the AsyncFd.
+        unsafe { AsyncFd::register(fd) }.ok()
+    });
     let mut sigterm = signal(SignalKind::terminate()).context("failed to handle SIGTERM")?;
     let mut sigint = signal(SignalKind::interrupt()).context("failed to handle SIGINT")?;
     let mut tick = tokio::time::interval(cfg.sample_every);
@@ -570,6 +697,16 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 if session.done() {
                     break "every target exited";
                 }
+            }
+            ready = async {
+                match &events_fd {
+                    Some(f) => f.readable().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let mut guard = ready.context("event ring buffer failed")?;
+                guard.clear_ready();
+                session.on_events()?;
             }
             _ = async { match deadline {
                 Some(d) => tokio::time::sleep_until(d).await,

@@ -1,0 +1,111 @@
+//! The OOM black box: a process leaking inside a memory cgroup with a small
+//! limit is killed by the kernel; leaktrace writes its report, naming the
+//! leaking function with bytes close to the limit, and keeps running.
+
+use std::{path::PathBuf, process::Command};
+
+use leaktrace_tests::{functions, require_bpf, Fixture, Tracer};
+
+const LIMIT: u64 = 64 << 20;
+
+/// A v1 memory cgroup with a limit, removed on drop.
+struct Cgroup(PathBuf);
+
+impl Cgroup {
+    fn new(name: &str) -> Option<Self> {
+        let dir = PathBuf::from("/sys/fs/cgroup/memory").join(name);
+        std::fs::create_dir_all(&dir).ok()?;
+        std::fs::write(dir.join("memory.limit_in_bytes"), LIMIT.to_string()).ok()?;
+        // No swap here, but keep the kill deterministic where there is.
+        let _ = std::fs::write(dir.join("memory.swappiness"), "0");
+        Some(Self(dir))
+    }
+
+    fn add(&self, pid: u32) {
+        std::fs::write(self.0.join("cgroup.procs"), pid.to_string()).expect("join cgroup");
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+fn build_fixture(dir: &std::path::Path) -> PathBuf {
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/oom_hoard.c");
+    let out = dir.join("oom_hoard");
+    let st = Command::new("gcc")
+        .args(["-O0", "-g", "-o"])
+        .arg(&out)
+        .arg(&src)
+        .status()
+        .expect("gcc");
+    assert!(st.success(), "gcc failed");
+    out
+}
+
+#[test]
+fn oom_kill_leaves_a_report_naming_the_leak() {
+    if !require_bpf("oom_kill_leaves_a_report_naming_the_leak") {
+        return;
+    }
+    let tmp = std::env::temp_dir().join(format!("leaktrace-oom-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).expect("tmp dir");
+    let bin = build_fixture(&tmp);
+    let cg = Cgroup::new(&format!("leaktrace-test-oom-{}", std::process::id()))
+        .expect("a v1 memory cgroup (/sys/fs/cgroup/memory)");
+    let mut fx = Fixture::start(&bin, &[]);
+    cg.add(fx.pid());
+    let pid = fx.pid().to_string();
+    let oom_dir = tmp.join("oom");
+    let tracer = Tracer::attach(&[
+        "-p",
+        &pid,
+        "-i",
+        "0",
+        "--format",
+        "json",
+        "--oom-dir",
+        oom_dir.to_str().expect("utf-8"),
+    ]);
+    fx.send("go");
+    let st = fx.wait_exit();
+    assert!(
+        !st.success(),
+        "the fixture was meant to be OOM-killed: {st:?}"
+    );
+    let out = tracer.finish();
+    assert!(out.status.success(), "leaktrace did not survive: {out:?}");
+    assert!(
+        out.stderr.contains("the OOM killer chose process"),
+        "{}",
+        out.stderr
+    );
+
+    let report: PathBuf = std::fs::read_dir(&oom_dir)
+        .expect("oom dir")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|e| e == "json"))
+        .expect("an OOM report");
+    let folded = report.with_extension("folded");
+    assert!(folded.exists(), "no folded OOM report next to {report:?}");
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).expect("read")).expect("json");
+    assert_eq!(r["targets"][0]["pid"].as_u64(), Some(fx.pid() as u64));
+    assert_eq!(r["targets"][0]["status"], "oom-killed");
+    let notes = r["notes"].to_string();
+    assert!(notes.contains("memory cgroup"), "no cgroup facts: {notes}");
+    let top = &r["stacks"][0];
+    assert!(
+        functions(top).iter().any(|f| f == "hoard_sessions"),
+        "top stack is not the leak: {r:#}"
+    );
+    let bytes = top["outstanding_bytes"].as_u64().expect("bytes");
+    assert!(
+        (LIMIT / 2..=LIMIT).contains(&bytes),
+        "leak of {bytes} bytes is not close to the {LIMIT}-byte limit"
+    );
+    let _ = std::fs::remove_dir_all(&tmp);
+}
