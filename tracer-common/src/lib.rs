@@ -66,6 +66,8 @@ pub mod globals {
     pub const TASK_TGID_OFFSET: &str = "TASK_TGID_OFFSET";
     /// 1: report every OOM victim, traced or not.
     pub const OOM_ANY: &str = "OOM_ANY";
+    /// Mean bytes between sampled allocations; 0: every allocation.
+    pub const SAMPLE_BYTES: &str = "SAMPLE_BYTES";
 }
 
 /// A memory syscall between entry and exit.
@@ -120,13 +122,16 @@ const _: () = assert!(size_of::<AllocKey>() == 16);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct AllocInfo {
+    /// Bytes this block stands for: its size, or with byte sampling its
+    /// inverse-probability weight.
     pub size_bytes: u64,
     pub ts_ns: u64,
     /// Key in `STACKS`, or [`STACK_LOST`].
     pub stack_id: StackId,
     /// One of [`AllocKind`] as `u32`.
     pub kind: u32,
-    pub _pad: u32,
+    /// Allocations this block stands for (1 unless sampled).
+    pub count: u32,
 }
 const _: () = assert!(size_of::<AllocInfo>() == 32);
 

@@ -146,6 +146,12 @@ pub struct Args {
     /// Most distinct stacks tracked (kernel map size).
     #[arg(long, value_name = "N", default_value_t = 1 << 16)]
     pub max_stacks: u32,
+    /// Sample allocations by bytes (a sample point every N bytes on
+    /// average, as tcmalloc, jemalloc and Go do) instead of recording every
+    /// one: stacks are walked only for sampled allocations and reported
+    /// bytes are unbiased estimates. 524288 suits always-on use.
+    #[arg(long, value_name = "N")]
+    pub sample_bytes: Option<u64>,
     /// Where OOM reports go when the OOM killer picks a traced process.
     #[arg(long, value_name = "DIR", default_value = ".")]
     pub oom_dir: PathBuf,
@@ -193,6 +199,8 @@ pub struct Config {
     pub free_probe_at_entry: bool,
     pub oom_dir: PathBuf,
     pub oom_any: bool,
+    /// 0: exact mode.
+    pub sample_bytes: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -205,6 +213,8 @@ pub enum ConfigError {
     },
     #[error("--{flag} must be at least {min}")]
     TooSmall { flag: &'static str, min: u64 },
+    #[error("--sample-bytes must be between 1024 and 2147483648, not {0}")]
+    BadSampling(u64),
     #[error(
         "cannot tell the format of output file {0} from its name; name it .json, .txt, \
          .folded, .growth.folded, .svg, .growth.svg or .pb.gz, or give one -o with --format"
@@ -275,6 +285,11 @@ impl Args {
                 format,
             });
         }
+        if let Some(n) = self.sample_bytes {
+            if !(1024..=1 << 31).contains(&n) {
+                return Err(ConfigError::BadSampling(n));
+            }
+        }
         let min_age = match self.min_age {
             Some(a) => Some(secs("min-age", a, 0.0)?),
             None => None,
@@ -297,6 +312,7 @@ impl Args {
             max_allocs: self.max_allocs,
             max_stacks: self.max_stacks,
             max_unwind_rows: self.max_unwind_rows,
+            sample_bytes: self.sample_bytes.unwrap_or(0),
             oom_dir: self.oom_dir,
             oom_any: self.oom_any,
             free_probe_at_entry: self.free_probe_at_entry,

@@ -106,9 +106,9 @@ impl Probes {
                 })
                 .or_default();
             t.outstanding_bytes += info.size_bytes as i64;
-            t.outstanding_allocs += 1;
+            t.outstanding_allocs += i64::from(info.count);
             t.total_bytes += info.size_bytes;
-            t.total_allocs += 1;
+            t.total_allocs += u64::from(info.count);
         }
         Ok(acc.into_iter().collect())
     }

@@ -92,6 +92,8 @@ pub struct ProbeOptions {
     pub syscalls: bool,
     /// Report every OOM victim, not only traced processes.
     pub oom_any: bool,
+    /// Mean bytes between sampled allocations (0: record every one).
+    pub sample_bytes: u64,
 }
 
 /// One function with probes on it.
@@ -193,7 +195,12 @@ impl Probes {
         let mut loader = EbpfLoader::new();
         loader
             .override_global(tracer_common::globals::TASK_TGID_OFFSET, &tgid_offset, true)
-            .override_global(tracer_common::globals::OOM_ANY, &oom_any, true);
+            .override_global(tracer_common::globals::OOM_ANY, &oom_any, true)
+            .override_global(
+                tracer_common::globals::SAMPLE_BYTES,
+                &options.sample_bytes,
+                true,
+            );
         loader
             .map_max_entries(maps::ALLOCS, sizes.max_allocs)
             .map_max_entries(maps::STACK_TOTALS, sizes.max_stacks)

@@ -75,6 +75,7 @@ struct Session {
     oom_dir: std::path::PathBuf,
     top: usize,
     sort: crate::report::SortBy,
+    sample_bytes: u64,
 }
 
 impl Session {
@@ -341,6 +342,7 @@ impl Session {
                 top: self.top,
                 sort: self.sort,
                 notes,
+                sample_bytes: self.sample_bytes,
             },
             &mut |idxs| symbolizer.symbolize(normalizer, idxs),
         );
@@ -397,6 +399,13 @@ impl Session {
             notes.push(format!(
                 "{} mmap/brk regions not tracked (region table full)",
                 self.regions.dropped()
+            ));
+        }
+        if cfg.sample_bytes > 0 {
+            notes.push(format!(
+                "allocations sampled by bytes (mean period {} bytes): bytes and counts are \
+                 estimates; each stack's relative error is about sqrt(period / bytes)",
+                cfg.sample_bytes
             ));
         }
         if let Err(why) = &self.probes.oom {
@@ -456,6 +465,7 @@ impl Session {
                 top,
                 sort: cfg.sort,
                 notes,
+                sample_bytes: cfg.sample_bytes,
             },
             &mut |idxs| symbolizer.symbolize(normalizer, idxs),
         )
@@ -569,6 +579,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             extra_prefixes: cfg.allocator_prefixes.clone(),
             syscalls: cfg.syscalls,
             oom_any: cfg.oom_any,
+            sample_bytes: cfg.sample_bytes,
         },
     )?;
     let connector = match ProcConnector::open().and_then(|c| {
@@ -600,6 +611,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         oom_dir: cfg.oom_dir.clone(),
         top: cfg.top,
         sort: cfg.sort,
+        sample_bytes: cfg.sample_bytes,
     };
     let mut first_err = None;
     for &pid in &pids {

@@ -82,6 +82,10 @@ pub struct StackReport {
     pub trend: Trend,
     /// Goodness of the growth line's fit (R²).
     pub growth_r2: f64,
+    /// With byte sampling: the expected relative error of
+    /// `outstanding_bytes` (about `sqrt(period / bytes)`); absent when exact.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub estimate_rel_error: Option<f64>,
     /// Outstanding bytes at the first sample of the trace; 0 when the stack
     /// first showed up in a later sample.
     pub first_sample_bytes: i64,
@@ -142,6 +146,8 @@ pub struct Inputs<'a> {
     pub top: usize,
     pub sort: SortBy,
     pub notes: Vec<String>,
+    /// Byte-sampling period (0: exact).
+    pub sample_bytes: u64,
 }
 
 /// Build the report: fit each stack, order, cut to `top`, then symbolize
@@ -199,6 +205,8 @@ pub fn build(
             growth_bytes_per_s: fit.slope_bytes_per_s,
             trend: fit.trend,
             growth_r2: fit.r2,
+            estimate_rel_error: (inputs.sample_bytes > 0)
+                .then(|| (inputs.sample_bytes as f64 / s.outstanding_bytes().max(1) as f64).sqrt()),
             // The ledger starts a stack first seen late with a (0.0, 0)
             // point, so the first point is the first sample of the trace.
             first_sample_bytes: s.series.first().map_or(0, |(_, b)| *b),
@@ -276,6 +284,7 @@ pub(crate) mod test_support {
             growth_bytes_per_s: 0.0,
             trend,
             growth_r2: 1.0,
+            estimate_rel_error: None,
             first_sample_bytes: samples.first().map_or(0, |s| s.1),
             pids: vec![pid],
             per_pid: vec![PidShare {
@@ -552,6 +561,7 @@ mod tests {
                 top: 10,
                 sort: SortBy::Outstanding,
                 notes: vec![],
+                sample_bytes: 0,
             },
             &mut |idxs| idxs.iter().map(|_| Vec::new()).collect(),
         );
