@@ -668,6 +668,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let mut next_report = cfg.interval.map(|i| Instant::now() + i);
     let deadline = cfg.duration.map(|d| tokio::time::Instant::now() + d);
     let periodic_ok = cfg.format == Format::Text || !cfg.outputs.is_empty();
+    // SAFETY: isatty has no preconditions.
+    let stdout_is_tty = unsafe { libc::isatty(1) } == 1;
     let mut proc_events = Vec::new();
     let why = loop {
         tokio::select! {
@@ -683,7 +685,16 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 if let (Some(at), Some(every)) = (next_report, cfg.interval) {
                     if Instant::now() >= at && periodic_ok {
                         let r = session.report(&cfg);
-                        emit(&r, Format::Text, &Default::default(), &mut io::stdout().lock())?;
+                        if stdout_is_tty {
+                            let res = report::live::write(&r, &mut io::stdout().lock());
+                            if let Err(e) = res {
+                                if e.kind() != io::ErrorKind::BrokenPipe {
+                                    return Err(e.into());
+                                }
+                            }
+                        } else {
+                            emit(&r, Format::Text, &Default::default(), &mut io::stdout().lock())?;
+                        }
                         next_report = Some(at + every);
                     }
                 }

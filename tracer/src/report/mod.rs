@@ -7,6 +7,7 @@
 
 pub mod folded;
 pub mod json;
+pub mod live;
 pub mod pprof;
 pub mod svg;
 pub mod text;
