@@ -12,6 +12,9 @@ use core::mem::size_of;
 /// Deepest user stack the kernel records, in frames.
 pub const MAX_FRAMES: usize = 64;
 
+/// Deepest Python stack recorded next to the native one, in frames.
+pub const MAX_PY_FRAMES: usize = 32;
+
 /// Most executable mappings per process the unwinder knows; addresses in
 /// further mappings unwind by frame pointer.
 pub const MAX_PROC_MAPS: usize = 128;
@@ -46,6 +49,9 @@ pub mod maps {
     pub const PENDING_SYSCALLS: &str = "PENDING_SYSCALLS";
     /// Ring buffer of [`crate::SyscallEvent`].
     pub const EVENTS: &str = "EVENTS";
+    /// tgid -> [`crate::PyProc`]: processes running a CPython whose frame
+    /// layout leaktrace knows.
+    pub const PY_PROCS: &str = "PY_PROCS";
 }
 
 /// Syscalls leaktrace accounts (x86-64 numbers).
@@ -68,6 +74,9 @@ pub mod globals {
     pub const OOM_ANY: &str = "OOM_ANY";
     /// Mean bytes between sampled allocations; 0: every allocation.
     pub const SAMPLE_BYTES: &str = "SAMPLE_BYTES";
+    /// Byte offset of `thread.fsbase` in `struct task_struct` (from kernel
+    /// BTF); 0: unknown, Python frames are not walked.
+    pub const TASK_FSBASE_OFFSET: &str = "TASK_FSBASE_OFFSET";
 }
 
 /// A memory syscall between entry and exit.
@@ -309,7 +318,10 @@ impl Counter {
 }
 
 /// A stack as the unwinder recorded it: return addresses, innermost
-/// first, and why the walk stopped.
+/// first, and why the walk stopped; for a Python process also the
+/// interpreter's frames (code object and instruction offset, innermost
+/// first), which user space resolves to names and lines and merges in
+/// place of the interpreter's native eval frames.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StackBuf {
@@ -317,8 +329,75 @@ pub struct StackBuf {
     /// One of the `stop::*` reasons.
     pub stop: u32,
     pub ips: [u64; MAX_FRAMES],
+    /// Python frames recorded (0 for a process without a known interpreter).
+    pub py_len: u32,
+    /// One of the `py_stop::*` reasons.
+    pub py_stop: u32,
+    /// Bit `i`: Python frame `i` is the first frame of a C-level call of
+    /// the eval loop (`_PyInterpreterFrame.is_entry`), so frames `0..=i`
+    /// since the previous entry ran in one `_PyEval_EvalFrameDefault`.
+    pub py_entry_mask: u32,
+    pub _pad: u32,
+    /// `PyCodeObject *` of each Python frame.
+    pub py_code: [u64; MAX_PY_FRAMES],
+    /// Byte offset of the last instruction started in each frame from the
+    /// start of its bytecode, as `i32` (negative: not started yet).
+    pub py_instr: [u32; MAX_PY_FRAMES],
 }
-const _: () = assert!(size_of::<StackBuf>() == 8 + 8 * MAX_FRAMES);
+const _: () = assert!(
+    size_of::<StackBuf>() == 8 + 8 * MAX_FRAMES + 16 + 8 * MAX_PY_FRAMES + 4 * MAX_PY_FRAMES
+);
+
+/// Why a Python stack walk ended (or did not start).
+pub mod py_stop {
+    /// Not a Python process (or its version has no layout): no frames.
+    pub const NONE: u32 = 0;
+    /// Reached the thread's outermost Python frame.
+    pub const COMPLETE: u32 = 1;
+    /// Hit `MAX_PY_FRAMES`.
+    pub const DEPTH: u32 = 2;
+    /// The allocating thread has no Python thread state it can be matched
+    /// with (a C thread, or one not holding the GIL).
+    pub const NO_THREAD: u32 = 3;
+    /// Interpreter memory could not be read (paged out, torn down).
+    pub const UNREADABLE: u32 = 4;
+}
+
+/// Where a traced process's CPython keeps its state, and the byte offsets
+/// of the fields the kernel walk reads. Set by user space per process from
+/// a layout it knows for the interpreter's version.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PyProc {
+    /// Runtime address of `_PyRuntime`.
+    pub runtime_addr: u64,
+    /// `Py_Version` (`0x030b02f0` for 3.11.2).
+    pub version: u32,
+    /// `_PyRuntime.gilstate.tstate_current`: the GIL holder's thread state.
+    pub tstate_current: u32,
+    /// `_PyRuntime.gilstate.autoTSSkey` + 4: the pthread key whose value is
+    /// each thread's own thread state (0: not used).
+    pub tss_key: u32,
+    /// `PyThreadState.thread_id` (`pthread_self()`, equal to the thread's
+    /// fsbase with glibc on x86-64).
+    pub tstate_thread_id: u32,
+    /// `PyThreadState.cframe`.
+    pub tstate_cframe: u32,
+    /// `_PyCFrame.current_frame`.
+    pub cframe_current_frame: u32,
+    /// `_PyInterpreterFrame.f_code`.
+    pub frame_code: u32,
+    /// `_PyInterpreterFrame.previous`.
+    pub frame_previous: u32,
+    /// `_PyInterpreterFrame.prev_instr`.
+    pub frame_prev_instr: u32,
+    /// `_PyInterpreterFrame.is_entry` (one byte).
+    pub frame_is_entry: u32,
+    /// `PyCodeObject.co_code_adaptive`: where the bytecode starts.
+    pub code_bytecode: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<PyProc>() == 56);
 
 /// Why an unwind ended.
 pub mod stop {
@@ -417,6 +496,7 @@ mod pod {
     unsafe impl aya::Pod for StackBuf {}
     unsafe impl aya::Pod for ExecMap {}
     unsafe impl aya::Pod for ProcMaps {}
+    unsafe impl aya::Pod for PyProc {}
     unsafe impl aya::Pod for SyscallEvent {}
     use super::*;
     // SAFETY: all are repr(C), Copy, made of integers with explicit padding.

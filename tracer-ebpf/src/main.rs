@@ -18,6 +18,8 @@
 #[cfg(target_arch = "bpf")]
 mod probes;
 #[cfg(target_arch = "bpf")]
+mod python;
+#[cfg(target_arch = "bpf")]
 mod unwind;
 
 #[cfg(not(target_arch = "bpf"))]

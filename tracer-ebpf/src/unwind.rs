@@ -20,12 +20,12 @@ use aya_ebpf::{
 };
 use tracer_common::{
     stop, ProcMaps, StackBuf, StackId, UnwindRow, CFA_END_OF_STACK, CFA_PLT, CFA_RBP, CFA_RSP,
-    MAX_FRAMES, MAX_PROC_MAPS, RBP_AT_CFA_OFFSET, RBP_SAME, STACK_LOST,
+    MAX_FRAMES, MAX_PROC_MAPS, MAX_PY_FRAMES, RBP_AT_CFA_OFFSET, RBP_SAME, STACK_LOST,
 };
 
 use tracer_common::Counter;
 
-use crate::probes::count;
+use crate::{probes::count, python::record_python};
 
 #[map]
 pub static UNWIND_ROWS: Array<UnwindRow> = Array::with_max_entries(1 << 21, 0);
@@ -38,6 +38,15 @@ pub static STACKS: HashMap<StackId, StackBuf> = HashMap::with_max_entries(1 << 1
 
 #[map]
 static SCRATCH: PerCpuArray<StackBuf> = PerCpuArray::with_max_entries(1, 0);
+
+/// The per-CPU scratch stack.
+#[inline(always)]
+pub(crate) fn scratch() -> Option<&'static mut StackBuf> {
+    let p = SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: per-CPU slot, exclusive while this program runs; callers
+    // never hold two references at once.
+    Some(unsafe { &mut *p })
+}
 
 /// log2 of MAX_PROC_MAPS, rounded up: iterations of the mapping search.
 const MAP_SEARCH_STEPS: usize = 8;
@@ -248,11 +257,11 @@ pub fn record_stack(tgid: u32, regs: Regs) -> StackId {
             0,
         )
     };
-    let Some(buf) = SCRATCH.get_ptr_mut(0) else {
+    // The interpreter's own frames, for a Python process.
+    record_python(tgid);
+    let Some(buf) = scratch() else {
         return STACK_LOST;
     };
-    // SAFETY: per-CPU scratch slot, exclusive while this program runs.
-    let buf = unsafe { &mut *buf };
     let len = w.len;
     let why = w.why;
     buf.len = len;
@@ -266,6 +275,16 @@ pub fn record_stack(tgid: u32, regs: Regs) -> StackId {
         h = (h ^ buf.ips[i]).wrapping_mul(0x0100_0000_01b3);
     }
     h = (h ^ why as u64).wrapping_mul(0x0100_0000_01b3);
+    let py_len = buf.py_len;
+    for i in 0..MAX_PY_FRAMES {
+        if i as u32 >= py_len {
+            break;
+        }
+        h = (h ^ buf.py_code[i]).wrapping_mul(0x0100_0000_01b3);
+        h = (h ^ buf.py_instr[i] as u64).wrapping_mul(0x0100_0000_01b3);
+    }
+    let py_tail = ((buf.py_stop as u64) << 32) | buf.py_entry_mask as u64;
+    h = (h ^ py_tail).wrapping_mul(0x0100_0000_01b3);
     let id = h | 1;
     // SAFETY: read-only lookup.
     if unsafe { STACKS.get(&id) }.is_none() {

@@ -27,6 +27,51 @@ impl Counters {
     }
 }
 
+/// A recorded stack as plain data.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RawStack {
+    /// Return addresses, innermost first.
+    pub ips: Vec<u64>,
+    /// One of `tracer_common::stop`.
+    pub stop: u32,
+    /// Interpreter frames, innermost first (empty unless the process runs
+    /// a Python leaktrace knows).
+    pub python: Vec<RawPyFrame>,
+    /// One of `tracer_common::py_stop`.
+    pub py_stop: u32,
+}
+
+/// One Python frame as the kernel saw it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RawPyFrame {
+    /// Address of the `PyCodeObject`.
+    pub code: u64,
+    /// Byte offset of the current instruction in the bytecode (negative:
+    /// the frame has not started).
+    pub instr: i32,
+    /// The first frame of a C-level call of the eval loop.
+    pub entry: bool,
+}
+
+impl RawStack {
+    pub fn from_buf(buf: &StackBuf) -> Self {
+        let len = (buf.len as usize).min(buf.ips.len());
+        let py_len = (buf.py_len as usize).min(buf.py_code.len());
+        Self {
+            ips: buf.ips[..len].to_vec(),
+            stop: buf.stop,
+            python: (0..py_len)
+                .map(|i| RawPyFrame {
+                    code: buf.py_code[i],
+                    instr: buf.py_instr[i] as i32,
+                    entry: buf.py_entry_mask & (1 << i) != 0,
+                })
+                .collect(),
+            py_stop: buf.py_stop,
+        }
+    }
+}
+
 /// `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_ns`.
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
@@ -145,17 +190,16 @@ impl Probes {
         }
     }
 
-    /// A recorded stack: return addresses, innermost first, and why the
-    /// walk stopped (`tracer_common::stop`).
-    pub fn stack(&self, stack_id: StackId) -> Option<(Vec<u64>, u32)> {
+    /// A recorded stack: return addresses and Python frames, innermost
+    /// first, and why each walk stopped.
+    pub fn stack(&self, stack_id: StackId) -> Option<RawStack> {
         if stack_id == STACK_LOST {
             return None;
         }
         let map = self.ebpf.map(maps::STACKS)?;
         let stacks: BpfHashMap<&MapData, StackId, StackBuf> = BpfHashMap::try_from(map).ok()?;
         let buf = stacks.get(&stack_id, 0).ok()?;
-        let len = (buf.len as usize).min(buf.ips.len());
-        Some((buf.ips[..len].to_vec(), buf.stop))
+        Some(RawStack::from_buf(&buf))
     }
 
     /// Forget a process's rows (it exited): its live blocks and its ledger.

@@ -19,6 +19,7 @@ pub mod probe;
 pub mod proc_events;
 pub mod procfs;
 pub mod prologue;
+pub mod python;
 pub mod report;
 pub mod run;
 pub mod symbolize;

@@ -20,9 +20,9 @@ use aya::{
     },
     Ebpf, EbpfLoader,
 };
-use tracer_common::{maps, ExecMap, ProcMaps, UnwindRow, MAX_PROC_MAPS};
+use tracer_common::{maps, ExecMap, ProcMaps, PyProc, UnwindRow, MAX_PROC_MAPS};
 
-use crate::{elf, procfs, prologue, unwind_table};
+use crate::{elf, procfs, prologue, python, unwind_table};
 
 /// The eBPF object, built by `build.rs` from `tracer-ebpf`.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
@@ -162,6 +162,15 @@ pub struct Probes {
     pub unwind_notes: UnwindNotes,
     /// Whether the OOM black box is armed, or why not.
     pub oom: Result<(), String>,
+    /// What each object says about a CPython in it, by (device, inode).
+    python_objects: HashMap<(String, u64), Option<python::PyObjectInfo>>,
+    /// The CPython found per process.
+    python: HashMap<u32, python::PyTarget>,
+    /// Why Python frames are not shown, per process, for the report.
+    pub python_notes: Vec<String>,
+    /// Byte offset of `thread.fsbase` in `task_struct` (0: unknown, no
+    /// Python frames).
+    fsbase_offset: u32,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -192,9 +201,23 @@ impl Probes {
             .and_then(|b| crate::btf::member_offset(&b, "task_struct", "tgid"))
             .unwrap_or(0);
         let oom_any: u32 = options.oom_any.into();
+        // The Python walk tells the allocating thread by its fsbase.
+        let fsbase_offset: u32 = std::fs::read("/sys/kernel/btf/vmlinux")
+            .ok()
+            .and_then(|b| {
+                let thread = crate::btf::member_offset(&b, "task_struct", "thread")?;
+                let fsbase = crate::btf::member_offset(&b, "thread_struct", "fsbase")?;
+                Some(thread + fsbase)
+            })
+            .unwrap_or(0);
         let mut loader = EbpfLoader::new();
         loader
             .override_global(tracer_common::globals::TASK_TGID_OFFSET, &tgid_offset, true)
+            .override_global(
+                tracer_common::globals::TASK_FSBASE_OFFSET,
+                &fsbase_offset,
+                true,
+            )
             .override_global(tracer_common::globals::OOM_ANY, &oom_any, true)
             .override_global(
                 tracer_common::globals::SAMPLE_BYTES,
@@ -207,6 +230,7 @@ impl Probes {
             .map_max_entries(maps::STACKS, sizes.max_stacks)
             .map_max_entries(maps::UNWIND_ROWS, sizes.max_unwind_rows)
             .map_max_entries(maps::PROC_MAPS, sizes.max_processes)
+            .map_max_entries(maps::PY_PROCS, sizes.max_processes)
             .map_max_entries(maps::PENDING, sizes.max_threads);
         let mut ebpf = loader
             .load(EBPF_OBJECT)
@@ -268,6 +292,10 @@ impl Probes {
             registered: HashMap::new(),
             unwind_notes: UnwindNotes::default(),
             oom,
+            python_objects: HashMap::new(),
+            python: HashMap::new(),
+            python_notes: Vec::new(),
+            fsbase_offset,
         })
     }
 
@@ -331,7 +359,58 @@ impl Probes {
         }
         self.set_target(pid, true);
         self.register_unwind(pid, &maps);
+        self.register_python(pid, &maps);
         Ok(attachment)
+    }
+
+    /// The CPython running in a process, if any was found.
+    pub fn python_target(&self, pid: u32) -> Option<&python::PyTarget> {
+        self.python.get(&pid)
+    }
+
+    /// Find a CPython in the process; give the kernel walk its layout, or
+    /// note why its Python frames cannot be shown.
+    fn register_python(&mut self, pid: u32, maps: &[procfs::MapEntry]) {
+        if self.python.contains_key(&pid) {
+            return;
+        }
+        let cache = &mut self.python_objects;
+        let found = python::detect(maps, |m| {
+            cache
+                .entry((m.dev.clone(), m.inode))
+                .or_insert_with(|| {
+                    let open = m.open_path(pid)?;
+                    python::inspect_object(&open, m.path.as_deref().unwrap_or_default())
+                })
+                .clone()
+        });
+        let Some(target) = found else { return };
+        log::debug!(
+            "pid {pid}: Python {} in {}, _PyRuntime at {:#x}",
+            target.version_string(),
+            target.object,
+            target.runtime_addr
+        );
+        if let Some(note) = target.missing_layout_note(pid) {
+            self.python_notes.push(note);
+        } else if self.fsbase_offset == 0 {
+            self.python_notes.push(format!(
+                "process {pid} runs Python {}, but the kernel's BTF does not describe                  task_struct.thread.fsbase: its stacks show native frames only",
+                target.version_string()
+            ));
+        } else if let Some(entry) = target.kernel_entry() {
+            if let Some(map) = self.ebpf.map_mut(maps::PY_PROCS) {
+                if let Ok(mut pp) = BpfHashMap::<&mut MapData, u32, PyProc>::try_from(map) {
+                    if let Err(e) = pp.insert(pid, entry, 0) {
+                        self.python_notes.push(format!(
+                            "process {pid} runs Python {}, but it could not be registered                              for Python frames: {e}",
+                            target.version_string()
+                        ));
+                    }
+                }
+            }
+        }
+        self.python.insert(pid, target);
     }
 
     /// Give the unwinder this process's executable mappings, loading each
@@ -470,6 +549,13 @@ impl Probes {
         self.attached_objects.remove(&pid);
         self.registered.remove(&pid);
         self.set_target(pid, false);
+        if self.python.remove(&pid).is_some() {
+            if let Some(map) = self.ebpf.map_mut(maps::PY_PROCS) {
+                if let Ok(mut pp) = BpfHashMap::<&mut MapData, u32, PyProc>::try_from(map) {
+                    let _ = pp.remove(&pid);
+                }
+            }
+        }
         if let Some(map) = self.ebpf.map_mut(maps::PROC_MAPS) {
             if let Ok(mut pm) = BpfHashMap::<&mut MapData, u32, ProcMaps>::try_from(map) {
                 let _ = pm.remove(&pid);

@@ -106,6 +106,9 @@ impl Session {
                         .collect();
                     log::debug!("pid {pid}: {object}: {}", names.join(" "));
                 }
+                if let Some(py) = self.probes.python_target(pid) {
+                    self.normalizer.set_python(pid, py.clone());
+                }
                 if let Ok(maps) = procfs::read_maps(pid) {
                     if let Some(heap) = maps.iter().find(|m| m.pseudo.as_deref() == Some("[heap]"))
                     {
@@ -237,8 +240,14 @@ impl Session {
             .map(|(p, _)| *p)
             .collect();
         for pid in pids {
-            if let Err(e) = self.probes.attach_process(pid) {
-                log::debug!("refresh of {pid}: {e}");
+            match self.probes.attach_process(pid) {
+                // A libpython loaded late (an embedding host) is found now.
+                Ok(_) => {
+                    if let Some(py) = self.probes.python_target(pid) {
+                        self.normalizer.set_python(pid, py.clone());
+                    }
+                }
+                Err(e) => log::debug!("refresh of {pid}: {e}"),
             }
         }
     }
@@ -424,6 +433,7 @@ impl Session {
                 un.unreadable.join("; ")
             ));
         }
+        notes.extend(self.probes.python_notes.iter().cloned());
         if let Some(age) = self.min_age_ns {
             notes.push(format!(
                 "only allocations older than {:.1}s are counted (--min-age)",

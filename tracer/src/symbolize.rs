@@ -9,6 +9,11 @@
 //! turns each unique `(object, offset)` into function, file:line (inlined
 //! calls expanded) with one batched blazesym call per object, and caches
 //! the result for later reports.
+//!
+//! Python frames (code object, instruction offset) are resolved to name,
+//! file and line by the normalizer too, since they need the live process
+//! (see `python`); the symbolizer puts them where the interpreter's eval
+//! loop (`_PyEval_EvalFrameDefault`) ran them.
 
 use std::{
     collections::HashMap,
@@ -22,11 +27,13 @@ use blazesym::symbolize::{
     Input, Symbolized, Symbolizer as Blaze,
 };
 
-use tracer_common::{stop, StackId, STACK_LOST};
+use tracer_common::{py_stop, stop, StackId, STACK_LOST};
 
 use crate::{
+    events::RawStack,
     ledger::StackIdx,
     procfs::{self, MapEntry},
+    python::{CodeCache, PyTarget},
     report::{Frame, FrameKind},
 };
 
@@ -43,6 +50,33 @@ pub enum NormFrame {
     /// The walk stopped before the outermost frame; the reason is one of
     /// `tracer_common::stop`.
     Truncated(u32),
+    /// A Python frame, resolved while the process lived. `entry`: the
+    /// first frame of a C-level call of the eval loop.
+    Python {
+        function: String,
+        file: String,
+        line: Option<u32>,
+        entry: bool,
+    },
+    /// A Python frame whose code object could not be read.
+    PythonUnreadable {
+        code: u64,
+        reason: &'static str,
+        entry: bool,
+    },
+    /// The Python walk stopped early; one of `tracer_common::py_stop`.
+    PythonTruncated(u32),
+}
+
+impl NormFrame {
+    fn is_python(&self) -> bool {
+        matches!(
+            self,
+            NormFrame::Python { .. }
+                | NormFrame::PythonUnreadable { .. }
+                | NormFrame::PythonTruncated(_)
+        )
+    }
 }
 
 /// An object file seen in some traced process.
@@ -64,28 +98,36 @@ pub struct Normalizer {
     stack_ids: HashMap<Vec<NormFrame>, StackIdx>,
     resolved: HashMap<(u32, StackId), StackIdx>,
     maps: HashMap<u32, Vec<MapEntry>>,
+    python: CodeCache,
 }
 
 impl Normalizer {
     /// The stack for kernel row `(tgid, stack_id)`, normalizing it on first
-    /// sight with `ips` (innermost first) and the process's current map.
+    /// sight with `raw` (innermost first) and the process's current map.
     pub fn resolve(
         &mut self,
         tgid: u32,
         stack_id: StackId,
-        ips: impl FnOnce() -> Option<(Vec<u64>, u32)>,
+        raw: impl FnOnce() -> Option<RawStack>,
     ) -> StackIdx {
         if let Some(idx) = self.resolved.get(&(tgid, stack_id)) {
             return *idx;
         }
-        let frames = match (stack_id != STACK_LOST).then(ips).flatten() {
-            Some((ips, why)) if !ips.is_empty() => {
-                log::trace!("stack {stack_id:#x} of {tgid}: stop {why}, ips {ips:x?}");
-                let mut frames = self.normalize(tgid, &ips);
+        let frames = match (stack_id != STACK_LOST).then(raw).flatten() {
+            Some(raw) if !raw.ips.is_empty() => {
+                let why = raw.stop;
+                log::trace!(
+                    "stack {stack_id:#x} of {tgid}: stop {why}, ips {:x?}, python {:x?} (stop {})",
+                    raw.ips,
+                    raw.python,
+                    raw.py_stop
+                );
+                let mut frames = self.normalize(tgid, &raw.ips);
                 let ended_in_anon = matches!(frames.last(), Some(NormFrame::Anonymous { .. }));
                 if why != stop::COMPLETE && !ended_in_anon {
                     frames.push(NormFrame::Truncated(why));
                 }
+                self.normalize_python(tgid, &raw, &mut frames);
                 frames
             }
             _ => vec![NormFrame::Lost],
@@ -100,6 +142,35 @@ impl Normalizer {
     pub fn forget_process(&mut self, tgid: u32) {
         self.resolved.retain(|(t, _), _| *t != tgid);
         self.maps.remove(&tgid);
+        self.python.forget(tgid);
+    }
+
+    /// The process runs this Python: its code objects can be read.
+    pub fn set_python(&mut self, tgid: u32, target: PyTarget) {
+        self.python.set_target(tgid, target);
+    }
+
+    /// Python frames go after the native ones (the symbolizer puts them in
+    /// place), resolved now because the code objects live in the process.
+    fn normalize_python(&mut self, tgid: u32, raw: &RawStack, frames: &mut Vec<NormFrame>) {
+        for f in &raw.python {
+            frames.push(match self.python.code(tgid, f.code) {
+                Ok(code) => NormFrame::Python {
+                    function: code.qualname.clone(),
+                    file: code.filename.clone(),
+                    line: code.line(f.instr),
+                    entry: f.entry,
+                },
+                Err(reason) => NormFrame::PythonUnreadable {
+                    code: f.code,
+                    reason,
+                    entry: f.entry,
+                },
+            });
+        }
+        if matches!(raw.py_stop, py_stop::DEPTH | py_stop::UNREADABLE) {
+            frames.push(NormFrame::PythonTruncated(raw.py_stop));
+        }
     }
 
     /// GNU build ids of the objects seen, by the path the processes see,
@@ -257,10 +328,27 @@ impl Symbolizer {
         stacks
             .iter()
             .map(|idx| {
-                norm.stack(*idx)
+                let stack = norm.stack(*idx);
+                let native: Vec<Frame> = stack
                     .iter()
+                    .filter(|f| !f.is_python())
                     .flat_map(|f| self.frames_for(norm, f))
-                    .collect()
+                    .collect();
+                let python: Vec<(Frame, bool)> = stack
+                    .iter()
+                    .filter_map(|f| match f {
+                        NormFrame::Python { entry, .. }
+                        | NormFrame::PythonUnreadable { entry, .. } => {
+                            Some((python_frame(f), *entry))
+                        }
+                        _ => None,
+                    })
+                    .collect();
+                let tail = stack.iter().find_map(|f| match f {
+                    NormFrame::PythonTruncated(_) => Some(python_frame(f)),
+                    _ => None,
+                });
+                merge_python(native, python, tail)
             })
             .collect()
     }
@@ -365,6 +453,9 @@ impl Symbolizer {
                 inlined: false,
                 offset: None,
             }],
+            NormFrame::Python { .. }
+            | NormFrame::PythonUnreadable { .. }
+            | NormFrame::PythonTruncated(_) => vec![python_frame(f)],
             NormFrame::Lost => vec![Frame {
                 function: Some("[stack lost]".into()),
                 module: None,
@@ -376,6 +467,115 @@ impl Symbolizer {
             }],
         }
     }
+}
+
+/// The native frame that runs Python frames in CPython 3.11.
+const EVAL_FRAME: &str = "_PyEval_EvalFrameDefault";
+
+/// The report frame for a Python [`NormFrame`]. A frame that could not be
+/// read stays a native-kind placeholder with the reason: never a guess.
+fn python_frame(f: &NormFrame) -> Frame {
+    let mut frame = Frame {
+        function: None,
+        module: None,
+        file: None,
+        line: None,
+        kind: FrameKind::Native,
+        inlined: false,
+        offset: None,
+    };
+    match f {
+        NormFrame::Python {
+            function,
+            file,
+            line,
+            ..
+        } => {
+            frame.function = Some(function.clone());
+            frame.file = Some(file.clone());
+            frame.line = *line;
+            frame.kind = FrameKind::Python;
+        }
+        NormFrame::PythonUnreadable { code, reason, .. } => {
+            frame.function = Some(format!("[python frame: {reason}]"));
+            frame.offset = Some(*code);
+        }
+        NormFrame::PythonTruncated(why) => {
+            frame.function = Some(format!(
+                "[python stack truncated: {}]",
+                match *why {
+                    py_stop::DEPTH => "deeper than the frame limit",
+                    _ => "interpreter memory unreadable",
+                }
+            ));
+        }
+        _ => {}
+    }
+    frame
+}
+
+/// Put Python frames (innermost first, with their `is_entry` flags) in
+/// place of the native eval-loop frames that ran them.
+///
+/// Each C-level call of `_PyEval_EvalFrameDefault` runs the Python frames
+/// from one entry frame inwards (3.11 runs Python-to-Python calls in the
+/// same C call), so group `k` (ending at the `k`-th entry frame) replaces
+/// the `k`-th eval frame. When the counts disagree (a native walk cut
+/// short, an entry flag unread) every Python frame goes in place of the
+/// innermost eval frame and the other eval frames are dropped: the order
+/// of the Python frames is still right, only their interleaving with C
+/// frames between eval calls is lost. Without any eval frame (its symbol
+/// unknown) they go after the native frames. `tail` (a truncation marker)
+/// follows the outermost Python frame.
+pub fn merge_python(
+    native: Vec<Frame>,
+    python: Vec<(Frame, bool)>,
+    tail: Option<Frame>,
+) -> Vec<Frame> {
+    if python.is_empty() && tail.is_none() {
+        return native;
+    }
+    let mut groups: Vec<Vec<Frame>> = Vec::new();
+    let mut cur = Vec::new();
+    for (f, entry) in python {
+        cur.push(f);
+        if entry {
+            groups.push(std::mem::take(&mut cur));
+        }
+    }
+    if !cur.is_empty() {
+        groups.push(cur);
+    }
+    if let Some(t) = tail {
+        match groups.last_mut() {
+            Some(g) => g.push(t),
+            None => groups.push(vec![t]),
+        }
+    }
+    let evals: Vec<usize> = native
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| !f.inlined && f.function.as_deref() == Some(EVAL_FRAME))
+        .map(|(i, _)| i)
+        .collect();
+    if evals.is_empty() {
+        let mut out = native;
+        out.extend(groups.into_iter().flatten());
+        return out;
+    }
+    if groups.len() != evals.len() {
+        groups = vec![groups.into_iter().flatten().collect()];
+    }
+    let mut groups = groups.into_iter();
+    let mut out = Vec::with_capacity(native.len());
+    for (i, f) in native.into_iter().enumerate() {
+        if evals.contains(&i) {
+            out.extend(groups.next().unwrap_or_default());
+        } else {
+            out.push(f);
+        }
+    }
+    out
 }
 
 /// Words for a `tracer_common::stop` reason.
@@ -395,5 +595,107 @@ fn code_loc(ci: Option<&blazesym::symbolize::CodeInfo<'_>>) -> (Option<String>, 
     match ci {
         Some(ci) => (Some(ci.to_path().display().to_string()), ci.line),
         None => (None, None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn native(name: &str) -> Frame {
+        Frame {
+            function: Some(name.into()),
+            module: Some("/usr/bin/python3.11".into()),
+            file: None,
+            line: None,
+            kind: FrameKind::Native,
+            inlined: false,
+            offset: None,
+        }
+    }
+
+    fn py(name: &str, entry: bool) -> (Frame, bool) {
+        let f = python_frame(&NormFrame::Python {
+            function: name.into(),
+            file: "app.py".into(),
+            line: Some(1),
+            entry,
+        });
+        (f, entry)
+    }
+
+    fn names(frames: &[Frame]) -> Vec<&str> {
+        frames
+            .iter()
+            .map(|f| f.function.as_deref().unwrap_or("??"))
+            .collect()
+    }
+
+    #[test]
+    fn python_groups_replace_their_eval_frames() {
+        let natives = vec![
+            native("malloc_caller"),
+            native(EVAL_FRAME),
+            native("builtin_sorted"),
+            native(EVAL_FRAME),
+            native("main"),
+        ];
+        let python = vec![
+            py("key", true),
+            py("sort_them", false),
+            py("<module>", true),
+        ];
+        let out = merge_python(natives, python, None);
+        assert_eq!(
+            names(&out),
+            [
+                "malloc_caller",
+                "key",
+                "builtin_sorted",
+                "sort_them",
+                "<module>",
+                "main"
+            ]
+        );
+        assert_eq!(out[1].kind, FrameKind::Python);
+    }
+
+    #[test]
+    fn mismatched_groups_go_to_the_first_eval_frame() {
+        let natives = vec![
+            native("f"),
+            native(EVAL_FRAME),
+            native(EVAL_FRAME),
+            native("main"),
+        ];
+        let python = vec![py("a", false), py("b", true)];
+        let tail = python_frame(&NormFrame::PythonTruncated(py_stop::DEPTH));
+        let out = merge_python(natives, python, Some(tail));
+        assert_eq!(
+            names(&out),
+            [
+                "f",
+                "a",
+                "b",
+                "[python stack truncated: deeper than the frame limit]",
+                "main"
+            ]
+        );
+    }
+
+    #[test]
+    fn unreadable_python_frame_is_a_marked_native_frame() {
+        let f = python_frame(&NormFrame::PythonUnreadable {
+            code: 0x1234,
+            reason: "not a code object",
+            entry: false,
+        });
+        assert_eq!(f.kind, FrameKind::Native);
+        assert_eq!(
+            f.function.as_deref(),
+            Some("[python frame: not a code object]")
+        );
+        let out = merge_python(vec![native("main")], vec![], None);
+        assert_eq!(names(&out), ["main"]);
     }
 }
