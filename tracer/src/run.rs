@@ -552,6 +552,9 @@ fn raise_fd_limit() {
 
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     preflight::check()?;
+    // Handlers first: once "attached" is printed, Ctrl-C must give a report.
+    let mut sigterm = signal(SignalKind::terminate()).context("failed to handle SIGTERM")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("failed to handle SIGINT")?;
     raise_fd_limit();
 
     let mut demo = if cfg.demo { Some(spawn_demo()?) } else { None };
@@ -672,8 +675,6 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         // SAFETY: the duplicated descriptor is owned by the AsyncFd.
         unsafe { AsyncFd::register(fd) }.ok()
     });
-    let mut sigterm = signal(SignalKind::terminate()).context("failed to handle SIGTERM")?;
-    let mut sigint = signal(SignalKind::interrupt()).context("failed to handle SIGINT")?;
     let mut tick = tokio::time::interval(cfg.sample_every);
     let mut next_report = cfg.interval.map(|i| Instant::now() + i);
     let deadline = cfg.duration.map(|d| tokio::time::Instant::now() + d);
