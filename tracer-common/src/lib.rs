@@ -187,8 +187,14 @@ pub struct PendingCall {
     /// Allocator calls nested inside this one (calloc -> malloc, ...): they
     /// are not counted again.
     pub depth: u32,
+    /// Bytes the new block will stand for (its size, or its sampling
+    /// weight); 0 when byte sampling skipped it.
+    pub weight_bytes: u64,
+    /// Allocations the new block will stand for; 0 when not sampled.
+    pub weight_count: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<PendingCall>() == 32);
+const _: () = assert!(size_of::<PendingCall>() == 48);
 
 /// Which allocator entry point produced a block.
 #[repr(u32)]

@@ -51,6 +51,7 @@ fn sp_of(regs: *mut aya_ebpf::bindings::pt_regs) -> u64 {
 fn enter(ctx: &ProbeContext, kind: AllocKind, size_bytes: u64, old_addr: u64) -> u32 {
     let tid = bpf_get_current_pid_tgid() as u32;
     let entry_sp = sp_of(ctx.regs);
+    let mut stale = false;
     if let Some(p) = PENDING.get_ptr_mut(tid) {
         // SAFETY: value pointer from a successful lookup.
         let pending = unsafe { &mut *p };
@@ -64,6 +65,18 @@ fn enter(ctx: &ProbeContext, kind: AllocKind, size_bytes: u64, old_addr: u64) ->
         // The earlier call's return never came (longjmp, a thread cancelled
         // inside malloc): drop it.
         count(Counter::MissingReturn);
+        stale = true;
+    }
+    // With byte sampling, an allocation that is not sampled costs nothing
+    // more: no pending record, so its return finds none and stops. A
+    // realloc of a live block still needs one, to release the old block.
+    let (weight_bytes, weight_count) = sample(size_bytes).unwrap_or((0, 0));
+    let releases = kind as u32 == AllocKind::Realloc as u32 && old_addr != 0;
+    if weight_count == 0 && !releases {
+        if stale {
+            let _ = PENDING.remove(tid);
+        }
+        return 0;
     }
     let call = PendingCall {
         size_bytes,
@@ -71,6 +84,9 @@ fn enter(ctx: &ProbeContext, kind: AllocKind, size_bytes: u64, old_addr: u64) ->
         entry_sp,
         kind: kind as u32,
         depth: 0,
+        weight_bytes,
+        weight_count,
+        _pad: 0,
     };
     if PENDING.insert(tid, call, 0).is_err() {
         count(Counter::PendingMapFull);
@@ -138,7 +154,11 @@ pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
     let tid = pid_tgid as u32;
     let tgid = (pid_tgid >> 32) as u32;
     let Some(p) = PENDING.get_ptr_mut(tid) else {
-        count(Counter::MissingEntry);
+        // Under byte sampling most calls leave no pending record.
+        // SAFETY: a constant patched at load.
+        if unsafe { core::ptr::read_volatile(&raw const SAMPLE_BYTES) } == 0 {
+            count(Counter::MissingEntry);
+        }
         return 0;
     };
     // SAFETY: value pointer from a successful lookup.
@@ -189,7 +209,11 @@ pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
         count(Counter::FailedAllocs);
         return 0;
     }
-    record(&ctx, tgid, addr, call.size_bytes, call.kind);
+    if call.weight_count == 0 {
+        // Not sampled (a realloc kept only to release its old block).
+        return 0;
+    }
+    record(&ctx, tgid, addr, call.weight_bytes, call.weight_count, call.kind);
     0
 }
 
@@ -252,10 +276,14 @@ fn sample(size: u64) -> Option<(u64, u32)> {
 }
 
 #[inline(always)]
-fn record(ctx: &RetProbeContext, tgid: u32, addr: u64, size_bytes: u64, kind: u32) {
-    let Some((weighted_bytes, weighted_count)) = sample(size_bytes) else {
-        return;
-    };
+fn record(
+    ctx: &RetProbeContext,
+    tgid: u32,
+    addr: u64,
+    weighted_bytes: u64,
+    weighted_count: u32,
+    kind: u32,
+) {
     // At the return the registers are the caller's: the walk starts at the
     // call site, so the immediate caller is never missing.
     // SAFETY: the context of a uretprobe is the task's pt_regs.
