@@ -52,6 +52,10 @@ pub mod maps {
     /// tgid -> [`crate::PyProc`]: processes running a CPython whose frame
     /// layout leaktrace knows.
     pub const PY_PROCS: &str = "PY_PROCS";
+    /// [`crate::GoBucketKey`] -> [`crate::StackTotals`]: the Go runtime's
+    /// sampled heap objects per profile bucket, raw (not yet scaled by the
+    /// sampling rate).
+    pub const GO_BUCKETS: &str = "GO_BUCKETS";
 }
 
 /// Syscalls leaktrace accounts (x86-64 numbers).
@@ -495,8 +499,25 @@ pub const RBP_AT_CFA_OFFSET: u8 = 1;
 /// later rule needs it).
 pub const RBP_UNDEFINED: u8 = 2;
 
+/// Key of `GO_BUCKETS`: a Go runtime profile bucket (`*runtime.bucket`,
+/// which holds the allocation stack) in one process.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct GoBucketKey {
+    pub tgid: u32,
+    pub _pad: u32,
+    /// Address of the bucket in the process.
+    pub bucket: u64,
+}
+const _: () = assert!(size_of::<GoBucketKey>() == 16);
+
+/// Byte offset of `size` (bytes per object) in a Go `runtime.bucket`
+/// (Go 1.17-1.25).
+pub const GO_BUCKET_SIZE_OFFSET: u64 = 32;
+
 #[cfg(feature = "user")]
 mod pod {
+    unsafe impl aya::Pod for GoBucketKey {}
     unsafe impl aya::Pod for UnwindRow {}
     unsafe impl aya::Pod for PendingSyscall {}
     unsafe impl aya::Pod for StackBuf {}

@@ -213,7 +213,14 @@ pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
         // Not sampled (a realloc kept only to release its old block).
         return 0;
     }
-    record(&ctx, tgid, addr, call.weight_bytes, call.weight_count, call.kind);
+    record(
+        &ctx,
+        tgid,
+        addr,
+        call.weight_bytes,
+        call.weight_count,
+        call.kind,
+    );
     0
 }
 
@@ -363,7 +370,7 @@ fn debit(tgid: u32, info: &AllocInfo) {
 }
 
 #[inline(always)]
-fn add_totals(t: *mut StackTotals, bytes: i64, allocs: i64, total: u64) {
+pub(crate) fn add_totals(t: *mut StackTotals, bytes: i64, allocs: i64, total: u64) {
     let new_allocs = if total != 0 { allocs as u64 } else { 0 };
     // SAFETY: `t` points into a map value; the fields are 8-byte aligned.
     // BPF has no compare-and-swap for `Atomic*::fetch_add`, but the kernel

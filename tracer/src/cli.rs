@@ -152,6 +152,13 @@ pub struct Args {
     /// bytes are unbiased estimates. 524288 suits always-on use.
     #[arg(long, value_name = "N")]
     pub sample_bytes: Option<u64>,
+    /// Go programs that never import runtime/pprof sample no heap
+    /// allocations (runtime.MemProfileRate = 0). Write RATE (mean bytes
+    /// between samples; Go's default is 524288) into the running
+    /// program's runtime.MemProfileRate so its Go heap can be traced. This
+    /// changes the target; only allocations made afterwards are seen.
+    #[arg(long, value_name = "RATE")]
+    pub go_enable_profiling: Option<u64>,
     /// Where OOM reports go when the OOM killer picks a traced process.
     #[arg(long, value_name = "DIR", default_value = ".")]
     pub oom_dir: PathBuf,
@@ -201,6 +208,8 @@ pub struct Config {
     pub oom_any: bool,
     /// 0: exact mode.
     pub sample_bytes: u64,
+    /// Rate written into Go processes that sample nothing.
+    pub go_enable_profiling: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -290,6 +299,14 @@ impl Args {
                 return Err(ConfigError::BadSampling(n));
             }
         }
+        if let Some(r) = self.go_enable_profiling {
+            if r == 0 {
+                return Err(ConfigError::TooSmall {
+                    flag: "go-enable-profiling",
+                    min: 1,
+                });
+            }
+        }
         let min_age = match self.min_age {
             Some(a) => Some(secs("min-age", a, 0.0)?),
             None => None,
@@ -316,6 +333,7 @@ impl Args {
             oom_dir: self.oom_dir,
             oom_any: self.oom_any,
             free_probe_at_entry: self.free_probe_at_entry,
+            go_enable_profiling: self.go_enable_profiling,
         })
     }
 }

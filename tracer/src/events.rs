@@ -128,6 +128,17 @@ impl Probes {
         })
     }
 
+    /// The Go runtime's sampled objects still live, per `(tgid, bucket)`,
+    /// raw (unscaled).
+    pub fn read_go(&self) -> Result<Vec<(tracer_common::GoBucketKey, StackTotals)>, ReadError> {
+        let Some(map) = self.ebpf.map(maps::GO_BUCKETS) else {
+            return Ok(Vec::new());
+        };
+        let buckets: BpfHashMap<&MapData, tracer_common::GoBucketKey, StackTotals> =
+            BpfHashMap::try_from(map).map_err(read_err(maps::GO_BUCKETS))?;
+        Ok(buckets.iter().filter_map(Result::ok).collect())
+    }
+
     /// Per-stack totals of live blocks older than `min_age_ns` only, from
     /// the live-allocation table (one pass over it).
     pub fn read_aged(&self, min_age_ns: u64) -> Result<Vec<(StackKey, StackTotals)>, ReadError> {
@@ -214,6 +225,18 @@ impl Probes {
                 .collect();
             for k in keys {
                 let _ = totals.remove(&k);
+            }
+        }
+        if let Some(map) = self.ebpf.map_mut(maps::GO_BUCKETS) {
+            let mut buckets: BpfHashMap<&mut MapData, tracer_common::GoBucketKey, StackTotals> =
+                BpfHashMap::try_from(map).map_err(read_err(maps::GO_BUCKETS))?;
+            let keys: Vec<_> = buckets
+                .keys()
+                .filter_map(Result::ok)
+                .filter(|k| k.tgid == tgid)
+                .collect();
+            for k in keys {
+                let _ = buckets.remove(&k);
             }
         }
         if let Some(map) = self.ebpf.map_mut(maps::ALLOCS) {

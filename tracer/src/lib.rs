@@ -11,6 +11,7 @@ pub mod cli;
 pub mod demo;
 pub mod elf;
 pub mod events;
+pub mod go;
 pub mod ledger;
 pub mod mmaps;
 pub mod oom;

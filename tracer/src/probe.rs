@@ -22,7 +22,7 @@ use aya::{
 };
 use tracer_common::{maps, ExecMap, ProcMaps, PyProc, UnwindRow, MAX_PROC_MAPS};
 
-use crate::{elf, procfs, prologue, python, unwind_table};
+use crate::{elf, go, procfs, prologue, python, unwind_table};
 
 /// The eBPF object, built by `build.rs` from `tracer-ebpf`.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
@@ -94,6 +94,9 @@ pub struct ProbeOptions {
     pub oom_any: bool,
     /// Mean bytes between sampled allocations (0: record every one).
     pub sample_bytes: u64,
+    /// Write this into `runtime.MemProfileRate` of Go processes whose
+    /// runtime samples nothing (`--go-enable-profiling`).
+    pub go_enable_profiling: Option<u64>,
 }
 
 /// One function with probes on it.
@@ -127,6 +130,8 @@ pub enum ProbeError {
          leaktrace traces processes that allocate through libc or a known allocator"
     )]
     NoAllocator { pid: u32, comm: String },
+    #[error("process {pid} cannot be traced: {reason}")]
+    Unsupported { pid: u32, reason: String },
     #[error("failed to attach uprobe {function} to {object} (pid {pid}): {reason}")]
     Attach {
         pid: u32,
@@ -171,6 +176,12 @@ pub struct Probes {
     /// Byte offset of `thread.fsbase` in `task_struct` (0: unknown, no
     /// Python frames).
     fsbase_offset: u32,
+    /// What each executable says about a Go runtime in it, by (device, inode).
+    go_objects: HashMap<(String, u64), Option<go::GoObjectInfo>>,
+    /// The Go runtime traced per process.
+    go: HashMap<u32, go::GoTarget>,
+    /// Why a Go heap is not shown, for the report.
+    pub go_notes: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -231,6 +242,7 @@ impl Probes {
             .map_max_entries(maps::UNWIND_ROWS, sizes.max_unwind_rows)
             .map_max_entries(maps::PROC_MAPS, sizes.max_processes)
             .map_max_entries(maps::PY_PROCS, sizes.max_processes)
+            .map_max_entries(maps::GO_BUCKETS, sizes.max_stacks)
             .map_max_entries(maps::PENDING, sizes.max_threads);
         let mut ebpf = loader
             .load(EBPF_OBJECT)
@@ -296,6 +308,9 @@ impl Probes {
             python: HashMap::new(),
             python_notes: Vec::new(),
             fsbase_offset,
+            go_objects: HashMap::new(),
+            go: HashMap::new(),
+            go_notes: Vec::new(),
         })
     }
 
@@ -315,6 +330,7 @@ impl Probes {
         let wanted: Vec<&str> = wanted.iter().map(String::as_str).collect();
         let mut attachment = Attachment::default();
         let mut seen: Vec<(String, u64)> = Vec::new();
+        let mut go_refusal = None;
         for entry in maps.iter().filter(|m| m.executable) {
             let Some(path) = entry.path.clone() else {
                 continue;
@@ -332,6 +348,25 @@ impl Probes {
             let Some(open_path) = entry.open_path(pid) else {
                 continue;
             };
+            let go_info = self
+                .go_objects
+                .entry(key.clone())
+                .or_insert_with(|| go::inspect_object(&open_path))
+                .clone();
+            if let Some(info) = go_info {
+                match self.attach_go(nz, entry, &path, &open_path, &info)? {
+                    Ok(attached) => attachment.objects.push((path.clone(), attached)),
+                    Err(why) => {
+                        log::warn!("{why}");
+                        self.go_notes.push(format!("process {pid}: {why}"));
+                        go_refusal = Some(why);
+                    }
+                }
+                self.attached_objects
+                    .entry(pid)
+                    .or_default()
+                    .push(key.clone());
+            }
             let functions = self
                 .elf_cache
                 .entry(key.clone())
@@ -352,6 +387,9 @@ impl Probes {
             .get(&pid)
             .is_some_and(|v| !v.is_empty());
         if attachment.objects.is_empty() && !already {
+            if let Some(reason) = go_refusal {
+                return Err(ProbeError::Unsupported { pid, reason });
+            }
             return Err(ProbeError::NoAllocator {
                 pid,
                 comm: procfs::comm(pid).unwrap_or_else(|| "?".into()),
@@ -361,6 +399,78 @@ impl Probes {
         self.register_unwind(pid, &maps);
         self.register_python(pid, &maps);
         Ok(attachment)
+    }
+
+    /// The Go runtimes traced, per process.
+    pub fn go_targets(&self) -> impl Iterator<Item = (u32, &go::GoTarget)> {
+        self.go.iter().map(|(p, t)| (*p, t))
+    }
+
+    /// Entry probes on the Go runtime's profiling hooks in a Go executable,
+    /// or why not (`Ok(Err(reason))`): the version's registers are
+    /// unknown, the binary is stripped, the functions are missing.
+    fn attach_go(
+        &mut self,
+        pid: NonZeroU32,
+        m: &procfs::MapEntry,
+        path: &str,
+        open_path: &Path,
+        info: &go::GoObjectInfo,
+    ) -> Result<Result<Vec<AttachedFunction>, String>, ProbeError> {
+        if let Some(why) = info.refusal(path) {
+            return Ok(Err(why));
+        }
+        let Some(target) = go::GoTarget::new(m, info) else {
+            return Ok(Err(format!(
+                "{path} ({}): its mapping at {:#x} matches no load segment",
+                info.version, m.start
+            )));
+        };
+        let mut done = Vec::new();
+        for (function, program, offset) in [
+            (
+                "runtime.setprofilebucket",
+                "go_setprofilebucket",
+                info.setprofilebucket,
+            ),
+            ("runtime.mProf_Free", "go_mprof_free", info.mprof_free),
+        ] {
+            let Some(offset) = offset else { continue };
+            self.attach_one(program, offset, open_path, pid)
+                .map_err(|e| ProbeError::Attach {
+                    pid: pid.get(),
+                    function: function.to_string(),
+                    object: path.to_string(),
+                    reason: attach_reason(&e),
+                })?;
+            done.push(AttachedFunction {
+                name: function.to_string(),
+                offset: 0,
+            });
+        }
+        let pid = pid.get();
+        match target.rate(pid) {
+            Ok(0) => {
+                if let Some(rate) = self.options.go_enable_profiling {
+                    match target.set_rate(pid, rate) {
+                        Ok(()) => eprintln!(
+                            "leaktrace: wrote runtime.MemProfileRate = {rate} into process {pid} \
+                             ({path}, {}): this changes the target; its Go runtime samples heap \
+                             allocations from now on",
+                            target.version
+                        ),
+                        Err(e) => self.go_notes.push(format!(
+                            "process {pid}: failed to write runtime.MemProfileRate through \
+                             /proc/{pid}/mem: {e}"
+                        )),
+                    }
+                }
+            }
+            Ok(rate) => log::debug!("pid {pid}: {} MemProfileRate {rate}", target.version),
+            Err(e) => log::warn!("pid {pid}: runtime.MemProfileRate unreadable: {e}"),
+        }
+        self.go.insert(pid, target);
+        Ok(Ok(done))
     }
 
     /// The CPython running in a process, if any was found.
@@ -548,6 +658,7 @@ impl Probes {
         }
         self.attached_objects.remove(&pid);
         self.registered.remove(&pid);
+        self.go.remove(&pid);
         self.set_target(pid, false);
         if self.python.remove(&pid).is_some() {
             if let Some(map) = self.ebpf.map_mut(maps::PY_PROCS) {

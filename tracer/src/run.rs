@@ -76,6 +76,9 @@ struct Session {
     top: usize,
     sort: crate::report::SortBy,
     sample_bytes: u64,
+    /// Go profile buckets seen, per `(tgid, bucket)`: their stack and
+    /// bytes per object (`None`: the bucket could not be read).
+    go_buckets: HashMap<(u32, u64), Option<(crate::ledger::StackIdx, u64)>>,
 }
 
 impl Session {
@@ -131,6 +134,7 @@ impl Session {
             log::warn!("{e}");
         }
         self.normalizer.forget_process(pid);
+        self.go_buckets.retain(|(t, _), _| *t != pid);
         self.regions.forget(pid);
     }
 
@@ -296,6 +300,16 @@ impl Session {
             Some(age) => self.probes.read_aged(age)?,
             None => reading.rows,
         };
+        // A Go runtime that samples its heap is accounted through its
+        // profile buckets; its heap's mmaps would count the same memory
+        // again. Without sampling, the mmaps (with Go stacks) are the
+        // attribution that needs no help from the runtime.
+        let go_sampling: std::collections::HashSet<u32> = self
+            .probes
+            .go_targets()
+            .filter(|(pid, t)| t.rate(*pid).is_ok_and(|r| r > 0))
+            .map(|(pid, _)| pid)
+            .collect();
         let probes = &self.probes;
         let normalizer = &mut self.normalizer;
         let mut rows: Vec<Row> = kernel_rows
@@ -307,6 +321,9 @@ impl Session {
             })
             .collect();
         for r in self.regions.totals() {
+            if go_sampling.contains(&r.tgid) {
+                continue;
+            }
             let bytes = i64::try_from(r.bytes).unwrap_or(i64::MAX);
             rows.push(Row {
                 stack: normalizer.resolve(r.tgid, r.stack_id, || probes.stack(r.stack_id)),
@@ -319,9 +336,65 @@ impl Session {
                 },
             });
         }
+        self.go_rows(&mut rows)?;
         self.ledger
             .ingest(self.started.elapsed().as_secs_f64(), &rows);
         self.counters = reading.counters;
+        Ok(())
+    }
+
+    /// Rows for the Go runtime's sampled heap objects: one per profile
+    /// bucket, its stack read from the process on first sight, its bytes
+    /// and counts scaled as `go tool pprof -inuse_space` scales them.
+    /// Objects allocated before attach and freed since debit a bucket
+    /// below zero; such rows count as zero.
+    fn go_rows(&mut self, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+        let raw = self.probes.read_go()?;
+        if raw.is_empty() {
+            return Ok(());
+        }
+        let mut rates: HashMap<u32, i64> = HashMap::new();
+        for (key, totals) in raw {
+            let (pid, bucket) = (key.tgid, key.bucket);
+            let normalizer = &mut self.normalizer;
+            let Some((stack, size)) =
+                *self.go_buckets.entry((pid, bucket)).or_insert_with(
+                    || match crate::go::read_bucket(pid, bucket) {
+                        Ok(b) => Some((normalizer.intern_go(pid, &b.pcs), b.size_bytes)),
+                        Err(e) => {
+                            log::debug!("go bucket {bucket:#x} of {pid}: {e}");
+                            None
+                        }
+                    },
+                )
+            else {
+                continue;
+            };
+            let rate = *rates.entry(pid).or_insert_with(|| {
+                self.probes
+                    .go_targets()
+                    .find(|(p, _)| *p == pid)
+                    .and_then(|(_, t)| t.rate(pid).ok())
+                    .unwrap_or(0)
+            });
+            let avg = if totals.total_allocs > 0 {
+                totals.total_bytes as f64 / totals.total_allocs as f64
+            } else {
+                size as f64
+            };
+            let f = crate::go::scale(avg, rate);
+            let scaled = |v: i64| (v.max(0) as f64 * f).round() as i64;
+            rows.push(Row {
+                stack,
+                pid,
+                totals: StackTotals {
+                    outstanding_bytes: scaled(totals.outstanding_bytes),
+                    outstanding_allocs: scaled(totals.outstanding_allocs),
+                    total_bytes: (totals.total_bytes as f64 * f).round() as u64,
+                    total_allocs: (totals.total_allocs as f64 * f).round() as u64,
+                },
+            });
+        }
         Ok(())
     }
 
@@ -434,6 +507,14 @@ impl Session {
             ));
         }
         notes.extend(self.probes.python_notes.iter().cloned());
+        notes.extend(self.probes.go_notes.iter().cloned());
+        let mut go: Vec<(u32, &crate::go::GoTarget)> = self.probes.go_targets().collect();
+        go.sort_by_key(|(p, _)| *p);
+        for (pid, target) in go {
+            if target.rate(pid) == Ok(0) {
+                notes.push(crate::go::rate_zero_note(pid, target));
+            }
+        }
         if let Some(age) = self.min_age_ns {
             notes.push(format!(
                 "only allocations older than {:.1}s are counted (--min-age)",
@@ -593,6 +674,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             syscalls: cfg.syscalls,
             oom_any: cfg.oom_any,
             sample_bytes: cfg.sample_bytes,
+            go_enable_profiling: cfg.go_enable_profiling,
         },
     )?;
     let connector = match ProcConnector::open().and_then(|c| {
@@ -625,6 +707,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         top: cfg.top,
         sort: cfg.sort,
         sample_bytes: cfg.sample_bytes,
+        go_buckets: HashMap::new(),
     };
     let mut first_err = None;
     for &pid in &pids {

@@ -99,6 +99,11 @@ pub struct Normalizer {
     resolved: HashMap<(u32, StackId), StackIdx>,
     maps: HashMap<u32, Vec<MapEntry>>,
     python: CodeCache,
+    /// Modules holding Go code (their frames are of kind "go").
+    go_modules: std::collections::HashSet<u32>,
+    /// Stacks taken from Go profile buckets: leading `runtime.*` frames
+    /// are dropped when symbolized, as `runtime/pprof` does.
+    go_stacks: std::collections::HashSet<StackIdx>,
 }
 
 impl Normalizer {
@@ -135,6 +140,29 @@ impl Normalizer {
         let idx = self.intern(frames);
         self.resolved.insert((tgid, stack_id), idx);
         idx
+    }
+
+    /// The stack of a Go profile bucket: `pcs` are return PCs, innermost
+    /// first, read from the process (which must still live).
+    pub fn intern_go(&mut self, tgid: u32, pcs: &[u64]) -> StackIdx {
+        let frames = if pcs.is_empty() {
+            vec![NormFrame::Lost]
+        } else {
+            self.normalize(tgid, pcs)
+        };
+        for f in &frames {
+            if let NormFrame::Object { module, .. } = f {
+                self.go_modules.insert(*module);
+            }
+        }
+        let idx = self.intern(frames);
+        self.go_stacks.insert(idx);
+        idx
+    }
+
+    /// Whether `module` holds Go code.
+    pub fn is_go_module(&self, module: u32) -> bool {
+        self.go_modules.contains(&module)
     }
 
     /// Stacks resolved for a process are forgotten when it exits (its
@@ -348,7 +376,11 @@ impl Symbolizer {
                     NormFrame::PythonTruncated(_) => Some(python_frame(f)),
                     _ => None,
                 });
-                merge_python(native, python, tail)
+                let mut frames = merge_python(native, python, tail);
+                if norm.go_stacks.contains(idx) {
+                    drop_runtime_frames(&mut frames);
+                }
+                frames
             })
             .collect()
     }
@@ -361,6 +393,11 @@ impl Symbolizer {
         // just before it, so the line is the call site's.
         let lookup: Vec<u64> = offsets.iter().map(|o| o.saturating_sub(1)).collect();
         let src = Source::Elf(Elf::new(&m.read_path));
+        let kind = if norm.is_go_module(module) {
+            FrameKind::Go
+        } else {
+            FrameKind::Native
+        };
         let results = self
             .blaze
             .symbolize(&src, Input::FileOffset(&lookup))
@@ -378,7 +415,7 @@ impl Symbolizer {
                             module: Some(m.path.clone()),
                             file,
                             line,
-                            kind: FrameKind::Native,
+                            kind,
                             inlined: true,
                             offset: None,
                         });
@@ -389,7 +426,7 @@ impl Symbolizer {
                         module: Some(m.path.clone()),
                         file,
                         line,
-                        kind: FrameKind::Native,
+                        kind,
                         inlined: false,
                         offset: None,
                     });
@@ -400,7 +437,7 @@ impl Symbolizer {
                     module: Some(m.path.clone()),
                     file: None,
                     line: None,
-                    kind: FrameKind::Native,
+                    kind,
                     inlined: false,
                     offset: Some(*off),
                 }],
@@ -579,6 +616,21 @@ pub fn merge_python(
 }
 
 /// Words for a `tracer_common::stop` reason.
+/// Drop the Go runtime's frames at the allocation end of a bucket stack
+/// (`runtime.makeslice`, `runtime.newobject`, ...), as `runtime/pprof` does
+/// for heap profiles, keeping at least one frame.
+fn drop_runtime_frames(frames: &mut Vec<Frame>) {
+    let keep_from = frames
+        .iter()
+        .position(|f| {
+            !f.function
+                .as_deref()
+                .is_some_and(|n| n.starts_with("runtime."))
+        })
+        .unwrap_or(frames.len().saturating_sub(1));
+    frames.drain(..keep_from);
+}
+
 pub fn stop_reason(why: u32) -> &'static str {
     match why {
         stop::DEPTH => "deeper than the frame limit",
