@@ -740,11 +740,19 @@ impl Probes {
                 };
                 let offset = match role {
                     Role::Alloc(entry) => {
-                        self.attach_one(entry, func.file_offset, open_path, pid)
+                        // Entry and return probe share one trap; the
+                        // return probe needs [%rsp] to still be the return
+                        // address, which alloc_probe_offset guarantees.
+                        let off = if self.options.free_at_entry {
+                            0
+                        } else {
+                            prologue::alloc_probe_offset(&func.code)
+                        };
+                        self.attach_one(entry, func.file_offset + off, open_path, pid)
                             .map_err(err)?;
-                        self.attach_one(EXIT_PROGRAM, func.file_offset, open_path, pid)
+                        self.attach_one(EXIT_PROGRAM, func.file_offset + off, open_path, pid)
                             .map_err(err)?;
-                        0
+                        off
                     }
                     Role::Free(entry) => {
                         let off = if self.options.free_at_entry {

@@ -51,6 +51,28 @@ pub fn free_probe_offset(code: &[u8]) -> u64 {
     0
 }
 
+/// The offset of the cheapest correct probe point for an allocation
+/// function, where both the entry program (which reads the arguments) and
+/// the return probe (which takes the return address from `[%rsp]`) go.
+/// Everything before it must leave the argument registers and the stack
+/// pointer alone and must not branch: glibc's `posix_memalign`, `valloc`
+/// and `pvalloc` start with `cmpb $0,x(%rip)` (single-stepped, ~17 µs per
+/// call here) followed by a `push`, where they are probed instead.
+pub fn alloc_probe_offset(code: &[u8]) -> u64 {
+    let mut off = 0usize;
+    while off < code.len().min(MAX_WALK_BYTES) {
+        match decode(&code[off..]) {
+            Some(Insn::Push) => return off as u64,
+            Some(Insn::Endbr64) => off += 4,
+            Some(Insn::FlagsOnly(len)) => off += len,
+            Some(Insn::TestRdiRdi) => off += 3,
+            Some(Insn::MovRegReg { dst, len }) if !clobbers_arg(dst) => off += len,
+            _ => return 0,
+        }
+    }
+    0
+}
+
 #[derive(Debug, PartialEq, Eq)]
 enum Insn {
     Endbr64,
@@ -130,6 +152,32 @@ mod tests {
         assert_eq!(free_probe_offset(&[0x48, 0x89, 0xc7, 0x53]), 0);
         // mov %rdi,%rbx; push %rbp
         assert_eq!(free_probe_offset(&[0x48, 0x89, 0xfb, 0x55]), 3);
+    }
+
+    #[test]
+    fn glibc_236_posix_memalign_and_valloc_skip_the_rip_compare() {
+        // cmpb $0x0,0x140201(%rip); push %r12; mov %rdx,%r12
+        let pm = [
+            0x80, 0x3d, 0x01, 0x02, 0x14, 0x00, 0x00, 0x41, 0x54, 0x49, 0x89, 0xd4,
+        ];
+        assert_eq!(alloc_probe_offset(&pm), 7);
+        // cmpb $0x0,...(%rip); push %rbx
+        let valloc = [0x80, 0x3d, 0x31, 0x0e, 0x14, 0x00, 0x00, 0x53];
+        assert_eq!(alloc_probe_offset(&valloc), 7);
+    }
+
+    #[test]
+    fn alloc_probe_never_crosses_a_branch() {
+        // glibc memalign: cmpb; je; jmp -> stay at 0.
+        let memalign = [
+            0x80, 0x3d, 0x71, 0x0e, 0x14, 0x00, 0x00, 0x74, 0x07, 0xe9, 0, 0, 0, 0,
+        ];
+        assert_eq!(alloc_probe_offset(&memalign), 0);
+        // malloc starts with a push: 0.
+        assert_eq!(alloc_probe_offset(&[0x41, 0x54, 0x55]), 0);
+        // free-style NULL check is a branch: not for allocators.
+        let free = [0x48, 0x85, 0xff, 0x74, 0x05, 0x55];
+        assert_eq!(alloc_probe_offset(&free), 0);
     }
 
     #[test]
