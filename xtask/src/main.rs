@@ -21,6 +21,8 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
+mod bench;
+
 #[derive(Parser)]
 #[command(name = "xtask")]
 struct Cli {
@@ -49,6 +51,13 @@ enum Cmd {
         /// Only run tests whose name contains this.
         filter: Option<String>,
     },
+    /// Measure what tracing costs (microbenchmark, nginx, bcc memleak,
+    /// footprint); prints a table and writes docs/benchmarks.md.
+    Bench {
+        /// Measured phases per configuration (median reported).
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+    },
 }
 
 /// Debian packages the end-to-end suite needs.
@@ -59,6 +68,8 @@ const TEST_PACKAGES: &[&str] = &[
     "util-linux",
     "procps",
     "golang-go",
+    "nginx",
+    "python3.11",
 ];
 
 fn main() -> ExitCode {
@@ -87,6 +98,7 @@ fn run(cli: Cli) -> Result<()> {
             setup(true)?;
             test(filter.as_deref())
         }
+        Cmd::Bench { reps } => bench::bench(reps),
     }
 }
 
