@@ -41,4 +41,53 @@ fn main() {
         "-lmyalloc",
         &rpath,
     ]);
+
+    // tests/tests/accounting.rs: frame pointers and no sibling calls, so
+    // every frame of the fixtures' own code is walkable.
+    let acct = [
+        "-O0",
+        "-g",
+        "-fno-omit-frame-pointer",
+        "-fno-optimize-sibling-calls",
+    ];
+    for name in [
+        "sys_regions",
+        "trend_mix",
+        "forking_master",
+        "dlopen_host",
+        "load_churn",
+        "aged_leak",
+    ] {
+        let exe = o(name);
+        let src = format!("fixtures/{name}.c");
+        let mut a: Vec<&str> = acct.to_vec();
+        a.extend(["-o", &exe, &src, "-pthread", "-ldl"]);
+        gcc(&a);
+    }
+    let plugin = o("libleakplugin.so");
+    let mut a: Vec<&str> = acct.to_vec();
+    a.extend(["-shared", "-fPIC", "-o", &plugin, "fixtures/leakplugin.c"]);
+    gcc(&a);
+    // Built like a release allocator: its forwards are tail calls.
+    let prefalloc = o("libprefalloc.so");
+    gcc(&[
+        "-O2",
+        "-g",
+        "-shared",
+        "-fPIC",
+        "-o",
+        &prefalloc,
+        "fixtures/prefalloc.c",
+    ]);
+    let user = o("uses_prefalloc");
+    let mut a: Vec<&str> = acct.to_vec();
+    a.extend([
+        "-o",
+        &user,
+        "fixtures/uses_prefalloc.c",
+        &ldir,
+        "-lprefalloc",
+        &rpath,
+    ]);
+    gcc(&a);
 }

@@ -83,18 +83,29 @@ fn line_reader<R: Read + Send + 'static>(r: R) -> mpsc::Receiver<String> {
 }
 
 fn wait_for(rx: &mpsc::Receiver<String>, what: &str, seen: &mut Vec<String>) -> bool {
-    let deadline = Instant::now() + HANG_GUARD;
+    wait_for_within(rx, what, seen, HANG_GUARD).is_some()
+}
+
+/// The first line containing `what` (every line read is kept in `seen`),
+/// or `None` when the stream ends or `guard` passes first.
+fn wait_for_within(
+    rx: &mpsc::Receiver<String>,
+    what: &str,
+    seen: &mut Vec<String>,
+    guard: Duration,
+) -> Option<String> {
+    let deadline = Instant::now() + guard;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
             Ok(line) => {
                 let hit = line.contains(what);
-                seen.push(line);
+                seen.push(line.clone());
                 if hit {
-                    return true;
+                    return Some(line);
                 }
             }
-            Err(_) => return false,
+            Err(_) => return None,
         }
     }
 }
@@ -144,6 +155,14 @@ impl Fixture {
             wait_for(&self.lines, what, &mut seen),
             "fixture never said {what:?}: {seen:?}"
         );
+    }
+
+    /// Wait until the fixture prints a line containing `what`, and return
+    /// that line (to read pids and figures out of it).
+    pub fn expect_line(&mut self, what: &str) -> String {
+        let mut seen = Vec::new();
+        wait_for_within(&self.lines, what, &mut seen, HANG_GUARD)
+            .unwrap_or_else(|| panic!("fixture never said {what:?}: {seen:?}"))
     }
 
     /// Wait for the fixture to exit by itself.
@@ -218,6 +237,22 @@ impl Tracer {
         t
     }
 
+    /// Wait until leaktrace writes a stderr line containing `what` (its
+    /// log says "following child PID of PARENT", "process PID (comm)
+    /// exited", ...) and return it; `None` if `guard` passes first. Lines
+    /// read are kept for [`Tracer::finish`].
+    pub fn wait_stderr(&mut self, what: &str, guard: Duration) -> Option<String> {
+        if let Some(line) = self.stderr_seen.iter().find(|l| l.contains(what)) {
+            return Some(line.clone());
+        }
+        wait_for_within(&self.stderr, what, &mut self.stderr_seen, guard)
+    }
+
+    /// Every stderr line read so far.
+    pub fn stderr_lines(&self) -> &[String] {
+        &self.stderr_seen
+    }
+
     /// Ctrl-C, then collect the final report.
     pub fn interrupt(self) -> Finished {
         // SAFETY: plain kill(2) on our own child.
@@ -259,6 +294,18 @@ pub fn stacks_from<'a>(report: &'a Value, function: &str) -> Vec<&'a Value> {
         .expect("stacks array")
         .iter()
         .filter(|s| s["frames"][0]["function"].as_str() == Some(function))
+        .collect()
+}
+
+/// Stacks of a report with a frame whose function is `function`,
+/// anywhere in the stack (syscall stacks start inside libc: `__mmap`,
+/// `__brk`, ... and reach the caller further out).
+pub fn stacks_through<'a>(report: &'a Value, function: &str) -> Vec<&'a Value> {
+    report["stacks"]
+        .as_array()
+        .expect("stacks array")
+        .iter()
+        .filter(|s| functions(s).iter().any(|f| f == function))
         .collect()
 }
 

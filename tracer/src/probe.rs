@@ -651,10 +651,18 @@ impl Probes {
     /// Detach from a process (it exited, or exec'd into a new image) and
     /// forget what the syscall filter knew of it.
     pub fn detach_process(&mut self, pid: u32) {
+        // Closing a uprobe link takes ~0.1 s on this kernel: let a thread
+        // do it, so the event loop keeps following forks meanwhile.
+        let mut owned = Vec::new();
         for (prog, link) in self.links.remove(&pid).unwrap_or_default() {
             if let Some(Program::UProbe(p)) = self.ebpf.program_mut(prog) {
-                let _ = p.detach(link);
+                if let Ok(l) = p.take_link(link) {
+                    owned.push(l);
+                }
             }
+        }
+        if !owned.is_empty() {
+            std::thread::spawn(move || drop(owned));
         }
         self.attached_objects.remove(&pid);
         self.registered.remove(&pid);

@@ -20,6 +20,8 @@ pub enum ProcEvent {
     Exec { pid: u32 },
     /// Process `pid` (its whole thread group) exited.
     Exit { pid: u32 },
+    /// A thread of process `pid` changed its name (`prctl(PR_SET_NAME)`).
+    Comm { pid: u32 },
 }
 
 const NETLINK_CONNECTOR: i32 = 11;
@@ -31,6 +33,7 @@ const NLMSG_HDRLEN: usize = 16;
 const CN_MSG_LEN: usize = 20;
 const PROC_EVENT_FORK: u32 = 0x1;
 const PROC_EVENT_EXEC: u32 = 0x2;
+const PROC_EVENT_COMM: u32 = 0x200;
 const PROC_EVENT_EXIT: u32 = 0x8000_0000;
 
 /// A subscribed, non-blocking connector socket.
@@ -152,6 +155,9 @@ pub fn parse_event(ev: &[u8]) -> Option<ProcEvent> {
         PROC_EVENT_EXEC => Some(ProcEvent::Exec {
             pid: u32_at(ev, data + 4)?,
         }),
+        PROC_EVENT_COMM => Some(ProcEvent::Comm {
+            pid: u32_at(ev, data + 4)?,
+        }),
         PROC_EVENT_EXIT => {
             let pid = u32_at(ev, data)?;
             let tgid = u32_at(ev, data + 4)?;
@@ -188,6 +194,14 @@ mod tests {
         assert_eq!(
             parse_event(&event(PROC_EVENT_FORK, &[10, 10, 12, 10])),
             None
+        );
+    }
+
+    #[test]
+    fn comm_change_names_the_process() {
+        assert_eq!(
+            parse_event(&event(PROC_EVENT_COMM, &[12, 10, 0, 0, 0, 0])),
+            Some(ProcEvent::Comm { pid: 10 })
         );
     }
 

@@ -177,6 +177,16 @@ impl Session {
                 }
             }
             ProcEvent::Exit { pid } => self.on_exit(pid),
+            ProcEvent::Comm { pid } => {
+                // A worker that names itself after it was forked
+                // (prctl(PR_SET_NAME)) now matches --comm.
+                if !self.targets.contains_key(&pid) && self.selector.matches(pid) {
+                    match self.add(pid) {
+                        Ok(()) => log::info!("following {pid}: renamed to a traced name"),
+                        Err(e) => log::warn!("not tracing {pid}: {e}"),
+                    }
+                }
+            }
         }
     }
 
