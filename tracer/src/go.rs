@@ -21,7 +21,7 @@
 
 use std::{fs, path::Path};
 
-use object::{Object as _, ObjectSection as _, ObjectSegment as _, ObjectSymbol as _};
+use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
 
 use crate::{
     procfs::MapEntry,
@@ -216,22 +216,7 @@ pub fn inspect_object(path: &Path) -> Option<GoObjectInfo> {
         });
     }
     info.version = version.unwrap_or_else(|| "unknown".into());
-    info.segments = file
-        .segments()
-        .map(|segment| {
-            let (file_offset, file_size) = segment.file_range();
-            let executable = match segment.flags() {
-                object::SegmentFlags::Elf { p_flags } => p_flags & object::elf::PF_X != 0,
-                _ => false,
-            };
-            Segment {
-                file_offset,
-                vaddr: segment.address(),
-                file_size,
-                executable,
-            }
-        })
-        .collect();
+    info.segments = crate::unwind_table::segments_of(&file);
     Some(info)
 }
 

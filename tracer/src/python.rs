@@ -20,7 +20,7 @@
 
 use std::{collections::HashMap, fs, path::Path};
 
-use object::{Object as _, ObjectSection as _, ObjectSegment as _, ObjectSymbol as _};
+use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
 use tracer_common::PyProc;
 
 use crate::{
@@ -198,22 +198,7 @@ pub fn inspect_object(path: &Path, name: &str) -> Option<PyObjectInfo> {
         Some(v) => v as u32,
         None => version_from_name(name)?,
     };
-    let segments = file
-        .segments()
-        .map(|segment| {
-            let (file_offset, file_size) = segment.file_range();
-            let executable = match segment.flags() {
-                object::SegmentFlags::Elf { p_flags } => p_flags & object::elf::PF_X != 0,
-                _ => false,
-            };
-            Segment {
-                file_offset,
-                vaddr: segment.address(),
-                file_size,
-                executable,
-            }
-        })
-        .collect();
+    let segments = crate::unwind_table::segments_of(&file);
     Some(PyObjectInfo {
         hex_version,
         runtime_vaddr: runtime,

@@ -466,42 +466,21 @@ impl Symbolizer {
                         offset: Some(*file_offset),
                     }]
                 }),
-            NormFrame::Anonymous { addr, region } => vec![Frame {
-                function: Some(format!(
-                    "[{}]",
-                    region
-                        .as_deref()
-                        .map(|r| r.trim_matches(|c| c == '[' || c == ']'))
-                        .unwrap_or("anonymous code; stack ends here")
-                )),
-                module: None,
-                file: None,
-                line: None,
-                kind: FrameKind::Native,
-                inlined: false,
-                offset: Some(*addr),
-            }],
-            NormFrame::Truncated(why) => vec![Frame {
-                function: Some(format!("[truncated: {}]", stop_reason(*why))),
-                module: None,
-                file: None,
-                line: None,
-                kind: FrameKind::Native,
-                inlined: false,
-                offset: None,
-            }],
+            NormFrame::Anonymous { addr, region } => {
+                let what = region
+                    .as_deref()
+                    .map(|r| r.trim_matches(|c| c == '[' || c == ']'))
+                    .unwrap_or("anonymous code; stack ends here");
+                vec![Frame::marker(format!("[{what}]"), Some(*addr))]
+            }
+            NormFrame::Truncated(why) => vec![Frame::marker(
+                format!("[truncated: {}]", stop_reason(*why)),
+                None,
+            )],
             NormFrame::Python { .. }
             | NormFrame::PythonUnreadable { .. }
             | NormFrame::PythonTruncated(_) => vec![python_frame(f)],
-            NormFrame::Lost => vec![Frame {
-                function: Some("[stack lost]".into()),
-                module: None,
-                file: None,
-                line: None,
-                kind: FrameKind::Native,
-                inlined: false,
-                offset: None,
-            }],
+            NormFrame::Lost => vec![Frame::marker("[stack lost]".into(), None)],
         }
     }
 }
@@ -512,15 +491,8 @@ const EVAL_FRAME: &str = "_PyEval_EvalFrameDefault";
 /// The report frame for a Python [`NormFrame`]. A frame that could not be
 /// read stays a native-kind placeholder with the reason: never a guess.
 fn python_frame(f: &NormFrame) -> Frame {
-    let mut frame = Frame {
-        function: None,
-        module: None,
-        file: None,
-        line: None,
-        kind: FrameKind::Native,
-        inlined: false,
-        offset: None,
-    };
+    let mut frame = Frame::marker(String::new(), None);
+    frame.function = None;
     match f {
         NormFrame::Python {
             function,

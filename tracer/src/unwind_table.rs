@@ -44,7 +44,7 @@ use gimli::{
     BaseAddresses, CfaRule, CieOrFde, DebugFrame, EhFrame, EndianSlice, LittleEndian, Register,
     RegisterRule, UnwindContext, UnwindSection, UnwindTableRow, X86_64,
 };
-use object::{Object as _, ObjectSection as _, ObjectSegment as _};
+use object::{Object as _, ObjectSection as _};
 use tracer_common::{
     UnwindRow, CFA_END_OF_STACK, CFA_PLT, CFA_RBP, CFA_RSP, CFA_UNDEFINED, RBP_AT_CFA_OFFSET,
     RBP_SAME, RBP_UNDEFINED,
@@ -78,6 +78,26 @@ impl UnwindTable {
         let idx = self.rows.partition_point(|row| row.pc <= pc);
         idx.checked_sub(1).and_then(|i| self.rows.get(i))
     }
+}
+
+/// The `PT_LOAD` segments of a parsed object.
+pub fn segments_of(file: &object::File<'_>) -> Vec<Segment> {
+    use object::{Object as _, ObjectSegment as _};
+    file.segments()
+        .map(|segment| {
+            let (file_offset, file_size) = segment.file_range();
+            let executable = match segment.flags() {
+                object::SegmentFlags::Elf { p_flags } => p_flags & object::elf::PF_X != 0,
+                _ => false,
+            };
+            Segment {
+                file_offset,
+                vaddr: segment.address(),
+                file_size,
+                executable,
+            }
+        })
+        .collect()
 }
 
 /// One `PT_LOAD` program header.
@@ -491,22 +511,7 @@ pub fn load_segments(path: &Path) -> Result<Vec<Segment>, UnwindTableError> {
         path: path.display().to_string(),
         reason: e.to_string(),
     })?;
-    Ok(file
-        .segments()
-        .map(|segment| {
-            let (file_offset, file_size) = segment.file_range();
-            let executable = match segment.flags() {
-                object::SegmentFlags::Elf { p_flags } => p_flags & object::elf::PF_X != 0,
-                _ => false,
-            };
-            Segment {
-                file_offset,
-                vaddr: segment.address(),
-                file_size,
-                executable,
-            }
-        })
-        .collect())
+    Ok(segments_of(&file))
 }
 
 /// The ELF virtual address that `file_offset` is loaded at, so that a

@@ -49,6 +49,22 @@ pub struct Frame {
     pub offset: Option<u64>,
 }
 
+impl Frame {
+    /// A frame that stands for something other than code: a truncation,
+    /// a lost stack, generated code (`[name]`, kind native, no module).
+    pub fn marker(name: String, offset: Option<u64>) -> Frame {
+        Frame {
+            function: Some(name),
+            module: None,
+            file: None,
+            line: None,
+            kind: FrameKind::Native,
+            inlined: false,
+            offset,
+        }
+    }
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct Target {
     pub pid: u32,
