@@ -205,7 +205,11 @@ extern "C" fn walk_frame(index: u64, ctx: *mut c_void) -> i64 {
     let step = match unsafe { PROC_MAPS.get(&w.tgid) } {
         None => fp_step(sp, bp),
         Some(maps) => match find_map(maps, pc) {
-            None => Step::Stop(stop::ANON_CODE),
+            // Not in a registered mapping: a library loaded since the last
+            // registration (dlopen), or generated code. Frame pointers are
+            // the best guess; user space marks the frame if it is not in a
+            // file mapping and ends the stack there.
+            None => fp_step(sp, bp),
             Some((_, _, 0)) => fp_step(sp, bp),
             Some((bias, start, rows)) => {
                 let rel = pc.wrapping_sub(1).wrapping_sub(bias);
