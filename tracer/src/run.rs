@@ -117,6 +117,7 @@ impl Session {
                     {
                         self.regions.set_initial_brk(pid, heap.end);
                     }
+                    self.normalizer.remember_maps(pid, maps);
                 }
                 Status::Running
             }

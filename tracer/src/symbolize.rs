@@ -165,6 +165,13 @@ impl Normalizer {
         self.go_modules.contains(&module)
     }
 
+    /// Keep a process's memory map from the moment it is attached, so
+    /// stacks first read after it exited (a short-lived target) still
+    /// normalize.
+    pub fn remember_maps(&mut self, tgid: u32, maps: Vec<MapEntry>) {
+        self.maps.insert(tgid, maps);
+    }
+
     /// Stacks resolved for a process are forgotten when it exits (its
     /// stack ids may be reused for another process's addresses).
     pub fn forget_process(&mut self, tgid: u32) {
