@@ -506,7 +506,7 @@ mod tests {
     fn unhex(s: &str) -> Vec<u8> {
         (0..s.len())
             .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("test data"))
             .collect()
     }
 
@@ -514,8 +514,8 @@ mod tests {
     fn line_table_matches_co_lines() {
         let table = unhex(TABLE);
         for pair in LINES.split(',') {
-            let (u, l) = pair.split_once(':').unwrap();
-            let (u, l): (u32, u32) = (u.parse().unwrap(), l.parse().unwrap());
+            let (u, l) = pair.split_once(':').expect("test data");
+            let (u, l): (u32, u32) = (u.parse().expect("test data"), l.parse().expect("test data"));
             assert_eq!(line_at(&table, 1, u), Some(l), "unit {u}");
         }
         assert_eq!(line_at(&table, 1, 46), None);
@@ -556,7 +556,7 @@ mod tests {
             code_type_addr: None,
             layout: None,
         };
-        let note = t.missing_layout_note(7).unwrap();
+        let note = t.missing_layout_note(7).expect("test data");
         assert!(note.contains("Python 3.10"), "{note}");
         assert!(t.kernel_entry().is_none());
         let t = PyTarget {
@@ -566,6 +566,6 @@ mod tests {
         };
         assert_eq!(t.version_string(), "3.11.2");
         assert!(t.missing_layout_note(7).is_none());
-        assert_eq!(t.kernel_entry().unwrap().tstate_current, 576);
+        assert_eq!(t.kernel_entry().expect("test data").tstate_current, 576);
     }
 }
