@@ -326,3 +326,18 @@ pub fn functions(stack: &Value) -> Vec<String> {
         .map(|f| f["function"].as_str().unwrap_or("??").to_string())
         .collect()
 }
+
+/// Compile `tests/fixtures/NAME.c` with gcc (`-O0 -g`) into `dir/NAME`, for
+/// fixtures built at test time rather than by `build.rs`.
+pub fn compile_c_fixture(name: &str, dir: &std::path::Path) -> PathBuf {
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("fixtures/{name}.c"));
+    let out = dir.join(name);
+    let st = Command::new("gcc")
+        .args(["-O0", "-g", "-o"])
+        .arg(&out)
+        .arg(&src)
+        .status()
+        .expect("gcc (cargo xtask setup installs it)");
+    assert!(st.success(), "gcc failed on {}", src.display());
+    out
+}

@@ -2,9 +2,9 @@
 //! limit is killed by the kernel; leaktrace writes its report, naming the
 //! leaking function with bytes close to the limit, and keeps running.
 
-use std::{path::PathBuf, process::Command};
+use std::path::PathBuf;
 
-use leaktrace_tests::{functions, require_bpf, Fixture, Tracer};
+use leaktrace_tests::{compile_c_fixture, functions, require_bpf, Fixture, Tracer};
 
 const LIMIT: u64 = 64 << 20;
 
@@ -32,19 +32,6 @@ impl Drop for Cgroup {
     }
 }
 
-fn build_fixture(dir: &std::path::Path) -> PathBuf {
-    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/oom_hoard.c");
-    let out = dir.join("oom_hoard");
-    let st = Command::new("gcc")
-        .args(["-O0", "-g", "-o"])
-        .arg(&out)
-        .arg(&src)
-        .status()
-        .expect("gcc");
-    assert!(st.success(), "gcc failed");
-    out
-}
-
 #[test]
 fn oom_kill_leaves_a_report_naming_the_leak() {
     if !require_bpf("oom_kill_leaves_a_report_naming_the_leak") {
@@ -53,7 +40,7 @@ fn oom_kill_leaves_a_report_naming_the_leak() {
     let tmp = std::env::temp_dir().join(format!("leaktrace-oom-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).expect("tmp dir");
-    let bin = build_fixture(&tmp);
+    let bin = compile_c_fixture("oom_hoard", &tmp);
     let cg = Cgroup::new(&format!("leaktrace-test-oom-{}", std::process::id()))
         .expect("a v1 memory cgroup (/sys/fs/cgroup/memory)");
     let mut fx = Fixture::start(&bin, &[]);

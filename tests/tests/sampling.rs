@@ -2,9 +2,7 @@
 //! estimated within 10% at a 512 KiB period, while only a few hundred
 //! allocations are recorded.
 
-use std::{path::PathBuf, process::Command};
-
-use leaktrace_tests::{require_bpf, stacks_from, Fixture, Tracer};
+use leaktrace_tests::{compile_c_fixture, require_bpf, stacks_from, Fixture, Tracer};
 
 const LEAK: f64 = (64u64 << 20) as f64;
 
@@ -15,15 +13,7 @@ fn sampled_estimate_of_a_64_mib_leak_is_within_10_percent() {
     }
     let dir = std::env::temp_dir().join(format!("leaktrace-sampling-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("tmp dir");
-    let bin = dir.join("sample_leak");
-    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/sample_leak.c");
-    let st = Command::new("gcc")
-        .args(["-O0", "-g", "-o"])
-        .arg(&bin)
-        .arg(&src)
-        .status()
-        .expect("gcc");
-    assert!(st.success());
+    let bin = compile_c_fixture("sample_leak", &dir);
     let mut fx = Fixture::start(&bin, &[]);
     let pid = fx.pid().to_string();
     let tracer = Tracer::attach(&[
