@@ -78,6 +78,24 @@ impl ProcConnector {
         if rc < 0 {
             return Err(io::Error::last_os_error());
         }
+        // A fork storm fills the default queue (about 200 KiB) in
+        // milliseconds; as root the buffer can be raised past rmem_max.
+        // LEAKTRACE_PROC_EVENTS_RCVBUF overrides it (tests force overruns).
+        let want: libc::c_int = std::env::var("LEAKTRACE_PROC_EVENTS_RCVBUF")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(8 << 20);
+        // SAFETY: setsockopt with a valid int option of its size; failure
+        // only leaves the default size.
+        unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                (&raw const want).cast(),
+                size_of::<libc::c_int>() as u32,
+            );
+        }
         let mut msg = Vec::with_capacity(NLMSG_HDRLEN + CN_MSG_LEN + 4);
         let total = (NLMSG_HDRLEN + CN_MSG_LEN + 4) as u32;
         msg.extend_from_slice(&total.to_ne_bytes());
@@ -100,22 +118,37 @@ impl ProcConnector {
         Ok(Self { fd })
     }
 
-    /// Read every event queued now (non-blocking). `Err` with
-    /// `WouldBlock` never escapes: an empty queue gives an empty batch.
-    /// An overrun (ENOBUFS) is reported so the caller can rescan `/proc`.
-    pub fn read_batch(&self, out: &mut Vec<ProcEvent>) -> io::Result<()> {
-        let mut buf = [0u8; 4096];
-        loop {
+    /// Read every event queued now (non-blocking), until the queue is
+    /// empty. Returns whether the kernel dropped events since the last read
+    /// (an overrun, ENOBUFS), so the caller can rescan `/proc`.
+    ///
+    /// The queue must be drained even after an overrun: netlink marks an
+    /// overrun socket congested and drops every later broadcast until a
+    /// read finds its queue empty, and an edge-triggered poller would
+    /// never be woken for it again.
+    pub fn read_batch(&self, out: &mut Vec<ProcEvent>) -> io::Result<Batch> {
+        let mut buf = [0u8; 8192];
+        let mut batch = Batch::default();
+        // Bounded, so a fork storm cannot hold the daemon here; the caller
+        // keeps the socket marked readable when the queue was not emptied.
+        for _ in 0..MAX_READS {
             // SAFETY: buf is writable for its length.
             let n =
                 unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
             if n < 0 {
                 let e = io::Error::last_os_error();
-                return match e.kind() {
-                    io::ErrorKind::WouldBlock => Ok(()),
-                    io::ErrorKind::Interrupted => continue,
-                    _ => Err(e),
-                };
+                match e.raw_os_error() {
+                    Some(libc::EAGAIN) => {
+                        batch.drained = true;
+                        return Ok(batch);
+                    }
+                    Some(libc::EINTR) => continue,
+                    Some(libc::ENOBUFS) => {
+                        batch.overrun = true;
+                        continue;
+                    }
+                    _ => return Err(e),
+                }
             }
             let n = n as usize;
             let mut off = 0;
@@ -124,14 +157,30 @@ impl ProcConnector {
                 if len < NLMSG_HDRLEN || off + len > n {
                     break;
                 }
-                if let Some(ev) = parse_event(&buf[off + NLMSG_HDRLEN + CN_MSG_LEN..off + len]) {
+                if let Some(ev) = buf
+                    .get(off + NLMSG_HDRLEN + CN_MSG_LEN..off + len)
+                    .and_then(parse_event)
+                {
                     out.push(ev);
                 }
                 off += (len + 3) & !3;
             }
         }
+        Ok(batch)
     }
 }
+
+/// What one [`ProcConnector::read_batch`] found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Batch {
+    /// The kernel dropped events since the last read.
+    pub overrun: bool,
+    /// The queue was read until empty.
+    pub drained: bool,
+}
+
+/// Datagrams read per batch before yielding to other work.
+const MAX_READS: usize = 4096;
 
 fn u32_at(b: &[u8], off: usize) -> Option<u32> {
     Some(u32::from_ne_bytes(b.get(off..off + 4)?.try_into().ok()?))

@@ -813,11 +813,20 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 let mut guard = ready.context("process event socket failed")?;
                 proc_events.clear();
                 let res = guard.get_inner().read_batch(&mut proc_events);
-                guard.clear_ready();
-                if let Err(e) = res {
+                if !res.as_ref().is_ok_and(|b| !b.drained) {
+                    guard.clear_ready();
+                }
+                match res.map(|b| b.overrun) {
+                    Ok(false) => {}
                     // Overrun: events were dropped; catch up from /proc.
-                    log::warn!("process events overrun ({e}); rescanning /proc");
-                    session.rescan();
+                    Ok(true) => {
+                        log::warn!("process events overrun; rescanning /proc");
+                        session.rescan();
+                    }
+                    Err(e) => {
+                        log::warn!("process events failed ({e}); rescanning /proc");
+                        session.rescan();
+                    }
                 }
                 for ev in proc_events.drain(..) {
                     session.on_proc_event(ev);
