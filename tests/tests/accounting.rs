@@ -916,8 +916,6 @@ fn min_age_counts_only_old_blocks() {
 /// An anonymous mapping is an allocation like any other: `--min-age`
 /// hides a young one too.
 #[test]
-#[ignore = "not built yet (issue 3): --min-age filters allocator blocks only; \
-            mmap/brk regions carry no timestamp"]
 fn min_age_applies_to_mapped_regions() {
     if !require_bpf("min_age_applies_to_mapped_regions") {
         return;

@@ -60,6 +60,11 @@ pub struct Region {
     pub end: u64,
     pub stack_id: StackId,
     pub kind: RegionKind,
+    /// When it was mapped (kernel monotonic ns, as allocation ages are):
+    /// the mmap, the brk that grew it, or the mremap that placed it (a
+    /// remap is a new allocation, as realloc is). Pieces left by partial
+    /// unmaps keep it.
+    pub ts_ns: u64,
 }
 
 /// Outstanding memory of one `(tgid, stack_id, kind)`.
@@ -162,6 +167,8 @@ impl Books {
 pub struct MmapTracker {
     procs: HashMap<u32, Process>,
     books: Books,
+    /// Time stamp for regions created from now on ([`Self::set_now`]).
+    now_ns: u64,
 }
 
 impl Default for MmapTracker {
@@ -183,7 +190,14 @@ impl MmapTracker {
                 dropped: 0,
                 dropped_bytes: 0,
             },
+            now_ns: 0,
         }
+    }
+
+    /// The time of the event about to be applied (kernel monotonic ns);
+    /// regions it creates carry it, for [`Self::totals_older_than`].
+    pub fn set_now(&mut self, ts_ns: u64) {
+        self.now_ns = ts_ns;
     }
 
     /// mmap returned `addr` for `len` bytes. A new mapping replaces whatever
@@ -200,6 +214,7 @@ impl MmapTracker {
             end,
             stack_id,
             kind: RegionKind::Mmap,
+            ts_ns: self.now_ns,
         };
         self.books.insert(tgid, &mut proc.regions, addr, region);
     }
@@ -257,6 +272,7 @@ impl MmapTracker {
             _ => (stack_id, RegionKind::Mmap),
         };
 
+        let ts_ns = self.now_ns;
         let mut placed: Vec<(u64, Region)> = Vec::with_capacity(pieces.len() + 1);
         let mut cursor = new;
         for (start, region) in pieces {
@@ -266,19 +282,27 @@ impl MmapTracker {
             }
             let moved_end = new.saturating_add(region.end - old).min(new_end);
             if cursor < moved_start {
-                push_fill(&mut placed, cursor, moved_start, fill_stack, fill_kind);
+                push_fill(
+                    &mut placed,
+                    cursor,
+                    moved_start,
+                    fill_stack,
+                    fill_kind,
+                    ts_ns,
+                );
             }
             placed.push((
                 moved_start,
                 Region {
                     end: moved_end,
+                    ts_ns,
                     ..region
                 },
             ));
             cursor = moved_end;
         }
         if cursor < new_end {
-            push_fill(&mut placed, cursor, new_end, fill_stack, fill_kind);
+            push_fill(&mut placed, cursor, new_end, fill_stack, fill_kind, ts_ns);
         }
 
         carve(&mut self.books, tgid, &mut proc.regions, new, new_end, None);
@@ -316,6 +340,7 @@ impl MmapTracker {
                 end: new_brk,
                 stack_id,
                 kind: RegionKind::Brk,
+                ts_ns: self.now_ns,
             };
             self.books.insert(tgid, &mut proc.regions, old_brk, region);
         }
@@ -346,6 +371,32 @@ impl MmapTracker {
             .totals
             .iter()
             .map(|(&(tgid, stack_id, kind), sum)| RegionTotals {
+                tgid,
+                stack_id,
+                kind,
+                bytes: sum.bytes,
+                regions: sum.regions,
+            })
+            .collect()
+    }
+
+    /// As [`Self::totals`], counting only regions mapped at or before
+    /// `cutoff_ns` (`--min-age`). One pass over every region.
+    pub fn totals_older_than(&self, cutoff_ns: u64) -> Vec<RegionTotals> {
+        let mut sums: BTreeMap<GroupKey, Sum> = BTreeMap::new();
+        for (&tgid, proc) in &self.procs {
+            for (&start, region) in &proc.regions {
+                if region.ts_ns <= cutoff_ns {
+                    let sum = sums
+                        .entry((tgid, region.stack_id, region.kind))
+                        .or_default();
+                    sum.bytes += region.end - start;
+                    sum.regions += 1;
+                }
+            }
+        }
+        sums.into_iter()
+            .map(|((tgid, stack_id, kind), sum)| RegionTotals {
                 tgid,
                 stack_id,
                 kind,
@@ -450,6 +501,7 @@ fn push_fill(
     end: u64,
     stack_id: StackId,
     kind: RegionKind,
+    ts_ns: u64,
 ) {
     if let Some((_, last)) = placed.last_mut() {
         if last.end == start && last.stack_id == stack_id && last.kind == kind {
@@ -463,6 +515,7 @@ fn push_fill(
             end,
             stack_id,
             kind,
+            ts_ns,
         },
     ));
 }
@@ -540,6 +593,49 @@ mod tests {
         assert!(
             count <= tr.books.max_regions,
             "{count} regions over the limit"
+        );
+    }
+
+    #[test]
+    fn ages_count_from_the_mapping_and_remaps_are_new() {
+        let mut tr = MmapTracker::default();
+        tr.set_now(100);
+        tr.mmap(1, at(0), 4 * P, 7);
+        tr.brk(1, at(100), 9);
+        tr.set_now(200);
+        tr.mmap(1, at(10), 2 * P, 8);
+        tr.brk(1, at(102), 9);
+        tr.set_now(300);
+        // A partial unmap leaves pieces as old as the mapping.
+        tr.munmap(1, at(1), P);
+        let old = |tr: &MmapTracker, cutoff| -> Vec<(StackId, RegionKind, u64, u64)> {
+            tr.totals_older_than(cutoff)
+                .into_iter()
+                .map(|t| (t.stack_id, t.kind, t.bytes, t.regions))
+                .collect()
+        };
+        assert_eq!(old(&tr, 99), vec![]);
+        assert_eq!(old(&tr, 150), vec![(7, Mmap, 3 * P, 2)]);
+        // The first brk only told where the break was; the growth is the
+        // second's.
+        assert_eq!(
+            old(&tr, 250),
+            vec![(7, Mmap, 3 * P, 2), (8, Mmap, 2 * P, 1), (9, Brk, 2 * P, 1)]
+        );
+        tr.set_initial_brk(2, at(200));
+        tr.set_now(400);
+        tr.brk(2, at(203), 5);
+        tr.set_now(500);
+        tr.mremap(1, at(10), 2 * P, at(10), 3 * P, 8);
+        assert_eq!(
+            old(&tr, 450),
+            vec![(7, Mmap, 3 * P, 2), (9, Brk, 2 * P, 1), (5, Brk, 3 * P, 1)],
+            "the remapped region is new"
+        );
+        assert_eq!(old(&tr, 500).len(), 4);
+        assert_eq!(
+            old(&tr, u64::MAX).iter().map(|r| r.2).sum::<u64>(),
+            tr.totals().iter().map(|t| t.bytes).sum::<u64>()
         );
     }
 

@@ -331,7 +331,13 @@ impl Session {
                 totals: *totals,
             })
             .collect();
-        for r in self.regions.totals() {
+        let region_totals = match self.min_age_ns {
+            Some(age) => self
+                .regions
+                .totals_older_than(crate::events::monotonic_ns().saturating_sub(age)),
+            None => self.regions.totals(),
+        };
+        for r in region_totals {
             if go_sampling.contains(&r.tgid) {
                 continue;
             }
@@ -576,6 +582,7 @@ impl Session {
 
 /// Feed one memory syscall into the region tracker.
 fn apply_syscall(regions: &mut MmapTracker, ev: &SyscallEvent) {
+    regions.set_now(ev.ts_ns);
     match ev.nr {
         sys::MMAP => regions.mmap(ev.tgid, ev.ret, ev.args[0], ev.stack_id),
         sys::MUNMAP => regions.munmap(ev.tgid, ev.args[0], ev.args[1]),
