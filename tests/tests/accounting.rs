@@ -40,7 +40,7 @@ use serde_json::Value;
 const LOSS_COUNTERS: &[&str] = &[
     "allocs_map_full",
     "stack_totals_map_full",
-    "pending_map_full",
+    "pending_displaced",
     "stack_collisions",
     "stacks_lost",
     "missing_entry",

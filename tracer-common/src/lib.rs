@@ -37,6 +37,9 @@ pub mod maps {
     pub const UNWIND_ROWS: &str = "UNWIND_ROWS";
     /// tgid -> [`crate::ProcMaps`]: a process's executable mappings.
     pub const PROC_MAPS: &str = "PROC_MAPS";
+    /// One `u32` bumped by user space whenever `PROC_MAPS` changes: the
+    /// unwinder's per-CPU cache of unwind rules is valid for one value.
+    pub const UNWIND_EPOCH: &str = "UNWIND_EPOCH";
     /// Per-CPU scratch [`crate::StackBuf`] for the unwinder.
     pub const SCRATCH: &str = "SCRATCH";
     /// Thread id -> [`crate::PendingCall`]: an allocator call between entry and return.
@@ -196,9 +199,18 @@ pub struct PendingCall {
     pub weight_bytes: u64,
     /// Allocations the new block will stand for; 0 when not sampled.
     pub weight_count: u32,
-    pub _pad: u32,
+    /// The thread whose call this is; 0 for a free slot (`PENDING` is
+    /// indexed by thread id modulo its size, see [`PENDING_SLOTS`]).
+    pub tid: u32,
 }
 const _: () = assert!(size_of::<PendingCall>() == 48);
+
+/// Slots of the `PENDING` array (a power of two): a thread's call waits in
+/// slot `tid % PENDING_SLOTS`. An array slot costs a few nanoseconds where
+/// a hash-map insert and delete cost ~150 ns per call; two threads whose
+/// ids share a slot and are inside an allocator call at the same moment
+/// displace each other's record (counted, `pending_displaced`).
+pub const PENDING_SLOTS: u32 = 1 << 16;
 
 /// Which allocator entry point produced a block.
 #[repr(u32)]
@@ -247,7 +259,8 @@ pub enum Counter {
     AllocsMapFull = 5,
     /// Lost: the per-stack ledger was full.
     StackTotalsMapFull = 6,
-    /// Lost: the pending-call table was full.
+    /// Lost: a call's pending record was displaced by another thread's
+    /// sharing its slot.
     PendingMapFull = 7,
     /// Stack lost to a stack-map hash collision.
     StackCollision = 8,
@@ -298,7 +311,7 @@ impl Counter {
             Counter::Nested => "nested_calls",
             Counter::AllocsMapFull => "allocs_map_full",
             Counter::StackTotalsMapFull => "stack_totals_map_full",
-            Counter::PendingMapFull => "pending_map_full",
+            Counter::PendingMapFull => "pending_displaced",
             Counter::StackCollision => "stack_collisions",
             Counter::StackLost => "stacks_lost",
             Counter::MissingEntry => "missing_entry",

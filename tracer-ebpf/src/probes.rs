@@ -9,12 +9,12 @@ use aya_ebpf::{
         bpf_probe_read_user,
     },
     macros::{map, raw_tracepoint, uprobe, uretprobe},
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::{ProbeContext, RawTracePointContext, RetProbeContext},
 };
 use tracer_common::{
     sys, AllocInfo, AllocKey, AllocKind, Counter, PendingCall, PendingSyscall, StackId, StackKey,
-    StackTotals, SyscallEvent, COUNTER_SLOTS, STACK_LOST, SYSCALL_IN_ALLOCATOR,
+    StackTotals, SyscallEvent, COUNTER_SLOTS, PENDING_SLOTS, STACK_LOST, SYSCALL_IN_ALLOCATOR,
 };
 
 use crate::unwind::{record_stack, Regs};
@@ -26,7 +26,16 @@ static ALLOCS: HashMap<AllocKey, AllocInfo> = HashMap::with_max_entries(1 << 20,
 static STACK_TOTALS: HashMap<StackKey, StackTotals> = HashMap::with_max_entries(1 << 16, 0);
 
 #[map]
-static PENDING: HashMap<u32, PendingCall> = HashMap::with_max_entries(1 << 14, 0);
+static PENDING: Array<PendingCall> = Array::with_max_entries(PENDING_SLOTS, 0);
+
+/// The pending-call slot of thread `tid`.
+#[inline(always)]
+fn pending_slot(tid: u32) -> Option<&'static mut PendingCall> {
+    let p = PENDING.get_ptr_mut(tid & (PENDING_SLOTS - 1))?;
+    // SAFETY: an array value; only threads sharing the slot touch it, and
+    // its `tid` says whose it is.
+    Some(unsafe { &mut *p })
+}
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
@@ -51,34 +60,33 @@ fn sp_of(regs: *mut aya_ebpf::bindings::pt_regs) -> u64 {
 fn enter(ctx: &ProbeContext, kind: AllocKind, size_bytes: u64, old_addr: u64) -> u32 {
     let tid = bpf_get_current_pid_tgid() as u32;
     let entry_sp = sp_of(ctx.regs);
-    let mut stale = false;
-    if let Some(p) = PENDING.get_ptr_mut(tid) {
-        // SAFETY: value pointer from a successful lookup.
-        let pending = unsafe { &mut *p };
-        if entry_sp <= pending.entry_sp {
+    let Some(slot) = pending_slot(tid) else {
+        return 0;
+    };
+    if slot.tid == tid {
+        if entry_sp <= slot.entry_sp {
             // Called from inside a probed allocator call (calloc -> malloc,
             // reallocarray -> realloc): the outer call is the one counted.
-            pending.depth += 1;
+            slot.depth += 1;
             count(Counter::Nested);
             return 0;
         }
         // The earlier call's return never came (longjmp, a thread cancelled
         // inside malloc): drop it.
         count(Counter::MissingReturn);
-        stale = true;
+        slot.tid = 0;
+    } else if slot.tid != 0 {
+        // Another thread's call holds the slot: it is still inside an
+        // allocator (its record is lost now), or it died there.
+        count(Counter::PendingMapFull);
+        slot.tid = 0;
     }
-    // With byte sampling, an allocation that is not sampled costs nothing
-    // more: no pending record, so its return finds none and stops. A
-    // realloc of a live block still needs one, to release the old block.
+    // With byte sampling, an allocation that is not sampled still gets its
+    // (cheap) record, with no weight: its return then only releases a
+    // realloc's old block, and the syscalls it makes (malloc's own mmap
+    // and brk) are known to come from inside the allocator.
     let (weight_bytes, weight_count) = sample(size_bytes).unwrap_or((0, 0));
-    let releases = kind as u32 == AllocKind::Realloc as u32 && old_addr != 0;
-    if weight_count == 0 && !releases {
-        if stale {
-            let _ = PENDING.remove(tid);
-        }
-        return 0;
-    }
-    let call = PendingCall {
+    *slot = PendingCall {
         size_bytes,
         old_addr,
         entry_sp,
@@ -86,11 +94,8 @@ fn enter(ctx: &ProbeContext, kind: AllocKind, size_bytes: u64, old_addr: u64) ->
         depth: 0,
         weight_bytes,
         weight_count,
-        _pad: 0,
+        tid,
     };
-    if PENDING.insert(tid, call, 0).is_err() {
-        count(Counter::PendingMapFull);
-    }
     0
 }
 
@@ -153,22 +158,19 @@ pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tid = pid_tgid as u32;
     let tgid = (pid_tgid >> 32) as u32;
-    let Some(p) = PENDING.get_ptr_mut(tid) else {
-        // Under byte sampling most calls leave no pending record.
-        // SAFETY: a constant patched at load.
-        if unsafe { core::ptr::read_volatile(&raw const SAMPLE_BYTES) } == 0 {
-            count(Counter::MissingEntry);
-        }
+    let Some(pending) = pending_slot(tid) else {
         return 0;
     };
-    // SAFETY: value pointer from a successful lookup.
-    let pending = unsafe { &mut *p };
+    if pending.tid != tid {
+        count(Counter::MissingEntry);
+        return 0;
+    }
     if pending.depth > 0 {
         pending.depth -= 1;
         return 0;
     }
     let call = *pending;
-    let _ = PENDING.remove(tid);
+    pending.tid = 0;
 
     let ret: u64 = ctx.ret();
     let addr = match AllocKind::from_u32(call.kind) {
@@ -308,13 +310,6 @@ fn record(
         tgid,
         _pad: 0,
     };
-    // SAFETY: the value is copied out before any other map operation.
-    if let Some(old) = unsafe { ALLOCS.get(&key) } {
-        // The block at this address was freed by a path we do not see.
-        let old = *old;
-        count(Counter::StaleReplaced);
-        debit(tgid, &old);
-    }
     let info = AllocInfo {
         size_bytes: weighted_bytes,
         ts_ns: unsafe { bpf_ktime_get_ns() },
@@ -322,9 +317,27 @@ fn record(
         kind,
         count: weighted_count,
     };
-    if ALLOCS.insert(key, info, 0).is_err() {
-        count(Counter::AllocsMapFull);
-        return;
+    // BPF_NOEXIST: one map operation in the common case.
+    match ALLOCS.insert(key, info, 1) {
+        Ok(()) => {}
+        // EEXIST: the block at this address was freed by a path we do not
+        // see; replace it.
+        Err(-17) => {
+            // SAFETY: the value is copied out before the entry is replaced.
+            if let Some(old) = unsafe { ALLOCS.get(&key) } {
+                let old = *old;
+                count(Counter::StaleReplaced);
+                debit(tgid, &old);
+            }
+            if ALLOCS.insert(key, info, 0).is_err() {
+                count(Counter::AllocsMapFull);
+                return;
+            }
+        }
+        Err(_) => {
+            count(Counter::AllocsMapFull);
+            return;
+        }
     }
     count(Counter::Allocs);
     credit(tgid, stack_id, weighted_bytes, weighted_count);
@@ -481,7 +494,7 @@ pub fn sys_enter(ctx: RawTracePointContext) -> u32 {
     // Inside malloc & co: the block is counted by the allocator probes.
     // Only the break's new position is still wanted.
     // SAFETY: read-only lookup.
-    let in_allocator = unsafe { PENDING.get(&tid) }.is_some();
+    let in_allocator = pending_slot(tid).is_some_and(|p| p.tid == tid);
     if in_allocator && nr != sys::BRK {
         return 0;
     }

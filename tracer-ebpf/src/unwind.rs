@@ -39,6 +39,38 @@ pub static STACKS: HashMap<StackId, StackBuf> = HashMap::with_max_entries(1 << 1
 #[map]
 static SCRATCH: PerCpuArray<StackBuf> = PerCpuArray::with_max_entries(1, 0);
 
+/// Bumped by user space whenever `PROC_MAPS` changes (slot 0).
+#[map]
+static UNWIND_EPOCH: Array<u32> = Array::with_max_entries(1, 0);
+
+/// The rule found for one `(tgid, pc)`, so the hot call sites of a program
+/// skip the mapping and row searches (~100 ns a frame).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CachedStep {
+    pc: u64,
+    tgid: u32,
+    /// `UNWIND_EPOCH` when it was found; 0 never matches (epochs start at 1).
+    epoch: u32,
+    row: UnwindRow,
+    /// `RULE_CFI` (use `row`) or `RULE_FP`.
+    rule: u32,
+}
+
+const RULE_CFI: u32 = 1;
+const RULE_FP: u32 = 2;
+/// Entries per CPU (a power of two): direct-mapped by pc and tgid.
+const STEP_CACHE_SLOTS: u32 = 4096;
+
+#[map]
+static STEP_CACHE: PerCpuArray<CachedStep> = PerCpuArray::with_max_entries(STEP_CACHE_SLOTS, 0);
+
+#[inline(always)]
+fn step_slot(tgid: u32, pc: u64) -> u32 {
+    let h = pc ^ (pc >> 12) ^ ((tgid as u64) << 7);
+    (h as u32) & (STEP_CACHE_SLOTS - 1)
+}
+
 /// The per-CPU scratch stack.
 #[inline(always)]
 pub(crate) fn scratch() -> Option<&'static mut StackBuf> {
@@ -64,6 +96,13 @@ pub struct Regs {
 fn read_u64(addr: u64) -> Option<u64> {
     // SAFETY: bpf_probe_read_user checks the user address.
     unsafe { bpf_probe_read_user(addr as *const u64) }.ok()
+}
+
+/// Two consecutive words at `addr`.
+#[inline(always)]
+fn read_pair(addr: u64) -> Option<[u64; 2]> {
+    // SAFETY: bpf_probe_read_user checks the user address.
+    unsafe { bpf_probe_read_user(addr as *const [u64; 2]) }.ok()
 }
 
 /// The mapping holding `pc`: (bias, rows_start, rows_len).
@@ -130,9 +169,10 @@ fn fp_step(sp: u64, bp: u64) -> Step {
         return Step::Stop(stop::BAD_FRAME);
     }
     let cfa = bp + 16;
-    match (read_u64(cfa - 8), read_u64(bp)) {
-        (Some(ra), Some(caller_bp)) => Step::Next(ra, cfa, caller_bp),
-        _ => Step::Stop(stop::UNREADABLE),
+    // The saved %rbp and the return address, in one read.
+    match read_pair(bp) {
+        Some([caller_bp, ra]) => Step::Next(ra, cfa, caller_bp),
+        None => Step::Stop(stop::UNREADABLE),
     }
 }
 
@@ -152,6 +192,14 @@ fn cfi_step(row: &UnwindRow, pc: u64, sp: u64, bp: u64) -> Step {
         CFA_END_OF_STACK => return Step::Stop(stop::COMPLETE),
         _ => return Step::Stop(stop::UNSUPPORTED),
     };
+    // The usual prologue (`push %rbp` right after the call) saves %rbp
+    // next to the return address: one read for both.
+    if row.rbp_rule == RBP_AT_CFA_OFFSET && row.rbp_offset == -16 {
+        return match read_pair(cfa.wrapping_sub(16)) {
+            Some([caller_bp, ra]) => Step::Next(ra, cfa, caller_bp),
+            None => Step::Stop(stop::UNREADABLE),
+        };
+    }
     let Some(ra) = read_u64(cfa.wrapping_sub(8)) else {
         return Step::Stop(stop::UNREADABLE);
     };
@@ -172,10 +220,41 @@ struct Walk {
     tgid: u32,
     len: u32,
     why: u32,
-    _pad: u32,
+    epoch: u32,
     pc: u64,
     sp: u64,
     bp: u64,
+}
+
+/// The rule for the frame at `pc`: `RULE_CFI` with its row, `RULE_FP`, or
+/// 0 when the object has CFI but none covers `pc`.
+#[inline(always)]
+fn find_rule(tgid: u32, pc: u64) -> (u32, UnwindRow) {
+    let none = UnwindRow {
+        pc: 0,
+        cfa_offset: 0,
+        rbp_offset: 0,
+        cfa_reg: 0,
+        rbp_rule: 0,
+    };
+    // SAFETY: read-only lookup; the value stays valid during the program.
+    let Some(maps) = (unsafe { PROC_MAPS.get(&tgid) }) else {
+        return (RULE_FP, none);
+    };
+    match find_map(maps, pc) {
+        // Not in a registered mapping: a library loaded since the last
+        // registration (dlopen), or generated code. Frame pointers are the
+        // best guess; user space marks the frame if it is not in a file
+        // mapping and ends the stack there.
+        None | Some((_, _, 0)) => (RULE_FP, none),
+        Some((bias, start, rows)) => {
+            let rel = pc.wrapping_sub(1).wrapping_sub(bias);
+            match find_row(start, rows, rel as u32) {
+                Some(row) if rel <= u32::MAX as u64 => (RULE_CFI, row),
+                _ => (0, none),
+            }
+        }
+    }
 }
 
 /// One frame: record `pc`, then step to the caller. Returns 1 to stop.
@@ -201,24 +280,37 @@ extern "C" fn walk_frame(index: u64, ctx: *mut c_void) -> i64 {
     buf.ips[i] = w.pc;
     w.len = i as u32 + 1;
     let (pc, sp, bp) = (w.pc, w.sp, w.bp);
-    // SAFETY: read-only lookup; the value stays valid during the program.
-    let step = match unsafe { PROC_MAPS.get(&w.tgid) } {
-        None => fp_step(sp, bp),
-        Some(maps) => match find_map(maps, pc) {
-            // Not in a registered mapping: a library loaded since the last
-            // registration (dlopen), or generated code. Frame pointers are
-            // the best guess; user space marks the frame if it is not in a
-            // file mapping and ends the stack there.
-            None => fp_step(sp, bp),
-            Some((_, _, 0)) => fp_step(sp, bp),
-            Some((bias, start, rows)) => {
-                let rel = pc.wrapping_sub(1).wrapping_sub(bias);
-                match find_row(start, rows, rel as u32) {
-                    Some(row) if rel <= u32::MAX as u64 => cfi_step(&row, pc, sp, bp),
-                    _ => Step::Stop(stop::NO_CFI),
+    let cached = STEP_CACHE.get_ptr_mut(step_slot(w.tgid, pc));
+    // SAFETY: per-CPU slot, exclusive while this program runs.
+    let hit = cached.and_then(|c| {
+        let c = unsafe { &*c };
+        (c.pc == pc && c.tgid == w.tgid && c.epoch == w.epoch && w.epoch != 0).then_some(*c)
+    });
+    let (rule, row) = match hit {
+        Some(c) => (c.rule, c.row),
+        None => {
+            let (rule, row) = find_rule(w.tgid, pc);
+            if rule != 0 {
+                if let Some(c) = cached {
+                    // SAFETY: as above.
+                    unsafe {
+                        *c = CachedStep {
+                            pc,
+                            tgid: w.tgid,
+                            epoch: w.epoch,
+                            row,
+                            rule,
+                        }
+                    };
                 }
             }
-        },
+            (rule, row)
+        }
+    };
+    let step = match rule {
+        RULE_CFI => cfi_step(&row, pc, sp, bp),
+        RULE_FP => fp_step(sp, bp),
+        _ => Step::Stop(stop::NO_CFI),
     };
     match step {
         Step::Next(ra, cfa, caller_bp) => {
@@ -247,7 +339,8 @@ pub fn record_stack(tgid: u32, regs: Regs) -> StackId {
         tgid,
         len: 0,
         why: stop::DEPTH,
-        _pad: 0,
+        // SAFETY: a plain array slot.
+        epoch: UNWIND_EPOCH.get(0).copied().unwrap_or(0),
         pc: regs.ip,
         sp: regs.sp,
         bp: regs.bp,

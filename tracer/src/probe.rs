@@ -75,7 +75,6 @@ const EXIT_PROGRAM: &str = "alloc_exit";
 pub struct MapSizes {
     pub max_allocs: u32,
     pub max_stacks: u32,
-    pub max_threads: u32,
     pub max_unwind_rows: u32,
     pub max_processes: u32,
 }
@@ -163,6 +162,8 @@ pub struct Probes {
     unwind_capacity: u32,
     /// The executable mappings last registered per process.
     registered: HashMap<u32, Vec<(u64, u64)>>,
+    /// Last value written to `UNWIND_EPOCH` (see [`Self::bump_unwind_epoch`]).
+    unwind_epoch: u32,
     /// What the unwinder could not be given, for the report.
     pub unwind_notes: UnwindNotes,
     /// Whether the OOM black box is armed, or why not.
@@ -242,8 +243,7 @@ impl Probes {
             .map_max_entries(maps::UNWIND_ROWS, sizes.max_unwind_rows)
             .map_max_entries(maps::PROC_MAPS, sizes.max_processes)
             .map_max_entries(maps::PY_PROCS, sizes.max_processes)
-            .map_max_entries(maps::GO_BUCKETS, sizes.max_stacks)
-            .map_max_entries(maps::PENDING, sizes.max_threads);
+            .map_max_entries(maps::GO_BUCKETS, sizes.max_stacks);
         let mut ebpf = loader
             .load(EBPF_OBJECT)
             .map_err(|e| ProbeError::Load(format!("{e:#}"), load_hint(&e)))?;
@@ -302,6 +302,7 @@ impl Probes {
             unwind_next: 0,
             unwind_capacity: sizes.max_unwind_rows,
             registered: HashMap::new(),
+            unwind_epoch: 0,
             unwind_notes: UnwindNotes::default(),
             oom,
             python_objects: HashMap::new(),
@@ -584,6 +585,7 @@ impl Probes {
                 }
             }
         }
+        self.bump_unwind_epoch();
         self.registered.insert(pid, signature);
     }
 
@@ -678,6 +680,23 @@ impl Probes {
         if let Some(map) = self.ebpf.map_mut(maps::PROC_MAPS) {
             if let Ok(mut pm) = BpfHashMap::<&mut MapData, u32, ProcMaps>::try_from(map) {
                 let _ = pm.remove(&pid);
+            }
+        }
+        self.bump_unwind_epoch();
+    }
+
+    /// `PROC_MAPS` changed: the kernel's per-CPU cache of unwind rules
+    /// (keyed by process and pc) is stale. Called after the change, so a
+    /// walk that read the old mappings cached them under the old epoch.
+    fn bump_unwind_epoch(&mut self) {
+        // Never 0: the kernel treats epoch 0 as "do not cache".
+        self.unwind_epoch = self.unwind_epoch.wrapping_add(1).max(1);
+        let epoch = self.unwind_epoch;
+        if let Some(map) = self.ebpf.map_mut(maps::UNWIND_EPOCH) {
+            if let Ok(mut a) = Array::<&mut MapData, u32>::try_from(map) {
+                if let Err(e) = a.set(0, epoch, 0) {
+                    log::warn!("failed to update the unwinder's epoch: {e}");
+                }
             }
         }
     }

@@ -682,7 +682,6 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         MapSizes {
             max_allocs: cfg.max_allocs,
             max_stacks: cfg.max_stacks,
-            max_threads: 1 << 14,
             max_unwind_rows: cfg.max_unwind_rows,
             max_processes: 1 << 11,
         },
