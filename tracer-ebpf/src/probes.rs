@@ -9,7 +9,7 @@ use aya_ebpf::{
         bpf_probe_read_user,
     },
     macros::{map, raw_tracepoint, uprobe, uretprobe},
-    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{ProbeContext, RawTracePointContext, RetProbeContext},
 };
 use tracer_common::{
@@ -22,8 +22,15 @@ use crate::unwind::{record_stack, Regs};
 #[map]
 static ALLOCS: HashMap<AllocKey, AllocInfo> = HashMap::with_max_entries(1 << 20, 0);
 
+/// Per CPU, so threads of one program allocating from the same stack on
+/// different cores do not bounce one row's cache line (~150 ns a pair with
+/// two threads); user space sums the CPUs. Allocated on first use, so a
+/// many-core machine pays only for the rows in use.
 #[map]
-static STACK_TOTALS: HashMap<StackKey, StackTotals> = HashMap::with_max_entries(1 << 16, 0);
+static STACK_TOTALS: PerCpuHashMap<StackKey, StackTotals> =
+    PerCpuHashMap::with_max_entries(1 << 16, BPF_F_NO_PREALLOC);
+
+const BPF_F_NO_PREALLOC: u32 = 1;
 
 #[map]
 static PENDING: Array<PendingCall> = Array::with_max_entries(PENDING_SLOTS, 0);
@@ -86,16 +93,16 @@ fn enter(ctx: &ProbeContext, kind: AllocKind, size_bytes: u64, old_addr: u64) ->
     // realloc's old block, and the syscalls it makes (malloc's own mmap
     // and brk) are known to come from inside the allocator.
     let (weight_bytes, weight_count) = sample(size_bytes).unwrap_or((0, 0));
-    *slot = PendingCall {
-        size_bytes,
-        old_addr,
-        entry_sp,
-        kind: kind as u32,
-        depth: 0,
-        weight_bytes,
-        weight_count,
-        tid,
-    };
+    // Field by field: the slot's padding is never touched (see
+    // `PendingCall::_pad`).
+    slot.size_bytes = size_bytes;
+    slot.old_addr = old_addr;
+    slot.entry_sp = entry_sp;
+    slot.kind = kind as u32;
+    slot.depth = 0;
+    slot.weight_bytes = weight_bytes;
+    slot.weight_count = weight_count;
+    slot.tid = tid;
     0
 }
 
@@ -153,6 +160,16 @@ pub fn valloc_enter(ctx: ProbeContext) -> u32 {
 
 // ---- return --------------------------------------------------------------
 
+/// What the return needs of a pending call (copied out without the slot's
+/// padding).
+struct Call {
+    size_bytes: u64,
+    old_addr: u64,
+    kind: u32,
+    weight_bytes: u64,
+    weight_count: u32,
+}
+
 #[uretprobe]
 pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
@@ -169,7 +186,13 @@ pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
         pending.depth -= 1;
         return 0;
     }
-    let call = *pending;
+    let call = Call {
+        size_bytes: pending.size_bytes,
+        old_addr: pending.old_addr,
+        kind: pending.kind,
+        weight_bytes: pending.weight_bytes,
+        weight_count: pending.weight_count,
+    };
     pending.tid = 0;
 
     let ret: u64 = ctx.ret();
@@ -360,7 +383,8 @@ fn credit(tgid: u32, stack_id: StackId, size_bytes: u64, n: u32) {
         total_bytes: size_bytes,
         total_allocs: n as u64,
     };
-    // BPF_NOEXIST: another CPU may have created the row meanwhile.
+    // BPF_NOEXIST (this CPU's value is `fresh`, the others zero): another
+    // CPU may have created the row meanwhile, and then ours is zero.
     if STACK_TOTALS.insert(key, fresh, 1).is_ok() {
         return;
     }
@@ -454,8 +478,11 @@ pub fn free_enter(ctx: ProbeContext) -> u32 {
 #[map]
 static TARGETS: HashMap<u32, u32> = HashMap::with_max_entries(1 << 14, 0);
 
+/// Memory syscalls between entry and exit, by `tid % PENDING_SLOTS`: the
+/// exit of every syscall on the machine looks here, so it must be an array
+/// slot (a few ns), not a hash lookup.
 #[map]
-static PENDING_SYSCALLS: HashMap<u32, PendingSyscall> = HashMap::with_max_entries(1 << 14, 0);
+static PENDING_SYSCALLS: Array<PendingSyscall> = Array::with_max_entries(PENDING_SLOTS, 0);
 
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
@@ -521,10 +548,21 @@ pub fn sys_enter(ctx: RawTracePointContext) -> u32 {
     } else {
         0
     };
-    let pending = PendingSyscall { nr, flags, args };
-    if PENDING_SYSCALLS.insert(tid, pending, 0).is_err() {
+    let Some(slot) = PENDING_SYSCALLS.get_ptr_mut(tid & (PENDING_SLOTS - 1)) else {
+        return 0;
+    };
+    // SAFETY: an array value; its `tid` says whose it is.
+    let slot = unsafe { &mut *slot };
+    if slot.tid != 0 && slot.tid != tid {
         count(Counter::PendingSyscallsFull);
     }
+    *slot = PendingSyscall {
+        nr,
+        flags,
+        args,
+        tid,
+        _pad: 0,
+    };
     0
 }
 
@@ -533,11 +571,16 @@ pub fn sys_enter(ctx: RawTracePointContext) -> u32 {
 pub fn sys_exit(ctx: RawTracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tid = pid_tgid as u32;
-    // SAFETY: the value is copied before the entry is removed.
-    let Some(pending) = (unsafe { PENDING_SYSCALLS.get(&tid) }).copied() else {
+    let Some(slot) = PENDING_SYSCALLS.get_ptr_mut(tid & (PENDING_SLOTS - 1)) else {
         return 0;
     };
-    let _ = PENDING_SYSCALLS.remove(&tid);
+    // SAFETY: an array value; its `tid` says whose it is.
+    let slot = unsafe { &mut *slot };
+    if slot.tid != tid {
+        return 0;
+    }
+    let pending = *slot;
+    slot.tid = 0;
     let ret: i64 = ctx.arg(1);
     if ret < 0 && ret > -4096 {
         return 0;

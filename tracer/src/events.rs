@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap};
 use tracer_common::{maps, Counter, StackBuf, StackId, StackKey, StackTotals, STACK_LOST};
 
 use crate::probe::Probes;
@@ -83,6 +83,18 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// One stack's totals over the CPUs' shares (each CPU keeps its own; a
+/// block freed on another CPU than it was allocated on makes one share
+/// negative, the sum is right).
+fn sum_cpus<'a>(shares: impl Iterator<Item = &'a StackTotals>) -> StackTotals {
+    shares.fold(StackTotals::default(), |acc, t| StackTotals {
+        outstanding_bytes: acc.outstanding_bytes.wrapping_add(t.outstanding_bytes),
+        outstanding_allocs: acc.outstanding_allocs.wrapping_add(t.outstanding_allocs),
+        total_bytes: acc.total_bytes.wrapping_add(t.total_bytes),
+        total_allocs: acc.total_allocs.wrapping_add(t.total_allocs),
+    })
+}
+
 /// One reading of the per-stack ledger.
 #[derive(Clone, Debug, Default)]
 pub struct Reading {
@@ -111,12 +123,12 @@ impl Probes {
             map: maps::STACK_TOTALS,
             reason: "missing".into(),
         })?;
-        let totals: BpfHashMap<&MapData, StackKey, StackTotals> =
-            BpfHashMap::try_from(map).map_err(read_err(maps::STACK_TOTALS))?;
+        let totals: PerCpuHashMap<&MapData, StackKey, StackTotals> =
+            PerCpuHashMap::try_from(map).map_err(read_err(maps::STACK_TOTALS))?;
         let mut rows = Vec::new();
         for item in totals.iter() {
             match item {
-                Ok(row) => rows.push(row),
+                Ok((key, per_cpu)) => rows.push((key, sum_cpus(per_cpu.iter()))),
                 // A row deleted while iterating: skip it.
                 Err(aya::maps::MapError::KeyNotFound) => continue,
                 Err(e) => return Err(read_err(maps::STACK_TOTALS)(e)),
@@ -216,8 +228,8 @@ impl Probes {
     /// Forget a process's rows (it exited): its live blocks and its ledger.
     pub fn forget_process(&mut self, tgid: u32) -> Result<(), ReadError> {
         if let Some(map) = self.ebpf.map_mut(maps::STACK_TOTALS) {
-            let mut totals: BpfHashMap<&mut MapData, StackKey, StackTotals> =
-                BpfHashMap::try_from(map).map_err(read_err(maps::STACK_TOTALS))?;
+            let mut totals: PerCpuHashMap<&mut MapData, StackKey, StackTotals> =
+                PerCpuHashMap::try_from(map).map_err(read_err(maps::STACK_TOTALS))?;
             let keys: Vec<StackKey> = totals
                 .keys()
                 .filter_map(Result::ok)
