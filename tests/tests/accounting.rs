@@ -47,7 +47,6 @@ const LOSS_COUNTERS: &[&str] = &[
     "missing_return",
     "stale_replaced",
     "syscall_events_lost",
-    "pending_syscalls_displaced",
 ];
 
 /// This machine has two CPUs: the full-speed load test would starve the

@@ -48,8 +48,6 @@ pub mod maps {
     pub const COUNTERS: &str = "COUNTERS";
     /// tgid -> 1 for every traced process (filters the syscall programs).
     pub const TARGETS: &str = "TARGETS";
-    /// Slot `tid % PENDING_SLOTS` -> [`crate::PendingSyscall`] (array).
-    pub const PENDING_SYSCALLS: &str = "PENDING_SYSCALLS";
     /// Ring buffer of [`crate::SyscallEvent`].
     pub const EVENTS: &str = "EVENTS";
     /// tgid -> [`crate::PyProc`]: processes running a CPython whose frame
@@ -85,20 +83,6 @@ pub mod globals {
     /// BTF); 0: unknown, Python frames are not walked.
     pub const TASK_FSBASE_OFFSET: &str = "TASK_FSBASE_OFFSET";
 }
-
-/// A memory syscall between entry and exit.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PendingSyscall {
-    pub nr: u32,
-    /// Copied to [`SyscallEvent::flags`].
-    pub flags: u32,
-    pub args: [u64; 3],
-    /// The thread in the syscall; 0 for a free slot.
-    pub tid: u32,
-    pub _pad: u32,
-}
-const _: () = assert!(size_of::<PendingSyscall>() == 40);
 
 /// A completed memory syscall of a traced process, for user space's
 /// region tracker. Calls made from inside a probed allocator (malloc's own
@@ -283,16 +267,13 @@ pub enum Counter {
     StaleReplaced = 12,
     /// Lost: the syscall ring buffer was full.
     EventsLost = 13,
-    /// Lost: a memory syscall's pending record was displaced by another
-    /// thread's sharing its slot.
-    PendingSyscallsFull = 14,
 }
 
 /// Number of slots in `COUNTERS`.
 pub const COUNTER_SLOTS: u32 = 16;
 
 impl Counter {
-    pub const ALL: [Counter; 15] = [
+    pub const ALL: [Counter; 14] = [
         Counter::Allocs,
         Counter::Frees,
         Counter::FreesUnknown,
@@ -307,7 +288,6 @@ impl Counter {
         Counter::MissingReturn,
         Counter::StaleReplaced,
         Counter::EventsLost,
-        Counter::PendingSyscallsFull,
     ];
 
     /// Name used in reports (`snake_case`).
@@ -327,7 +307,6 @@ impl Counter {
             Counter::MissingReturn => "missing_return",
             Counter::StaleReplaced => "stale_replaced",
             Counter::EventsLost => "syscall_events_lost",
-            Counter::PendingSyscallsFull => "pending_syscalls_displaced",
         }
     }
 
@@ -344,7 +323,6 @@ impl Counter {
                 | Counter::MissingReturn
                 | Counter::StaleReplaced
                 | Counter::EventsLost
-                | Counter::PendingSyscallsFull
         )
     }
 }
@@ -541,7 +519,6 @@ pub const GO_BUCKET_SIZE_OFFSET: u64 = 32;
 mod pod {
     unsafe impl aya::Pod for GoBucketKey {}
     unsafe impl aya::Pod for UnwindRow {}
-    unsafe impl aya::Pod for PendingSyscall {}
     unsafe impl aya::Pod for StackBuf {}
     unsafe impl aya::Pod for ExecMap {}
     unsafe impl aya::Pod for ProcMaps {}

@@ -13,7 +13,7 @@ use aya_ebpf::{
     programs::{ProbeContext, RawTracePointContext, RetProbeContext},
 };
 use tracer_common::{
-    sys, AllocInfo, AllocKey, AllocKind, Counter, PendingCall, PendingSyscall, StackId, StackKey,
+    sys, AllocInfo, AllocKey, AllocKind, Counter, PendingCall, StackId, StackKey,
     StackTotals, SyscallEvent, COUNTER_SLOTS, PENDING_SLOTS, STACK_LOST, SYSCALL_IN_ALLOCATOR,
 };
 
@@ -478,21 +478,16 @@ pub fn free_enter(ctx: ProbeContext) -> u32 {
 #[map]
 static TARGETS: HashMap<u32, u32> = HashMap::with_max_entries(1 << 14, 0);
 
-/// Memory syscalls between entry and exit, by `tid % PENDING_SLOTS`: the
-/// exit of every syscall on the machine looks here, so it must be an array
-/// slot (a few ns), not a hash lookup.
-#[map]
-static PENDING_SYSCALLS: Array<PendingSyscall> = Array::with_max_entries(PENDING_SLOTS, 0);
-
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
 
-/// Offsets of the argument registers in x86-64 `struct pt_regs`.
+/// Offsets in x86-64 `struct pt_regs`.
 const PT_REGS_DI: usize = 112;
 const PT_REGS_SI: usize = 104;
 const PT_REGS_DX: usize = 96;
 const PT_REGS_R10: usize = 56;
 const PT_REGS_BP: usize = 32;
+const PT_REGS_ORIG_AX: usize = 120;
 const PT_REGS_IP: usize = 128;
 const PT_REGS_SP: usize = 152;
 
@@ -502,12 +497,19 @@ fn reg(regs: *const u8, off: usize) -> u64 {
     unsafe { bpf_probe_read_kernel(regs.add(off).cast::<u64>()) }.unwrap_or(0)
 }
 
-/// `sys_enter(struct pt_regs *regs, long id)`, every syscall of every task:
-/// keep only memory syscalls of traced processes made outside the allocator.
-#[raw_tracepoint(tracepoint = "sys_enter")]
-pub fn sys_enter(ctx: RawTracePointContext) -> u32 {
-    let nr: u64 = ctx.arg(1);
-    let nr = nr as u32;
+/// `sys_exit(struct pt_regs *regs, long ret)`, every syscall of every task:
+/// keep successful memory syscalls of traced processes made outside the
+/// allocator (brk inside it too, so the break's position is known).
+///
+/// Everything is read at the exit: the syscall number (`orig_ax`) and the
+/// arguments are still in the saved user registers. One program instead of
+/// an entry and an exit program matters because every uretprobe return is
+/// a syscall (`uretprobe`, Linux 6.11+) that would run both.
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn sys_exit(ctx: RawTracePointContext) -> u32 {
+    let regs: u64 = ctx.arg(0);
+    let regs = regs as *const u8;
+    let nr = reg(regs, PT_REGS_ORIG_AX) as u32;
     if nr != sys::MMAP && nr != sys::MUNMAP && nr != sys::MREMAP && nr != sys::BRK {
         return 0;
     }
@@ -518,15 +520,16 @@ pub fn sys_enter(ctx: RawTracePointContext) -> u32 {
     if unsafe { TARGETS.get(&tgid) }.is_none() {
         return 0;
     }
+    let ret: i64 = ctx.arg(1);
+    if ret < 0 && ret > -4096 {
+        return 0;
+    }
     // Inside malloc & co: the block is counted by the allocator probes.
     // Only the break's new position is still wanted.
-    // SAFETY: read-only lookup.
     let in_allocator = pending_slot(tid).is_some_and(|p| p.tid == tid);
     if in_allocator && nr != sys::BRK {
         return 0;
     }
-    let regs: u64 = ctx.arg(0);
-    let regs = regs as *const u8;
     let args = match nr {
         sys::MMAP => {
             let flags = reg(regs, PT_REGS_R10);
@@ -543,72 +546,28 @@ pub fn sys_enter(ctx: RawTracePointContext) -> u32 {
         ],
         _ => [reg(regs, PT_REGS_DI), 0, 0],
     };
-    let flags = if in_allocator {
-        SYSCALL_IN_ALLOCATOR
-    } else {
-        0
-    };
-    let Some(slot) = PENDING_SYSCALLS.get_ptr_mut(tid & (PENDING_SLOTS - 1)) else {
-        return 0;
-    };
-    // SAFETY: an array value; its `tid` says whose it is.
-    let slot = unsafe { &mut *slot };
-    if slot.tid != 0 && slot.tid != tid {
-        count(Counter::PendingSyscallsFull);
-    }
-    *slot = PendingSyscall {
-        nr,
-        flags,
-        args,
-        tid,
-        _pad: 0,
-    };
-    0
-}
-
-/// `sys_exit(struct pt_regs *regs, long ret)`.
-#[raw_tracepoint(tracepoint = "sys_exit")]
-pub fn sys_exit(ctx: RawTracePointContext) -> u32 {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let tid = pid_tgid as u32;
-    let Some(slot) = PENDING_SYSCALLS.get_ptr_mut(tid & (PENDING_SLOTS - 1)) else {
-        return 0;
-    };
-    // SAFETY: an array value; its `tid` says whose it is.
-    let slot = unsafe { &mut *slot };
-    if slot.tid != tid {
-        return 0;
-    }
-    let pending = *slot;
-    slot.tid = 0;
-    let ret: i64 = ctx.arg(1);
-    if ret < 0 && ret > -4096 {
-        return 0;
-    }
-    let tgid = (pid_tgid >> 32) as u32;
-    let stack_id = if pending.flags & SYSCALL_IN_ALLOCATOR != 0 {
-        STACK_LOST
+    let (flags, stack_id) = if in_allocator {
+        (SYSCALL_IN_ALLOCATOR, STACK_LOST)
     } else {
         // The syscall's pt_regs are the user registers at the `syscall`.
-        let regs: u64 = ctx.arg(0);
-        let regs = regs as *const u8;
-        record_stack(
+        let stack_id = record_stack(
             tgid,
             Regs {
                 ip: reg(regs, PT_REGS_IP),
                 sp: reg(regs, PT_REGS_SP),
                 bp: reg(regs, PT_REGS_BP),
             },
-        )
+        );
+        (0, stack_id)
     };
     let event = SyscallEvent {
         ts_ns: unsafe { bpf_ktime_get_ns() },
         tgid,
-        nr: pending.nr,
+        nr,
         ret: ret as u64,
-        args: pending.args,
+        args,
         stack_id,
-        flags: pending.flags,
+        flags,
         _pad: 0,
     };
     if EVENTS.output::<SyscallEvent>(&event, 0).is_err() {

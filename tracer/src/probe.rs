@@ -277,19 +277,18 @@ impl Probes {
             attach_raw_tp(&mut ebpf, "oom_mark_victim", "mark_victim")
         };
         if options.syscalls {
-            for (prog, tp) in [("sys_enter", "sys_enter"), ("sys_exit", "sys_exit")] {
-                let p: &mut RawTracePoint = ebpf
-                    .program_mut(prog)
-                    .ok_or_else(|| ProbeError::Load(format!("program {prog} missing"), ""))?
-                    .try_into()
-                    .map_err(|e: ProgramError| ProbeError::Load(format!("{prog}: {e}"), ""))?;
-                p.attach(tp).map_err(|e| {
-                    ProbeError::Load(
-                        format!("failed to attach raw tracepoint {tp}: {}", error_chain(&e)),
-                        load_hint(&e),
-                    )
-                })?;
-            }
+            let (prog, tp) = ("sys_exit", "sys_exit");
+            let p: &mut RawTracePoint = ebpf
+                .program_mut(prog)
+                .ok_or_else(|| ProbeError::Load(format!("program {prog} missing"), ""))?
+                .try_into()
+                .map_err(|e: ProgramError| ProbeError::Load(format!("{prog}: {e}"), ""))?;
+            p.attach(tp).map_err(|e| {
+                ProbeError::Load(
+                    format!("failed to attach raw tracepoint {tp}: {}", error_chain(&e)),
+                    load_hint(&e),
+                )
+            })?;
         }
         Ok(Self {
             ebpf,
