@@ -13,8 +13,8 @@ use aya_ebpf::{
     programs::{ProbeContext, RawTracePointContext, RetProbeContext},
 };
 use tracer_common::{
-    sys, AllocInfo, AllocKey, AllocKind, Counter, PendingCall, StackId, StackKey,
-    StackTotals, SyscallEvent, COUNTER_SLOTS, PENDING_SLOTS, STACK_LOST, SYSCALL_IN_ALLOCATOR,
+    sys, AllocInfo, AllocKey, AllocKind, Counter, PendingCall, StackId, StackKey, StackTotals,
+    SyscallEvent, COUNTER_SLOTS, PENDING_SLOTS, STACK_LOST, SYSCALL_IN_ALLOCATOR,
 };
 
 use crate::unwind::{record_stack, Regs};
