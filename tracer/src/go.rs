@@ -8,8 +8,12 @@
 //! `tracer-ebpf/src/go.rs` turns into `(tgid, bucket)` -> sampled objects
 //! still live. This module:
 //! - detects a Go executable at attach ([`inspect_object`]: build info,
-//!   the two functions, `runtime.MemProfileRate`), refusing versions whose
-//!   argument registers are not known and stripped binaries (no `.symtab`);
+//!   the two functions, `runtime.MemProfileRate`, `runtime.mbuckets`),
+//!   refusing versions whose argument registers are not known. Stripped
+//!   binaries (no `.symtab`) get their functions from `.gopclntab`
+//!   ([`crate::gopclntab`]) and their variables from the first
+//!   RIP-relative operand of a function known to read them
+//!   ([`stripped_variables`]);
 //! - reads each bucket's stack (`nstk` at +40, return PCs at +48) and the
 //!   sampling rate from the live process;
 //! - scales sampled bytes the way `go tool pprof -inuse_space` does:
@@ -24,6 +28,7 @@ use std::{fs, path::Path};
 use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
 
 use crate::{
+    gopclntab::{rip_relative, GoTable, RipOp},
     procfs::MapEntry,
     python::read_mem,
     unwind_table::{vaddr_of_file_offset, Segment},
@@ -56,8 +61,14 @@ pub struct GoObjectInfo {
     pub rate_vaddr: Option<u64>,
     /// Virtual address of `runtime.mbuckets`.
     pub mbuckets_vaddr: Option<u64>,
-    /// No `.symtab`: the function table would have to come from `.gopclntab`.
+    /// Virtual address of `runtime.mProfCycle` (u32: cycle << 1 | flushed).
+    pub mprof_cycle_vaddr: Option<u64>,
+    /// Virtual address of `runtime.profMemActiveLock` (non-zero while held).
+    pub active_lock_vaddr: Option<u64>,
+    /// No `.symtab`: functions and variables came from `.gopclntab`.
     pub stripped: bool,
+    /// Why `.gopclntab` could not be read (stripped binaries only).
+    pub pclntab_error: Option<String>,
     pub segments: Vec<Segment>,
 }
 
@@ -83,11 +94,10 @@ impl GoObjectInfo {
                 self.version
             ));
         }
-        if self.stripped {
+        if let Some(why) = &self.pclntab_error {
             return Some(format!(
-                "stripped Go binary: {path} ({}) has no symbol table; finding the runtime's \
-                 profiling functions through .gopclntab is not yet supported; build without \
-                 -ldflags=-s to trace its Go heap",
+                "stripped Go binary: {path} ({}) has no symbol table and its .gopclntab \
+                 could not be read ({why}); build without -ldflags=-s to trace its Go heap",
                 self.version
             ));
         }
@@ -168,7 +178,10 @@ pub fn inspect_object(path: &Path) -> Option<GoObjectInfo> {
         mprof_free: None,
         rate_vaddr: None,
         mbuckets_vaddr: None,
+        mprof_cycle_vaddr: None,
+        active_lock_vaddr: None,
         stripped: file.section_by_name(".symtab").is_none(),
+        pclntab_error: None,
         segments: Vec::new(),
     };
     let file_offset = |sym: &object::Symbol<'_, '_>| -> Option<u64> {
@@ -187,6 +200,8 @@ pub fn inspect_object(path: &Path) -> Option<GoObjectInfo> {
             Ok("runtime.mProf_Free") => info.mprof_free = file_offset(&sym),
             Ok("runtime.MemProfileRate") => info.rate_vaddr = Some(sym.address()),
             Ok("runtime.mbuckets") => info.mbuckets_vaddr = Some(sym.address()),
+            Ok("runtime.mProfCycle") => info.mprof_cycle_vaddr = Some(sym.address()),
+            Ok("runtime.profMemActiveLock") => info.active_lock_vaddr = Some(sym.address()),
             Ok("runtime.buildVersion") => build_version_vaddr = Some(sym.address()),
             _ => {}
         }
@@ -217,7 +232,98 @@ pub fn inspect_object(path: &Path) -> Option<GoObjectInfo> {
     }
     info.version = version.unwrap_or_else(|| "unknown".into());
     info.segments = crate::unwind_table::segments_of(&file);
+    if info.stripped {
+        match GoTable::from_elf(&data) {
+            Ok(table) => stripped_variables(&file, &table, &mut info),
+            Err(e) => info.pclntab_error = Some(e.to_string()),
+        }
+    }
     Some(info)
+}
+
+/// Fill in what `.symtab` would have given, for a stripped binary: the
+/// functions from `.gopclntab` (their entry's file offset), and the
+/// variables, which no Go table lists, from the code that reads them (the
+/// first RIP-relative operand that lands in a data section):
+/// - `runtime.mbuckets`: `MOVQ runtime.mbuckets(SB), reg` opens the loop
+///   of `runtime.mProf_FlushLocked`;
+/// - `runtime.MemProfileRate`: the 8-byte load in `runtime.profilealloc`
+///   whose source line is in `malloc.go` (`nextSample`, inlined; the load
+///   before it, `mcache0`, is in `mcache.go`);
+/// - `runtime.mProfCycle`: the 4-byte load that opens `runtime.mProf_Flush`,
+///   and `runtime.profMemActiveLock`, the `LEAQ` there that is not of
+///   `mProfCycle` (the lock it takes).
+///
+/// Each was checked against `.symtab` of unstripped builds (Go 1.19, and
+/// the operands are the same instructions in the 1.21-1.25 sources); what
+/// does not match stays `None` and is reported as missing.
+pub fn stripped_variables(file: &object::File<'_>, table: &GoTable, info: &mut GoObjectInfo) {
+    let sections: Vec<(u64, u64, Option<&[u8]>, bool)> = file
+        .sections()
+        .map(|s| {
+            let writable = matches!(
+                s.kind(),
+                object::SectionKind::Data | object::SectionKind::UninitializedData
+            );
+            (s.address(), s.size(), s.data().ok(), writable)
+        })
+        .collect();
+    let in_data = |target: u64, align: u64| {
+        target.is_multiple_of(align)
+            && sections
+                .iter()
+                .any(|(a, size, _, w)| *w && *a <= target && target < a + size)
+    };
+    let code_of = |name: &str| -> Option<(u64, &[u8])> {
+        let f = table.find(name)?;
+        sections.iter().find_map(|(a, size, d, _)| {
+            let d = (*d)?;
+            let rel = usize::try_from(f.entry.checked_sub(*a)?).ok()?;
+            let len = usize::try_from(f.end - f.entry).ok()?;
+            (f.end <= a + size).then_some(())?;
+            Some((f.entry, d.get(rel..rel.checked_add(len)?)?))
+        })
+    };
+    let offset_of = |name: &str| -> Option<u64> {
+        let f = table.find(name)?;
+        file.sections().find_map(|s| {
+            let (off, size) = s.file_range()?;
+            let rel = f.entry.checked_sub(s.address())?;
+            (rel < size).then_some(off + rel)
+        })
+    };
+    info.setprofilebucket = offset_of("runtime.setprofilebucket");
+    info.mprof_free = offset_of("runtime.mProf_Free");
+    if let Some((at, code)) = code_of("runtime.mProf_FlushLocked") {
+        info.mbuckets_vaddr = rip_relative(code, at, RipOp::Load64, |_, t| in_data(t, 8));
+    }
+    if let Some((at, code)) = code_of("runtime.profilealloc") {
+        info.rate_vaddr = rip_relative(code, at, RipOp::Load64, |pc, t| {
+            in_data(t, 8)
+                && table
+                    .frames(pc)
+                    .first()
+                    .and_then(|f| f.file.as_deref())
+                    .is_some_and(|f| f.ends_with("/malloc.go"))
+        });
+    }
+    if let Some((at, code)) = code_of("runtime.mProf_Flush") {
+        let cycle = rip_relative(code, at, RipOp::Load32, |_, t| in_data(t, 4));
+        info.mprof_cycle_vaddr = cycle;
+        info.active_lock_vaddr =
+            cycle.and_then(|c| rip_relative(code, at, RipOp::Lea, |_, t| t != c && in_data(t, 8)));
+    }
+    log::debug!(
+        "stripped Go binary ({}): setprofilebucket {:?} mProf_Free {:?} MemProfileRate {:x?} \
+         mbuckets {:x?} mProfCycle {:x?} profMemActiveLock {:x?}",
+        info.version,
+        info.setprofilebucket,
+        info.mprof_free,
+        info.rate_vaddr,
+        info.mbuckets_vaddr,
+        info.mprof_cycle_vaddr,
+        info.active_lock_vaddr
+    );
 }
 
 /// A Go binary being traced in one process.
@@ -228,6 +334,18 @@ pub struct GoTarget {
     pub version: String,
     /// Runtime address of `runtime.MemProfileRate`.
     pub rate_addr: u64,
+    /// Runtime address of `runtime.mbuckets`.
+    pub mbuckets_addr: Option<u64>,
+    /// Runtime addresses of `runtime.mProfCycle` and
+    /// `runtime.profMemActiveLock`, read around a walk to detect a flush.
+    pub cycle_addr: Option<u64>,
+    pub lock_addr: Option<u64>,
+    /// The runtime's buckets as walked at attach: sampled objects
+    /// allocated before leaktrace attached and not freed since, which
+    /// the probes cannot see. Empty when the walk failed (see
+    /// `baseline_error`).
+    pub baseline: Vec<BucketSnapshot>,
+    pub baseline_error: Option<String>,
 }
 
 impl GoTarget {
@@ -242,11 +360,71 @@ impl GoTarget {
         let vaddr = vaddr_of_file_offset(&text, m.offset)
             .or_else(|| vaddr_of_file_offset(&info.segments, m.offset))?;
         let bias = m.start.wrapping_sub(vaddr);
+        let rebase = |v: Option<u64>| v.map(|v| v.wrapping_add(bias));
         Some(Self {
             object: m.path.clone().unwrap_or_default(),
             version: info.version.clone(),
             rate_addr: info.rate_vaddr?.wrapping_add(bias),
+            mbuckets_addr: rebase(info.mbuckets_vaddr),
+            cycle_addr: rebase(info.mprof_cycle_vaddr),
+            lock_addr: rebase(info.active_lock_vaddr),
+            baseline: Vec::new(),
+            baseline_error: None,
         })
+    }
+
+    /// Walk the runtime's bucket list (`runtime.mbuckets`, linked by
+    /// `allnext` at +8) once, as `runtime.MemProfile` would, and keep each
+    /// bucket's sampled objects still live: `active` plus every `future`
+    /// cycle, allocations minus frees. Counting the futures too (unlike
+    /// `MemProfile`, which stops at the last GC) makes the figure the
+    /// exact live count now, which the probes then move: a later
+    /// `mProf_Free` of an object counted here debits it.
+    ///
+    /// The runtime is not stopped. Bucket headers and stacks never change
+    /// once published; the counters can move under the read, and a
+    /// flush (`mProf_FlushLocked`, under `profMemActiveLock`, after
+    /// `mProfCycle` changed) moves counts from a `future` into `active`,
+    /// which could count a cycle twice or not at all. So the cycle word
+    /// and the lock are read before and after, and the walk is retried
+    /// (up to 5 times) until neither moved and the lock was free.
+    pub fn walk(&mut self, pid: u32) {
+        let Some(head_addr) = self.mbuckets_addr else {
+            self.baseline_error = Some("runtime.mbuckets not found".into());
+            return;
+        };
+        let guard = |t: &Self| -> Option<(u64, u64)> {
+            let word = |a: Option<u64>, n: usize| -> Option<u64> {
+                let b = read_mem(pid, a?, n).ok()?;
+                let mut w = [0u8; 8];
+                w[..n].copy_from_slice(&b);
+                Some(u64::from_le_bytes(w))
+            };
+            Some((word(t.cycle_addr, 4)?, word(t.lock_addr, 8)?))
+        };
+        let mut last_err = String::new();
+        for _ in 0..5 {
+            let before = guard(self);
+            match walk_buckets(pid, head_addr) {
+                Ok(buckets) => {
+                    let after = guard(self);
+                    let settled = match (before, after) {
+                        (Some(b), Some(a)) => b == a && b.1 == 0,
+                        // Without the guard words the walk is taken as is.
+                        _ => true,
+                    };
+                    if settled {
+                        self.baseline = buckets;
+                        self.baseline_error = None;
+                        return;
+                    }
+                    last_err = "the runtime flushed its profile during every walk".into();
+                }
+                Err(e) => last_err = e,
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        self.baseline_error = Some(last_err);
     }
 
     /// The process's current `runtime.MemProfileRate`.
@@ -298,6 +476,128 @@ pub fn read_bucket(pid: u32, b: u64) -> Result<Bucket, &'static str> {
         .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
         .collect();
     Ok(Bucket { size_bytes, pcs })
+}
+
+/// Return addresses of `runtime.asmcgocall`'s call into C after it
+/// switched to the system stack, in a Go executable (`data`, its bytes):
+/// the unwinder cannot follow that frame by its CFI. The call is recognised by its
+/// bytes: `CALL AX` followed by `MOVQ 0x30(SP), DI` (reloading the saved
+/// g), as in Go 1.17-1.25's asm_amd64.s; a runtime whose sequence differs
+/// gets no rule (and a wrong frame may follow asmcgocall).
+pub fn cgocall_return_pcs(data: &[u8]) -> Vec<u64> {
+    const SWITCHED_CALL: [u8; 7] = [0xff, 0xd0, 0x48, 0x8b, 0x7c, 0x24, 0x30];
+    let Ok(file) = object::File::parse(data) else {
+        return Vec::new();
+    };
+    if file.section_by_name(".gopclntab").is_none()
+        && file.section_by_name(".data.rel.ro.gopclntab").is_none()
+    {
+        return Vec::new();
+    }
+    let Ok(table) = GoTable::from_elf(data) else {
+        return Vec::new();
+    };
+    table
+        .functions()
+        .filter(|f| f.name == "runtime.asmcgocall" || f.name == "runtime.asmcgocall.abi0")
+        .filter_map(|f| {
+            let code = table.code(&f)?;
+            let at = code
+                .windows(SWITCHED_CALL.len())
+                .position(|w| w == SWITCHED_CALL)?;
+            Some(f.entry + at as u64 + 2)
+        })
+        .collect()
+}
+
+/// One bucket as walked from `runtime.mbuckets`: its stack, object size
+/// and sampled counts (raw, not scaled by the sampling rate).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BucketSnapshot {
+    pub addr: u64,
+    pub bucket: Bucket,
+    /// Sampled objects and bytes allocated and not yet freed.
+    pub live_objects: i64,
+    pub live_bytes: i64,
+    /// Sampled objects and bytes allocated in all.
+    pub alloc_objects: u64,
+    pub alloc_bytes: u64,
+}
+
+/// Byte size of `runtime.memRecord`: `active` and `future[3]`, each four
+/// `uintptr` (allocs, frees, alloc_bytes, free_bytes).
+const MEM_RECORD: usize = 128;
+/// More buckets than this means the list was misread (a loop, a wrong
+/// `mbuckets`); the runtime's own hash table has 179999 chains.
+const MAX_BUCKETS: usize = 1 << 20;
+/// `runtime.bucketType` of heap profile buckets.
+const MEM_PROFILE: u64 = 1;
+
+/// Walk the bucket list whose head pointer is at `head_addr`: every heap
+/// bucket with sampled objects still live.
+pub fn walk_buckets(pid: u32, head_addr: u64) -> Result<Vec<BucketSnapshot>, String> {
+    let word = |b: &[u8], off: usize| -> u64 {
+        b.get(off..off + 8)
+            .and_then(|s| s.try_into().ok())
+            .map(u64::from_le_bytes)
+            .unwrap_or(0)
+    };
+    let head = read_mem(pid, head_addr, 8).map_err(|e| format!("runtime.mbuckets: {e}"))?;
+    let mut b = word(&head, 0);
+    let mut out = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    while b != 0 {
+        if !seen.insert(b) || seen.len() > MAX_BUCKETS {
+            return Err(format!(
+                "bucket list loops or is implausibly long at {b:#x}"
+            ));
+        }
+        let hdr =
+            read_mem(pid, b, BUCKET_STACK as usize).map_err(|e| format!("bucket {b:#x}: {e}"))?;
+        let (next, typ, size, nstk) = (
+            word(&hdr, 8),
+            word(&hdr, 16),
+            word(&hdr, 32),
+            word(&hdr, 40),
+        );
+        if typ != MEM_PROFILE || nstk == 0 || nstk > MAX_BUCKET_FRAMES {
+            return Err(format!(
+                "bucket {b:#x}: implausible header (type {typ}, {nstk} frames)"
+            ));
+        }
+        let body = read_mem(pid, b + BUCKET_STACK, 8 * nstk as usize + MEM_RECORD)
+            .map_err(|e| format!("bucket {b:#x}: {e}"))?;
+        let rec = &body[8 * nstk as usize..];
+        let (mut allocs, mut frees, mut abytes, mut fbytes) = (0u64, 0u64, 0u64, 0u64);
+        for cycle in 0..4 {
+            let at = 32 * cycle;
+            allocs = allocs.wrapping_add(word(rec, at));
+            frees = frees.wrapping_add(word(rec, at + 8));
+            abytes = abytes.wrapping_add(word(rec, at + 16));
+            fbytes = fbytes.wrapping_add(word(rec, at + 24));
+        }
+        let live_objects = allocs.wrapping_sub(frees) as i64;
+        let live_bytes = abytes.wrapping_sub(fbytes) as i64;
+        if live_objects > 0 && live_bytes > 0 {
+            let pcs = body[..8 * nstk as usize]
+                .chunks_exact(8)
+                .map(|c| word(c, 0))
+                .collect();
+            out.push(BucketSnapshot {
+                addr: b,
+                bucket: Bucket {
+                    size_bytes: size,
+                    pcs,
+                },
+                live_objects,
+                live_bytes,
+                alloc_objects: allocs,
+                alloc_bytes: abytes,
+            });
+        }
+        b = next;
+    }
+    Ok(out)
 }
 
 /// The inverse sampling probability `go tool pprof` applies to a bucket
@@ -352,5 +652,169 @@ mod tests {
         let s = scale(4096.0, 512 * 1024);
         assert!((s - 128.5).abs() < 0.01, "{s}");
         assert_eq!(scale(4096.0, 1), 1.0);
+    }
+
+    /// A Go program built twice, with and without `-ldflags="-s -w"`, in
+    /// a temporary directory; `None` (and a note) when `go` is missing.
+    fn build_pair(tag: &str) -> Option<(std::path::PathBuf, std::path::PathBuf)> {
+        use std::process::Command;
+        if Command::new("go").arg("version").output().is_err() {
+            eprintln!("skipping {tag}: `go` is not installed (cargo xtask setup installs it)");
+            return None;
+        }
+        let dir =
+            std::env::temp_dir().join(format!("leaktrace-gopcln-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("create a temporary directory");
+        fs::write(
+            dir.join("main.go"),
+            "package main\n\nimport (\n\t\"fmt\"\n\t\"os\"\n\t\"runtime/pprof\"\n\t\"strings\"\n)\n\n\
+             var keep [][]byte\n\n//go:noinline\nfunc grow(n int) { keep = append(keep, make([]byte, n)) }\n\n\
+             func main() {\n\tgrow(len(os.Args))\n\tfmt.Println(strings.Repeat(\"x\", len(keep)))\n\
+             \t_ = pprof.WriteHeapProfile(os.Stdout)\n}\n",
+        )
+        .expect("write main.go");
+        fs::write(dir.join("go.mod"), "module pcln\n\ngo 1.16\n").expect("write go.mod");
+        let build = |out: &str, flags: &[&str]| {
+            let st = Command::new("go")
+                .arg("build")
+                .args(flags)
+                .args(["-o", out, "."])
+                .current_dir(&dir)
+                .env("GOPATH", dir.join("gopath"))
+                .env("GOCACHE", dir.join("gocache"))
+                .env("GOPROXY", "off")
+                .env("CGO_ENABLED", "0")
+                .status()
+                .expect("run go build");
+            assert!(st.success(), "{tag}: go build {flags:?} failed");
+            dir.join(out)
+        };
+        Some((build("full", &[]), build("stripped", &["-ldflags=-s -w"])))
+    }
+
+    #[test]
+    fn stripped_binary_matches_its_symbol_table() {
+        let Some((full, stripped)) = build_pair("match") else {
+            return;
+        };
+        let a = inspect_object(&full).expect("a Go binary");
+        let b = inspect_object(&stripped).expect("a Go binary");
+        assert!(!a.stripped && b.stripped);
+        assert_eq!(b.pclntab_error, None);
+        assert!(a.setprofilebucket.is_some() && a.mbuckets_vaddr.is_some());
+        // Stripping moves data (the symbol strings go), so check the
+        // operand search on the unstripped binary against its .symtab.
+        let data = fs::read(&full).expect("read the binary");
+        let file = object::File::parse(&*data).expect("parse the binary");
+        let table = GoTable::from_elf(&data).expect("parse .gopclntab");
+        let mut c = a.clone();
+        stripped_variables(&file, &table, &mut c);
+        for (what, x, y, z) in [
+            (
+                "setprofilebucket",
+                a.setprofilebucket,
+                c.setprofilebucket,
+                b.setprofilebucket,
+            ),
+            ("mProf_Free", a.mprof_free, c.mprof_free, b.mprof_free),
+            ("MemProfileRate", a.rate_vaddr, c.rate_vaddr, b.rate_vaddr),
+            (
+                "mbuckets",
+                a.mbuckets_vaddr,
+                c.mbuckets_vaddr,
+                b.mbuckets_vaddr,
+            ),
+            (
+                "mProfCycle",
+                a.mprof_cycle_vaddr,
+                c.mprof_cycle_vaddr,
+                b.mprof_cycle_vaddr,
+            ),
+            (
+                "profMemActiveLock",
+                a.active_lock_vaddr,
+                c.active_lock_vaddr,
+                b.active_lock_vaddr,
+            ),
+        ] {
+            assert!(x.is_some(), "{what} not in .symtab");
+            assert_eq!(x, y, "{what}: .symtab and the code disagree");
+            assert!(z.is_some(), "{what} not found in the stripped binary");
+        }
+        assert_eq!(a.refusal("full"), None);
+        assert_eq!(b.refusal("stripped"), None);
+
+        // Every main.* function of .symtab is in the table at the same
+        // address, in main.go.
+        assert!(table.has_inline_trees(), "moduledata.gofunc not found");
+        let mut checked = 0;
+        for sym in file.symbols() {
+            let Ok(name) = sym.name() else { continue };
+            if sym.kind() != object::SymbolKind::Text || !name.starts_with("main.") {
+                continue;
+            }
+            let f = table
+                .find(name)
+                .unwrap_or_else(|| panic!("{name} not in .gopclntab"));
+            assert_eq!(f.entry, sym.address(), "{name}");
+            let frames = table.frames(f.entry);
+            assert_eq!(frames.last().map(|f| f.function.as_str()), Some(name));
+            assert!(
+                frames
+                    .last()
+                    .and_then(|f| f.file.as_deref())
+                    .is_some_and(|f| f.ends_with("main.go")),
+                "{name}: {frames:?}"
+            );
+            checked += 1;
+        }
+        assert!(checked >= 2, "too few main.* functions checked");
+        // main.main calls grow on line 16 of main.go.
+        let main = table.find("main.main").expect("main.main");
+        let line16 = (main.entry..main.end)
+            .any(|pc| table.frames(pc).last().and_then(|f| f.line) == Some(16));
+        assert!(line16, "no pc of main.main maps to line 16");
+        // The innermost file:line of every instruction of main.main is
+        // the one `go tool objdump` prints (`  main.go:16\t0x4a1b2c ...`).
+        let out = std::process::Command::new("go")
+            .args(["tool", "objdump", "-s", "^main.main$"])
+            .arg(&full)
+            .output()
+            .expect("run go tool objdump");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut lines = 0;
+        for l in text.lines().skip(1) {
+            let mut it = l.split_whitespace();
+            let (Some(loc), Some(pc)) = (it.next(), it.next()) else {
+                continue;
+            };
+            let pc = u64::from_str_radix(pc.trim_start_matches("0x"), 16).expect("objdump pc");
+            let f = table.frames(pc);
+            let inner = f.first().expect("a frame");
+            let ours = format!(
+                "{}:{}",
+                inner
+                    .file
+                    .as_deref()
+                    .and_then(|f| f.rsplit('/').next())
+                    .unwrap_or("?"),
+                inner.line.unwrap_or(0)
+            );
+            assert_eq!(ours, loc, "pc {pc:#x}: {f:?}");
+            lines += 1;
+        }
+        assert!(lines > 10, "objdump printed too little: {text}");
+        // Inlined calls: strings.Repeat's body holds inlined helpers in
+        // Go 1.19; at least one pc somewhere in the binary has an inlined
+        // frame whose outer function is runtime or strings code.
+        let inl = table
+            .functions()
+            .filter(|f| f.name.starts_with("strings.") || f.name.starts_with("fmt."))
+            .any(|f| {
+                (f.entry..f.end).any(|pc| table.frames(pc).first().is_some_and(|g| g.inlined))
+            });
+        assert!(inl, "no inlined frame found");
+        let _ = fs::remove_dir_all(full.parent().expect("a directory"));
     }
 }

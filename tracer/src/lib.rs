@@ -12,6 +12,7 @@ pub mod demo;
 pub mod elf;
 pub mod events;
 pub mod go;
+pub mod gopclntab;
 pub mod ledger;
 pub mod mmaps;
 pub mod oom;

@@ -366,13 +366,35 @@ impl Session {
     /// Objects allocated before attach and freed since debit a bucket
     /// below zero; such rows count as zero.
     fn go_rows(&mut self, rows: &mut Vec<Row>) -> anyhow::Result<()> {
-        let raw = self.probes.read_go()?;
+        // Probe counts since attach, plus what each bucket held at attach
+        // (walked then; see `GoTarget::walk`).
+        let mut raw: HashMap<(u32, u64), StackTotals> = self
+            .probes
+            .read_go()?
+            .into_iter()
+            .map(|(k, t)| ((k.tgid, k.bucket), t))
+            .collect();
+        for (pid, target) in self.probes.go_targets() {
+            for b in &target.baseline {
+                let t = raw.entry((pid, b.addr)).or_default();
+                t.outstanding_bytes += b.live_bytes;
+                t.outstanding_allocs += b.live_objects;
+                t.total_bytes += b.alloc_bytes;
+                t.total_allocs += b.alloc_objects;
+                let normalizer = &mut self.normalizer;
+                self.go_buckets.entry((pid, b.addr)).or_insert_with(|| {
+                    Some((
+                        normalizer.intern_go(pid, &b.bucket.pcs),
+                        b.bucket.size_bytes,
+                    ))
+                });
+            }
+        }
         if raw.is_empty() {
             return Ok(());
         }
         let mut rates: HashMap<u32, i64> = HashMap::new();
-        for (key, totals) in raw {
-            let (pid, bucket) = (key.tgid, key.bucket);
+        for ((pid, bucket), totals) in raw {
             let normalizer = &mut self.normalizer;
             let Some((stack, size)) =
                 *self.go_buckets.entry((pid, bucket)).or_insert_with(

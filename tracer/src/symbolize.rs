@@ -316,6 +316,71 @@ impl Normalizer {
 pub struct Symbolizer {
     blaze: Blaze,
     cache: HashMap<(u32, u64), Vec<Frame>>,
+    /// Go function tables of modules without `.symtab` (stripped Go
+    /// binaries), read once per module.
+    go_tables: HashMap<u32, Option<StrippedGo>>,
+}
+
+/// A stripped Go executable's `.gopclntab` and its load segments (frames
+/// arrive as file offsets, the table speaks virtual addresses).
+struct StrippedGo {
+    table: crate::gopclntab::GoTable,
+    segments: Vec<crate::unwind_table::Segment>,
+}
+
+impl StrippedGo {
+    /// `None` unless `path` is an ELF file with `.gopclntab` and no
+    /// `.symtab`; a table that does not parse is logged and skipped
+    /// (frames then stay `[module+offset]`).
+    fn load(path: &std::path::Path) -> Option<Self> {
+        use object::Object as _;
+        let data = std::fs::read(path).ok()?;
+        let file = object::File::parse(&*data).ok()?;
+        if file.section_by_name(".symtab").is_some() {
+            return None;
+        }
+        match crate::gopclntab::GoTable::from_elf(&data) {
+            Ok(table) => Some(Self {
+                table,
+                segments: crate::unwind_table::segments_of(&file),
+            }),
+            Err(crate::gopclntab::PclnError::NoSection) => None,
+            Err(e) => {
+                log::warn!("{}: {e}; its Go frames stay unnamed", path.display());
+                None
+            }
+        }
+    }
+
+    /// Frames for the return address at `file_offset`, or `None` when it
+    /// is not Go code of this table.
+    fn frames(&self, file_offset: u64, module: &str) -> Option<Vec<Frame>> {
+        let text: Vec<_> = self
+            .segments
+            .iter()
+            .copied()
+            .filter(|s| s.executable)
+            .collect();
+        let vaddr = crate::unwind_table::vaddr_of_file_offset(&text, file_offset)?;
+        let frames = self.table.frames(vaddr.checked_sub(1)?);
+        if frames.is_empty() {
+            return None;
+        }
+        Some(
+            frames
+                .into_iter()
+                .map(|f| Frame {
+                    function: Some(f.function),
+                    module: Some(module.to_string()),
+                    file: f.file,
+                    line: f.line,
+                    kind: FrameKind::Go,
+                    inlined: f.inlined,
+                    offset: None,
+                })
+                .collect(),
+        )
+    }
 }
 
 impl Default for Symbolizer {
@@ -334,6 +399,7 @@ impl Symbolizer {
         Self {
             blaze,
             cache: HashMap::new(),
+            go_tables: HashMap::new(),
         }
     }
 
@@ -400,7 +466,13 @@ impl Symbolizer {
         // just before it, so the line is the call site's.
         let lookup: Vec<u64> = offsets.iter().map(|o| o.saturating_sub(1)).collect();
         let src = Source::Elf(Elf::new(&m.read_path));
-        let kind = if norm.is_go_module(module) {
+        // A stripped Go binary: its own table names its Go frames (the
+        // few dynamic symbols of a cgo build would name them wrongly).
+        let stripped_go = self
+            .go_tables
+            .entry(module)
+            .or_insert_with(|| StrippedGo::load(&m.read_path));
+        let kind = if norm.is_go_module(module) || stripped_go.is_some() {
             FrameKind::Go
         } else {
             FrameKind::Native
@@ -410,6 +482,10 @@ impl Symbolizer {
             .symbolize(&src, Input::FileOffset(&lookup))
             .unwrap_or_default();
         for (i, off) in offsets.iter().enumerate() {
+            if let Some(frames) = stripped_go.as_ref().and_then(|g| g.frames(*off, &m.path)) {
+                self.cache.insert((module, *off), frames);
+                continue;
+            }
             let frames = match results.get(i) {
                 Some(Symbolized::Sym(sym)) => {
                     let mut frames = Vec::with_capacity(1 + sym.inlined.len());
@@ -492,7 +568,7 @@ impl Symbolizer {
     }
 }
 
-/// The native frame that runs Python frames in CPython 3.11.
+/// The native frame that runs Python frames in CPython 3.8-3.13.
 const EVAL_FRAME: &str = "_PyEval_EvalFrameDefault";
 
 /// The report frame for a Python [`NormFrame`]. A frame that could not be
@@ -534,10 +610,11 @@ fn python_frame(f: &NormFrame) -> Frame {
 /// place of the native eval-loop frames that ran them.
 ///
 /// Each C-level call of `_PyEval_EvalFrameDefault` runs the Python frames
-/// from one entry frame inwards (3.11 runs Python-to-Python calls in the
-/// same C call), so group `k` (ending at the `k`-th entry frame) replaces
-/// the `k`-th eval frame. When the counts disagree (a native walk cut
-/// short, an entry flag unread) every Python frame goes in place of the
+/// from one entry frame inwards (3.11+ run Python-to-Python calls in the
+/// same C call; 3.8-3.10 make every frame an entry frame), so group `k`
+/// (ending at the `k`-th entry frame) replaces the `k`-th eval frame.
+/// When the counts disagree (a native walk cut short, an entry flag
+/// unread) every Python frame goes in place of the
 /// innermost eval frame and the other eval frames are dropped: the order
 /// of the Python frames is still right, only their interleaving with C
 /// frames between eval calls is lost. Without any eval frame (its symbol

@@ -363,8 +363,20 @@ pub fn build(path: &Path) -> Result<UnwindTable, UnwindTableError> {
 
     let mut ranges = Vec::new();
     let mut stats = Stats::default();
+    // Go's cgo calls switch stacks: at the return address of
+    // runtime.asmcgocall's call into C the frame is on the system stack
+    // while its caller is on the goroutine's, which its CFI does not
+    // describe. The walk stops there, marked, rather than reading a
+    // return address from the wrong stack (earlier ranges win).
+    for ret in crate::go::cgocall_return_pcs(&data) {
+        ranges.push(CfiRange {
+            start: ret - 1,
+            end: ret,
+            rule: Rule::UNDEFINED,
+        });
+    }
     if let Some((address, bytes)) = section_bytes(&file, ".eh_frame", path)? {
-        let mut eh_frame = EhFrame::new(bytes, LittleEndian);
+        let mut eh_frame = EhFrame::new(&bytes, LittleEndian);
         eh_frame.set_address_size(8);
         let mut bases = BaseAddresses::default().set_eh_frame(address);
         if let Some(text) = section_address(".text") {
@@ -382,7 +394,7 @@ pub fn build(path: &Path) -> Result<UnwindTable, UnwindTableError> {
         })?;
     }
     if let Some((_, bytes)) = section_bytes(&file, ".debug_frame", path)? {
-        let mut debug_frame = DebugFrame::new(bytes, LittleEndian);
+        let mut debug_frame = DebugFrame::new(&bytes, LittleEndian);
         debug_frame.set_address_size(8);
         collect_ranges(
             &debug_frame,
@@ -405,12 +417,17 @@ pub fn build(path: &Path) -> Result<UnwindTable, UnwindTableError> {
     })
 }
 
-/// The address and bytes of section `name`, if the object has it.
+/// A section's address and its bytes (borrowed, or inflated).
+type SectionBytes<'d> = (u64, std::borrow::Cow<'d, [u8]>);
+
+/// The address and bytes of section `name`, if the object has it. A
+/// zlib-compressed section (`SHF_COMPRESSED`; the Go linker compresses
+/// its `.debug_*` sections, `.debug_frame` included) is inflated.
 fn section_bytes<'d>(
     file: &object::File<'d>,
     name: &'static str,
     path: &Path,
-) -> Result<Option<(u64, &'d [u8])>, UnwindTableError> {
+) -> Result<Option<SectionBytes<'d>>, UnwindTableError> {
     let Some(section) = file.section_by_name(name) else {
         return Ok(None);
     };
@@ -420,16 +437,29 @@ fn section_bytes<'d>(
         reason,
     };
     let compressed = section
-        .compressed_file_range()
+        .compressed_data()
         .map_err(|e| error(e.to_string()))?;
-    if compressed.format != object::CompressionFormat::None {
-        return Err(error(
-            "the section is compressed, which is not supported; \
-             decompress it with `objcopy --decompress-debug-sections`"
-                .to_string(),
-        ));
-    }
-    let bytes = section.data().map_err(|e| error(e.to_string()))?;
+    let bytes = match compressed.format {
+        object::CompressionFormat::None => std::borrow::Cow::Borrowed(compressed.data),
+        object::CompressionFormat::Zlib => {
+            use std::io::Read as _;
+            let size = usize::try_from(compressed.uncompressed_size)
+                .map_err(|_| error("implausible uncompressed size".to_string()))?;
+            let mut out = Vec::with_capacity(size.min(1 << 30));
+            flate2::read::ZlibDecoder::new(compressed.data)
+                .take(compressed.uncompressed_size)
+                .read_to_end(&mut out)
+                .map_err(|e| error(format!("failed to inflate the section: {e}")))?;
+            std::borrow::Cow::Owned(out)
+        }
+        _ => {
+            return Err(error(
+                "the section is compressed in a format other than zlib, which is not \
+                 supported; decompress it with `objcopy --decompress-debug-sections`"
+                    .to_string(),
+            ))
+        }
+    };
     Ok(Some((section.address(), bytes)))
 }
 
