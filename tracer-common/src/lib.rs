@@ -344,14 +344,16 @@ pub struct StackBuf {
     /// One of the `py_stop::*` reasons.
     pub py_stop: u32,
     /// Bit `i`: Python frame `i` is the first frame of a C-level call of
-    /// the eval loop (`_PyInterpreterFrame.is_entry`), so frames `0..=i`
+    /// the eval loop (`is_entry` 3.11, just inside a C-stack shim 3.12+,
+    /// every frame 3.8-3.10), so frames `0..=i`
     /// since the previous entry ran in one `_PyEval_EvalFrameDefault`.
     pub py_entry_mask: u32,
     pub _pad: u32,
     /// `PyCodeObject *` of each Python frame.
     pub py_code: [u64; MAX_PY_FRAMES],
-    /// Byte offset of the last instruction started in each frame from the
-    /// start of its bytecode, as `i32` (negative: not started yet).
+    /// Where each frame is in its bytecode, as `i32` (negative: not started
+    /// yet): the byte offset of the last instruction started from the start
+    /// of the bytecode (3.11+), or `f_lasti` as the frame holds it (3.8-3.10).
     pub py_instr: [u32; MAX_PY_FRAMES],
 }
 const _: () = assert!(
@@ -375,39 +377,70 @@ pub mod py_stop {
 
 /// Where a traced process's CPython keeps its state, and the byte offsets
 /// of the fields the kernel walk reads. Set by user space per process from
-/// a layout it knows for the interpreter's version.
+/// a layout it knows for the interpreter's version (3.8-3.13); `flags`
+/// (`py_flags::*`) say how the version's frames are shaped.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PyProc {
     /// Runtime address of `_PyRuntime`.
     pub runtime_addr: u64,
-    /// `Py_Version` (`0x030b02f0` for 3.11.2).
+    /// `Py_Version` (`0x030b02f0` for 3.11.2); `(major << 24) | (minor << 16)`
+    /// when the build does not say more.
     pub version: u32,
-    /// `_PyRuntime.gilstate.tstate_current`: the GIL holder's thread state.
+    /// `_PyRuntime.gilstate.tstate_current`: the GIL holder's thread state
+    /// (0: the version has none, 3.12+).
     pub tstate_current: u32,
-    /// `_PyRuntime.gilstate.autoTSSkey` + 4: the pthread key whose value is
-    /// each thread's own thread state (0: not used).
+    /// `_PyRuntime.gilstate.autoTSSkey` + 4 (`_PyRuntime.autoTSSkey` + 4 in
+    /// 3.12+): the pthread key whose value is each thread's own thread
+    /// state (0: not used).
     pub tss_key: u32,
     /// `PyThreadState.thread_id` (`pthread_self()`, equal to the thread's
     /// fsbase with glibc on x86-64).
     pub tstate_thread_id: u32,
-    /// `PyThreadState.cframe`.
+    /// `PyThreadState.cframe` (3.11, 3.12); with `py_flags::FRAME_IN_TSTATE`
+    /// the field holding the innermost frame itself (`frame` 3.8-3.10,
+    /// `current_frame` 3.13).
     pub tstate_cframe: u32,
-    /// `_PyCFrame.current_frame`.
+    /// `_PyCFrame.current_frame` (unused with `py_flags::FRAME_IN_TSTATE`).
     pub cframe_current_frame: u32,
-    /// `_PyInterpreterFrame.f_code`.
+    /// `_PyInterpreterFrame.f_code` (`f_executable` 3.13, `PyFrameObject.f_code`
+    /// 3.8-3.10).
     pub frame_code: u32,
-    /// `_PyInterpreterFrame.previous`.
+    /// `_PyInterpreterFrame.previous` (`PyFrameObject.f_back` 3.8-3.10).
     pub frame_previous: u32,
-    /// `_PyInterpreterFrame.prev_instr`.
+    /// `_PyInterpreterFrame.prev_instr` (`instr_ptr` 3.13), a pointer into
+    /// the bytecode; with `py_flags::INSTR_LASTI` the `int f_lasti`.
     pub frame_prev_instr: u32,
-    /// `_PyInterpreterFrame.is_entry` (one byte).
+    /// `_PyInterpreterFrame.is_entry` (one byte, 3.11); with
+    /// `py_flags::ENTRY_OWNER_SHIM` the `owner` byte (3.12+); unused with
+    /// `py_flags::ENTRY_EVERY_FRAME`.
     pub frame_is_entry: u32,
-    /// `PyCodeObject.co_code_adaptive`: where the bytecode starts.
+    /// `PyCodeObject.co_code_adaptive`: where the bytecode starts (unused
+    /// with `py_flags::INSTR_LASTI`).
     pub code_bytecode: u32,
-    pub _pad: u32,
+    /// `py_flags::*`.
+    pub flags: u32,
 }
 const _: () = assert!(size_of::<PyProc>() == 56);
+
+/// How a CPython version's frames are shaped ([`PyProc::flags`]).
+pub mod py_flags {
+    /// `PyProc::tstate_cframe` holds the innermost frame itself: no
+    /// `_PyCFrame` in between (3.8-3.10, 3.13).
+    pub const FRAME_IN_TSTATE: u32 = 1 << 0;
+    /// `PyProc::frame_prev_instr` is `int f_lasti`, recorded as it is (in
+    /// bytes 3.8-3.9, in code units 3.10; -1: not started).
+    pub const INSTR_LASTI: u32 = 1 << 1;
+    /// Every frame is its own C-level call of the eval loop (3.8-3.10).
+    pub const ENTRY_EVERY_FRAME: u32 = 1 << 2;
+    /// `PyProc::frame_is_entry` is the frame's `owner`: frames owned by the
+    /// C stack (`FRAME_OWNED_BY_CSTACK`) are the shims the eval loop
+    /// pushes when called from C. They are not recorded; the frame just
+    /// inside one is an entry frame (3.12+).
+    pub const ENTRY_OWNER_SHIM: u32 = 1 << 3;
+    /// `_PyInterpreterFrame.owner` of a C-stack shim frame.
+    pub const FRAME_OWNED_BY_CSTACK: u8 = 3;
+}
 
 /// Why an unwind ended.
 pub mod stop {

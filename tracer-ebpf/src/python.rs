@@ -4,11 +4,20 @@
 //! of the interpreter's version, set by `tracer/src/python.rs`) and the
 //! current task's fsbase. Output: up to `MAX_PY_FRAMES` `(code object,
 //! instruction offset)` pairs in the per-CPU scratch stack, innermost
-//! first, plus why the walk ended. Names and lines are user space's job
-//! (it reads the code objects while the process lives).
+//! first, which frames start a C-level call of the eval loop, and why the
+//! walk ended. Names and lines are user space's job (it reads the code
+//! objects while the process lives).
+//!
+//! One walk serves 3.8-3.13; `PyProc::flags` say how the version's frames
+//! are shaped: `PyFrameObject`s with `f_lasti` (3.8-3.10, each frame its
+//! own eval call), `_PyInterpreterFrame`s reached through a `_PyCFrame`
+//! (3.11, 3.12) or straight from the thread state (3.13), entry frames
+//! marked by `is_entry` (3.11) or by the C-stack shim frames the eval loop
+//! pushes (3.12+, skipped). The loop is a `bpf_loop` of at most
+//! `2 * MAX_PY_FRAMES + 1` steps, a few user reads each.
 //!
 //! The thread state is the allocating thread's own or none: the GIL
-//! holder (`gilstate.tstate_current`) when it is this thread, else the
+//! holder (`gilstate.tstate_current`, up to 3.11) when it is this thread, else the
 //! one glibc keeps under the interpreter's pthread key. Either must name
 //! this thread (`thread_id == fsbase`), so another thread's stack is never
 //! recorded; a mismatch records no Python frames.
@@ -20,7 +29,7 @@ use aya_ebpf::{
     macros::map,
     maps::HashMap,
 };
-use tracer_common::{py_stop, PyProc, MAX_PY_FRAMES};
+use tracer_common::{py_flags, py_stop, PyProc, MAX_PY_FRAMES};
 
 #[map]
 pub static PY_PROCS: HashMap<u32, PyProc> = HashMap::with_max_entries(1 << 11, 0);
@@ -54,9 +63,11 @@ fn thread_state(p: &PyProc) -> Option<u64> {
     if fsbase == 0 {
         return None;
     }
-    let holder = read_u64(p.runtime_addr + p.tstate_current as u64).unwrap_or(0);
-    if holder != 0 && read_u64(holder + p.tstate_thread_id as u64) == Some(fsbase) {
-        return Some(holder);
+    if p.tstate_current != 0 {
+        let holder = read_u64(p.runtime_addr + p.tstate_current as u64).unwrap_or(0);
+        if holder != 0 && read_u64(holder + p.tstate_thread_id as u64) == Some(fsbase) {
+            return Some(holder);
+        }
     }
     if p.tss_key == 0 {
         return None;
@@ -81,6 +92,7 @@ struct PyWalk {
     len: u32,
     why: u32,
     entry_mask: u32,
+    flags: u32,
     code: u32,
     previous: u32,
     prev_instr: u32,
@@ -88,37 +100,77 @@ struct PyWalk {
     bytecode: u32,
 }
 
-/// One Python frame: record it, then follow `previous`. Returns 1 to stop.
+/// Iterations of the frame loop: every recorded frame can be preceded by a
+/// C-stack shim (3.12+), which takes an iteration but no slot.
+const PY_WALK_STEPS: u32 = 2 * MAX_PY_FRAMES as u32 + 1;
+
+#[inline(always)]
+fn read_u8(addr: u64) -> u8 {
+    // SAFETY: bpf_probe_read_user checks the user address.
+    unsafe { bpf_probe_read_user(addr as *const u8) }.unwrap_or(0)
+}
+
+/// One Python frame: record it (or skip a C-stack shim), then follow
+/// `previous`. Returns 1 to stop.
 #[inline(never)]
-extern "C" fn walk_py_frame(index: u64, ctx: *mut c_void) -> i64 {
+extern "C" fn walk_py_frame(_index: u64, ctx: *mut c_void) -> i64 {
     // SAFETY: `ctx` is the `PyWalk` on record_python's stack.
     let w = unsafe { &mut *(ctx as *mut PyWalk) };
-    let i = index as usize;
-    if i >= MAX_PY_FRAMES {
-        return 1;
-    }
     let frame = w.frame;
     if frame == 0 {
         w.why = py_stop::COMPLETE;
         return 1;
     }
-    let (Some(code), Some(prev), Some(instr)) = (
+    let i = w.len as usize;
+    if i >= MAX_PY_FRAMES {
+        w.why = py_stop::DEPTH;
+        return 1;
+    }
+    let (Some(code), Some(prev)) = (
         read_u64(frame + w.code as u64),
         read_u64(frame + w.previous as u64),
-        read_u64(frame + w.prev_instr as u64),
     ) else {
         w.why = py_stop::UNREADABLE;
         return 1;
     };
-    // SAFETY: bpf_probe_read_user checks the user address.
-    let entry: u8 =
-        unsafe { bpf_probe_read_user((frame + w.is_entry as u64) as *const u8) }.unwrap_or(0);
+    let entry = if w.flags & py_flags::ENTRY_EVERY_FRAME != 0 {
+        true
+    } else if w.flags & py_flags::ENTRY_OWNER_SHIM != 0 {
+        if read_u8(frame + w.is_entry as u64) == py_flags::FRAME_OWNED_BY_CSTACK {
+            // The eval loop was entered from C here: the frame recorded
+            // last ran first in that call.
+            if i > 0 {
+                w.entry_mask |= 1 << ((i as u32 - 1) & 31);
+            }
+            w.frame = prev;
+            return 0;
+        }
+        false
+    } else {
+        read_u8(frame + w.is_entry as u64) != 0
+    };
+    let instr = if w.flags & py_flags::INSTR_LASTI != 0 {
+        // SAFETY: bpf_probe_read_user checks the user address.
+        match unsafe { bpf_probe_read_user((frame + w.prev_instr as u64) as *const u32) } {
+            Ok(lasti) => lasti,
+            Err(_) => {
+                w.why = py_stop::UNREADABLE;
+                return 1;
+            }
+        }
+    } else {
+        let Some(p) = read_u64(frame + w.prev_instr as u64) else {
+            w.why = py_stop::UNREADABLE;
+            return 1;
+        };
+        p.wrapping_sub(code.wrapping_add(w.bytecode as u64)) as u32
+    };
     let Some(buf) = crate::unwind::scratch() else {
         return 1;
     };
     buf.py_code[i] = code;
-    buf.py_instr[i] = instr.wrapping_sub(code.wrapping_add(w.bytecode as u64)) as u32;
-    if entry != 0 {
+    buf.py_instr[i] = instr;
+    if entry {
         w.entry_mask |= 1 << (i as u32 & 31);
     }
     w.len = i as u32 + 1;
@@ -147,13 +199,13 @@ pub fn record_python(tgid: u32) {
     let Some(tstate) = thread_state(&p) else {
         return finish(0, py_stop::NO_THREAD, 0);
     };
-    let Some(cframe) = read_u64(tstate + p.tstate_cframe as u64) else {
+    let Some(top) = read_u64(tstate + p.tstate_cframe as u64) else {
         return finish(0, py_stop::UNREADABLE, 0);
     };
-    let frame = if cframe == 0 {
-        0
+    let frame = if p.flags & py_flags::FRAME_IN_TSTATE != 0 || top == 0 {
+        top
     } else {
-        match read_u64(cframe + p.cframe_current_frame as u64) {
+        match read_u64(top + p.cframe_current_frame as u64) {
             Some(f) => f,
             None => return finish(0, py_stop::UNREADABLE, 0),
         }
@@ -163,6 +215,7 @@ pub fn record_python(tgid: u32) {
         len: 0,
         why: py_stop::DEPTH,
         entry_mask: 0,
+        flags: p.flags,
         code: p.frame_code,
         previous: p.frame_previous,
         prev_instr: p.frame_prev_instr,
@@ -172,7 +225,7 @@ pub fn record_python(tgid: u32) {
     // SAFETY: the callback and its context match bpf_loop's contract.
     unsafe {
         bpf_loop(
-            MAX_PY_FRAMES as u32,
+            PY_WALK_STEPS,
             walk_py_frame as *mut c_void,
             (&raw mut w).cast(),
             0,

@@ -46,8 +46,9 @@ pub struct RawStack {
 pub struct RawPyFrame {
     /// Address of the `PyCodeObject`.
     pub code: u64,
-    /// Byte offset of the current instruction in the bytecode (negative:
-    /// the frame has not started).
+    /// Where the frame is in its bytecode (negative: the frame has not
+    /// started): a byte offset (3.11+) or `f_lasti` (3.8-3.10); see
+    /// `python::LineFormat`.
     pub instr: i32,
     /// The first frame of a C-level call of the eval loop.
     pub entry: bool,

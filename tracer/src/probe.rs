@@ -420,7 +420,7 @@ impl Probes {
         if let Some(why) = info.refusal(path) {
             return Ok(Err(why));
         }
-        let Some(target) = go::GoTarget::new(m, info) else {
+        let Some(mut target) = go::GoTarget::new(m, info) else {
             return Ok(Err(format!(
                 "{path} ({}): its mapping at {:#x} matches no load segment",
                 info.version, m.start
@@ -469,6 +469,18 @@ impl Probes {
             Ok(rate) => log::debug!("pid {pid}: {} MemProfileRate {rate}", target.version),
             Err(e) => log::warn!("pid {pid}: runtime.MemProfileRate unreadable: {e}"),
         }
+        // Right after the probes are in: what was allocated before.
+        target.walk(pid);
+        match &target.baseline_error {
+            None => log::debug!(
+                "pid {pid}: {} Go profile buckets live at attach",
+                target.baseline.len()
+            ),
+            Some(why) => self.go_notes.push(format!(
+                "process {pid}: Go objects allocated before leaktrace attached are not shown \
+                 (the runtime's profile buckets could not be walked: {why})"
+            )),
+        }
         self.go.insert(pid, target);
         Ok(Ok(done))
     }
@@ -485,15 +497,19 @@ impl Probes {
             return;
         }
         let cache = &mut self.python_objects;
-        let found = python::detect(maps, |m| {
-            cache
-                .entry((m.dev.clone(), m.inode))
-                .or_insert_with(|| {
-                    let open = m.open_path(pid)?;
-                    python::inspect_object(&open, m.path.as_deref().unwrap_or_default())
-                })
-                .clone()
-        });
+        let found = python::detect(
+            maps,
+            |m| {
+                cache
+                    .entry((m.dev.clone(), m.inode))
+                    .or_insert_with(|| {
+                        let open = m.open_path(pid)?;
+                        python::inspect_object(&open, m.path.as_deref().unwrap_or_default())
+                    })
+                    .clone()
+            },
+            |object| python::version_from_memory(pid, maps, object),
+        );
         let Some(target) = found else { return };
         log::debug!(
             "pid {pid}: Python {} in {}, _PyRuntime at {:#x}",

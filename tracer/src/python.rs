@@ -4,51 +4,83 @@
 //!
 //! Detection (at attach): an executable object of the process (the main
 //! binary, or a `libpython3.X.so`) that defines `_PyRuntime` (dynamic
-//! symbol, else the `.PyRuntime` section). `Py_Version` (3.11+) names the
-//! version; older builds are named by their file name. A version with a
-//! [`Layout`] is registered for the kernel walk (`tracer_common::PyProc`);
-//! any other keeps native frames and gets a report note saying so.
+//! symbol, else the `.PyRuntime` section). The version is `Py_Version`
+//! (3.11+), else the object's file name or `DT_SONAME` (`libpython3.9.so`,
+//! `python3.10`), else the `sys.version` text in the object's data in the
+//! live process. 3.8-3.13 have a [`Layout`] (3.13 also read from
+//! `_Py_DebugOffsets` when the build carries them), checked against
+//! `PyCode_Type.tp_basicsize`, and are registered for the kernel walk
+//! (`tracer_common::PyProc`); any other version, or a build that does not
+//! match, keeps native frames and gets a report note saying why.
 //!
 //! Resolution (while the process lives, when a stack is first seen): the
 //! code object is read with `process_vm_readv` (checked to be a code object
-//! by its type pointer when `PyCode_Type` is exported), its qualified name,
-//! file name and line table decoded (3.11 format, see
-//! `docs`/`research/python.md` §3). Failures are reasons, never guesses.
+//! by its type pointer when `PyCode_Type` is exported), its qualified name
+//! (`co_name` before 3.11), file name and line table decoded in the
+//! version's format ([`LineFormat`]; `docs`/`research/python.md` §3).
+//! Failures are reasons, never guesses.
 //!
-//! Offsets were verified with gdb on Debian's 3.11.2 debug info and on a
-//! pyenv 3.11.7 build (identical), and against `PyCode_Type.tp_basicsize`.
+//! Offsets were verified with gdb on the DWARF of pyenv's 3.8.18, 3.9.18,
+//! 3.10.13, 3.11.7, 3.12.1 and 3.13.0 and Debian's 3.11.2, and against
+//! `PyCode_Type.tp_basicsize`; 3.13.0's `_Py_DebugOffsets` agree.
 
 use std::{collections::HashMap, fs, path::Path};
 
 use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
-use tracer_common::PyProc;
+use tracer_common::{py_flags, PyProc};
 
 use crate::{
     procfs::MapEntry,
     unwind_table::{vaddr_of_file_offset, Segment},
 };
 
+/// How a version maps instructions to lines.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LineFormat {
+    /// 3.8, 3.9: `co_lnotab` (byte delta, signed line delta) pairs; the
+    /// instruction is `f_lasti` in bytes.
+    Lnotab,
+    /// 3.10: `co_linetable` (byte delta, signed line delta, -128: no line)
+    /// ranges; the instruction is `f_lasti` in code units.
+    Pairs,
+    /// 3.11+: the location table (see [`line_at`]); the instruction is a
+    /// byte offset from `co_code_adaptive`.
+    Locations,
+}
+
 /// Where a CPython version keeps what the walk and the resolver read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Layout {
     /// `(major, minor)`.
     pub version: (u8, u8),
+    /// `tracer_common::py_flags` for the kernel walk.
+    pub flags: u32,
+    /// 0: no `gilstate.tstate_current` (3.12+).
     pub tstate_current: u32,
     pub tss_key: u32,
     pub tstate_thread_id: u32,
+    /// `cframe`, or the innermost frame with `py_flags::FRAME_IN_TSTATE`.
     pub tstate_cframe: u32,
     pub cframe_current_frame: u32,
     pub frame_code: u32,
     pub frame_previous: u32,
+    /// `prev_instr`/`instr_ptr`, or `f_lasti` with `py_flags::INSTR_LASTI`.
     pub frame_prev_instr: u32,
+    /// `is_entry` (3.11) or `owner` (3.12+).
     pub frame_is_entry: u32,
-    /// `co_code_adaptive`, also `PyCode_Type.tp_basicsize`.
+    /// `co_code_adaptive` (3.11+; 0 before).
     pub code_bytecode: u32,
+    /// `PyCode_Type.tp_basicsize`: a build whose code objects differ is not
+    /// this layout.
+    pub code_basicsize: u64,
     pub code_firstlineno: u64,
     pub code_filename: u64,
     pub code_name: u64,
-    pub code_qualname: u64,
+    /// `None` before 3.11: frames are named by `co_name`.
+    pub code_qualname: Option<u64>,
+    /// `co_linetable` (3.10+) or `co_lnotab`.
     pub code_linetable: u64,
+    pub line_format: LineFormat,
     pub bytes_size: u64,
     pub bytes_data: u64,
     /// `PyASCIIObject`: length, state, compact-ASCII data, compact data.
@@ -58,9 +90,55 @@ pub struct Layout {
     pub str_compact_data: u64,
 }
 
+/// CPython 3.8 (x86-64).
+pub const LAYOUT_3_8: Layout = Layout {
+    version: (3, 8),
+    flags: py_flags::FRAME_IN_TSTATE | py_flags::INSTR_LASTI | py_flags::ENTRY_EVERY_FRAME,
+    tstate_current: 1368,
+    tss_key: 1392 + 4,
+    tstate_thread_id: 176,
+    tstate_cframe: 24,
+    cframe_current_frame: 0,
+    frame_code: 32,
+    frame_previous: 24,
+    frame_prev_instr: 104,
+    frame_is_entry: 0,
+    code_bytecode: 0,
+    code_basicsize: 176,
+    code_firstlineno: 40,
+    code_filename: 104,
+    code_name: 112,
+    code_qualname: None,
+    code_linetable: 120,
+    line_format: LineFormat::Lnotab,
+    bytes_size: 16,
+    bytes_data: 32,
+    str_length: 16,
+    str_state: 32,
+    str_ascii_data: 48,
+    str_compact_data: 72,
+};
+
+/// CPython 3.9: 3.8's frames and code objects, a smaller `_PyRuntime`.
+pub const LAYOUT_3_9: Layout = Layout {
+    version: (3, 9),
+    tstate_current: 568,
+    tss_key: 584 + 4,
+    ..LAYOUT_3_8
+};
+
+/// CPython 3.10: `f_lasti` moved and counts code units; a new line table.
+pub const LAYOUT_3_10: Layout = Layout {
+    version: (3, 10),
+    frame_prev_instr: 96,
+    line_format: LineFormat::Pairs,
+    ..LAYOUT_3_9
+};
+
 /// CPython 3.11 (x86-64).
 pub const LAYOUT_3_11: Layout = Layout {
     version: (3, 11),
+    flags: 0,
     tstate_current: 576,
     tss_key: 592 + 4,
     tstate_thread_id: 152,
@@ -71,11 +149,13 @@ pub const LAYOUT_3_11: Layout = Layout {
     frame_prev_instr: 56,
     frame_is_entry: 68,
     code_bytecode: 184,
+    code_basicsize: 184,
     code_firstlineno: 72,
     code_filename: 112,
     code_name: 120,
-    code_qualname: 128,
+    code_qualname: Some(128),
     code_linetable: 136,
+    line_format: LineFormat::Locations,
     bytes_size: 16,
     bytes_data: 32,
     str_length: 16,
@@ -84,13 +164,156 @@ pub const LAYOUT_3_11: Layout = Layout {
     str_compact_data: 72,
 };
 
+/// CPython 3.12: no `tstate_current`; C-stack shim frames; `wstr` gone.
+pub const LAYOUT_3_12: Layout = Layout {
+    version: (3, 12),
+    flags: py_flags::ENTRY_OWNER_SHIM,
+    tstate_current: 0,
+    tss_key: 1544 + 4,
+    tstate_thread_id: 136,
+    tstate_cframe: 56,
+    cframe_current_frame: 0,
+    frame_code: 0,
+    frame_previous: 8,
+    frame_prev_instr: 56,
+    frame_is_entry: 70,
+    code_bytecode: 192,
+    code_basicsize: 192,
+    code_firstlineno: 68,
+    str_ascii_data: 40,
+    str_compact_data: 56,
+    ..LAYOUT_3_11
+};
+
+/// CPython 3.13: the thread state points at the frame; `_Py_DebugOffsets`
+/// (checked against this table, see [`DebugOffsets`]).
+pub const LAYOUT_3_13: Layout = Layout {
+    version: (3, 13),
+    flags: py_flags::FRAME_IN_TSTATE | py_flags::ENTRY_OWNER_SHIM,
+    tss_key: 2160 + 4,
+    tstate_thread_id: 152,
+    tstate_cframe: 72,
+    code_bytecode: 200,
+    code_basicsize: 200,
+    ..LAYOUT_3_12
+};
+
 /// Versions leaktrace can walk.
-const LAYOUTS: &[&Layout] = &[&LAYOUT_3_11];
+const LAYOUTS: &[&Layout] = &[
+    &LAYOUT_3_8,
+    &LAYOUT_3_9,
+    &LAYOUT_3_10,
+    &LAYOUT_3_11,
+    &LAYOUT_3_12,
+    &LAYOUT_3_13,
+];
 
 /// `tp_basicsize` in `PyTypeObject`.
 const TP_BASICSIZE: u64 = 32;
 /// `ob_type` in `PyObject`.
 const OB_TYPE: u64 = 8;
+
+/// The field offsets a 3.13 build describes itself with, at the start of
+/// `_PyRuntime` (`_Py_DebugOffsets`, gh-106597; austin and py-spy read
+/// them). They do not include the gilstate key, so the table still
+/// supplies that; every field they do give overrides the table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DebugOffsets {
+    /// `PY_VERSION_HEX` of the build.
+    pub version: u32,
+    pub free_threaded: bool,
+    pub tstate_current_frame: u64,
+    pub tstate_thread_id: u64,
+    pub frame_previous: u64,
+    pub frame_executable: u64,
+    pub frame_instr_ptr: u64,
+    pub frame_owner: u64,
+    pub code_filename: u64,
+    pub code_name: u64,
+    pub code_qualname: u64,
+    pub code_linetable: u64,
+    pub code_firstlineno: u64,
+    pub code_adaptive: u64,
+    pub bytes_size: u64,
+    pub bytes_data: u64,
+    pub str_state: u64,
+    pub str_length: u64,
+    pub str_ascii_size: u64,
+}
+
+/// `_Py_DebugOffsets.cookie`.
+const DEBUG_COOKIE: &[u8; 8] = b"xdebugpy";
+/// Bytes of `_Py_DebugOffsets` in 3.13.
+const DEBUG_OFFSETS_SIZE_3_13: usize = 584;
+
+impl DebugOffsets {
+    /// Parse the 3.13 struct (`bytes` from the start of `_PyRuntime`);
+    /// `None` without the cookie or for another version's struct.
+    pub fn parse(bytes: &[u8]) -> Option<Self> {
+        if bytes.get(..8)? != DEBUG_COOKIE || bytes.len() < DEBUG_OFFSETS_SIZE_3_13 {
+            return None;
+        }
+        let at = |off: u64| u64_in(bytes, off);
+        let version = at(8)? as u32;
+        // The struct's own layout changes between minor versions.
+        if version >> 16 != 0x030d {
+            return None;
+        }
+        Some(Self {
+            version,
+            free_threaded: at(16)? != 0,
+            tstate_current_frame: at(184)?,
+            tstate_thread_id: at(192)?,
+            frame_previous: at(232)?,
+            frame_executable: at(240)?,
+            frame_instr_ptr: at(248)?,
+            frame_owner: at(264)?,
+            code_filename: at(280)?,
+            code_name: at(288)?,
+            code_qualname: at(296)?,
+            code_linetable: at(304)?,
+            code_firstlineno: at(312)?,
+            code_adaptive: at(344)?,
+            bytes_size: at(520)?,
+            bytes_data: at(528)?,
+            str_state: at(544)?,
+            str_length: at(552)?,
+            str_ascii_size: at(560)?,
+        })
+    }
+
+    /// `base` with every field these offsets give; `Err` when the build
+    /// cannot be walked with it.
+    pub fn apply(&self, base: Layout) -> Result<Layout, &'static str> {
+        if self.free_threaded {
+            return Err("free-threaded builds are not supported");
+        }
+        let small = |v: u64| u32::try_from(v).map_err(|_| "implausible _Py_DebugOffsets");
+        Ok(Layout {
+            tstate_thread_id: small(self.tstate_thread_id)?,
+            tstate_cframe: small(self.tstate_current_frame)?,
+            frame_code: small(self.frame_executable)?,
+            frame_previous: small(self.frame_previous)?,
+            frame_prev_instr: small(self.frame_instr_ptr)?,
+            frame_is_entry: small(self.frame_owner)?,
+            code_bytecode: small(self.code_adaptive)?,
+            code_basicsize: self.code_adaptive,
+            code_firstlineno: self.code_firstlineno,
+            code_filename: self.code_filename,
+            code_name: self.code_name,
+            code_qualname: Some(self.code_qualname),
+            code_linetable: self.code_linetable,
+            bytes_size: self.bytes_size,
+            bytes_data: self.bytes_data,
+            str_length: self.str_length,
+            str_state: self.str_state,
+            str_ascii_data: self.str_ascii_size,
+            // `PyCompactUnicodeObject` adds `utf8_length` and `utf8`.
+            str_compact_data: self.str_ascii_size + 16,
+            ..base
+        })
+    }
+}
 
 /// A CPython found in a process.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -98,20 +321,22 @@ pub struct PyTarget {
     /// The object that holds the interpreter, as the process sees it.
     pub object: String,
     /// `Py_Version` (`0x030b02f0`), or `(major << 24) | (minor << 16)` when
-    /// only the file name tells.
+    /// only the file name tells, or 0 when nothing does.
     pub hex_version: u32,
     pub runtime_addr: u64,
     /// Runtime address of `PyCode_Type`, when exported.
     pub code_type_addr: Option<u64>,
-    /// `None`: no layout for this version (native frames only).
-    pub layout: Option<&'static Layout>,
+    /// `Err`: why Python frames cannot be shown (native frames only).
+    pub layout: Result<Layout, &'static str>,
 }
 
 impl PyTarget {
     pub fn version_string(&self) -> String {
         let v = self.hex_version;
         let (major, minor, micro) = (v >> 24, (v >> 16) & 0xff, (v >> 8) & 0xff);
-        if v & 0xffff == 0 {
+        if v == 0 {
+            "of unknown version".to_string()
+        } else if v & 0xffff == 0 {
             format!("{major}.{minor}")
         } else {
             format!("{major}.{minor}.{micro}")
@@ -120,7 +345,7 @@ impl PyTarget {
 
     /// What the kernel walk needs, for a version with a layout.
     pub fn kernel_entry(&self) -> Option<PyProc> {
-        let l = self.layout?;
+        let l = self.layout.ok()?;
         Some(PyProc {
             runtime_addr: self.runtime_addr,
             version: self.hex_version,
@@ -134,18 +359,15 @@ impl PyTarget {
             frame_prev_instr: l.frame_prev_instr,
             frame_is_entry: l.frame_is_entry,
             code_bytecode: l.code_bytecode,
-            _pad: 0,
+            flags: l.flags,
         })
     }
 
     /// For the report, when Python frames cannot be shown.
     pub fn missing_layout_note(&self, pid: u32) -> Option<String> {
-        if self.layout.is_some() {
-            return None;
-        }
+        let why = self.layout.err()?;
         Some(format!(
-            "process {pid} runs Python {} ({}): Python frames need a layout for this version; \
-             its stacks show native frames only",
+            "process {pid} runs Python {} ({}): {why}; its stacks show native frames only",
             self.version_string(),
             self.object
         ))
@@ -155,11 +377,15 @@ impl PyTarget {
 /// What an object file says about the interpreter it holds.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PyObjectInfo {
-    pub hex_version: u32,
+    /// `Py_Version`, else the version in the file or library name; `None`
+    /// when neither tells.
+    pub hex_version: Option<u32>,
     pub runtime_vaddr: u64,
     pub code_type_vaddr: Option<u64>,
     /// `PyCode_Type.tp_basicsize` from the file's data, when readable.
     pub code_basicsize: Option<u64>,
+    /// `_Py_DebugOffsets` at the start of `_PyRuntime` (3.13).
+    pub debug_offsets: Option<DebugOffsets>,
     pub segments: Vec<Segment>,
 }
 
@@ -194,18 +420,36 @@ pub fn inspect_object(path: &Path, name: &str) -> Option<PyObjectInfo> {
     let u64_at = |vaddr: u64| -> Option<u64> {
         Some(u64::from_le_bytes(read_at(vaddr, 8)?.try_into().ok()?))
     };
-    let hex_version = match version_sym.and_then(u64_at) {
-        Some(v) => v as u32,
-        None => version_from_name(name)?,
-    };
+    let hex_version = version_sym
+        .and_then(u64_at)
+        .map(|v| v as u32)
+        .or_else(|| version_from_name(name))
+        .or_else(|| soname(&file).and_then(|n| version_from_name(&n)));
+    let debug_offsets =
+        read_at(runtime, DEBUG_OFFSETS_SIZE_3_13 as u64).and_then(DebugOffsets::parse);
     let segments = crate::unwind_table::segments_of(&file);
     Some(PyObjectInfo {
         hex_version,
         runtime_vaddr: runtime,
         code_type_vaddr: code_type,
         code_basicsize: code_type.and_then(|a| u64_at(a + TP_BASICSIZE)),
+        debug_offsets,
         segments,
     })
+}
+
+/// `DT_SONAME` of an ELF shared object.
+fn soname(file: &object::File<'_>) -> Option<String> {
+    let dynstr = file.section_by_name(".dynstr")?.data().ok()?;
+    let dynamic = file.section_by_name(".dynamic")?.data().ok()?;
+    // Elf64_Dyn: d_tag, d_val; DT_SONAME = 14.
+    let off = dynamic
+        .chunks_exact(16)
+        .map(|e| (u64_in(e, 0), u64_in(e, 8)))
+        .find_map(|(tag, val)| (tag == Some(14)).then_some(val).flatten())?;
+    let rest = dynstr.get(off as usize..)?;
+    let end = rest.iter().position(|b| *b == 0)?;
+    String::from_utf8(rest[..end].to_vec()).ok()
 }
 
 /// `python3.10`, `libpython3.9.so.1.0` -> `0x030a0000`, ...
@@ -217,14 +461,120 @@ fn version_from_name(name: &str) -> Option<u32> {
     let mut it = rest.split(|c: char| !c.is_ascii_digit());
     let major: u32 = it.next()?.parse().ok()?;
     let minor: u32 = it.next()?.parse().ok()?;
-    Some((major << 24) | (minor << 16))
+    (major < 256 && minor < 256).then_some((major << 24) | (minor << 16))
+}
+
+/// The version in `sys.version` text (`3.9.18 (main, May  9 2026, ...`) in
+/// `mem`, as `PY_VERSION_HEX`. The interpreter formats it at startup into a
+/// static buffer of libpython (`Py_GetVersion`); this is how a build
+/// without `Py_Version` and without a telling name is named (as py-spy does).
+pub fn version_in(mem: &[u8]) -> Option<u32> {
+    let digits = |b: &[u8]| -> Option<(u32, usize)> {
+        let n = b.iter().take(3).take_while(|c| c.is_ascii_digit()).count();
+        if n == 0 || n > 2 {
+            return None;
+        }
+        Some((std::str::from_utf8(&b[..n]).ok()?.parse().ok()?, n))
+    };
+    let mut from = 0;
+    while let Some(pos) = mem.get(from..)?.windows(2).position(|w| w == b"3.") {
+        let at = from + pos;
+        from = at + 1;
+        if at > 0 && (mem[at - 1].is_ascii_digit() || mem[at - 1] == b'.') {
+            continue;
+        }
+        let rest = &mem[at + 2..];
+        let Some((minor, n)) = digits(rest) else {
+            continue;
+        };
+        let rest = &rest[n..];
+        let Some(rest) = rest.strip_prefix(b".") else {
+            continue;
+        };
+        let Some((micro, n)) = digits(rest) else {
+            continue;
+        };
+        let mut rest = &rest[n..];
+        let mut level = 0xf0;
+        let mut serial = 0;
+        for (tag, l) in [(&b"rc"[..], 0xc0), (b"a", 0xa0), (b"b", 0xb0)] {
+            if let Some(r) = rest.strip_prefix(tag) {
+                let Some((s, n)) = digits(r) else { break };
+                (level, serial, rest) = (l, s, &r[n..]);
+                break;
+            }
+        }
+        let rest = rest.strip_prefix(b"+").unwrap_or(rest);
+        if rest.starts_with(b" (") && serial < 16 {
+            return Some((3 << 24) | (minor << 16) | (micro << 8) | level | serial);
+        }
+    }
+    None
+}
+
+/// Largest span of an object's data scanned for its version.
+const MAX_VERSION_SCAN: u64 = 16 << 20;
+
+/// The version of the CPython in `object` of process `pid`, from the
+/// `sys.version` text in that object's data and bss mappings.
+pub fn version_from_memory(pid: u32, maps: &[MapEntry], object: &str) -> Option<u32> {
+    let mut budget = MAX_VERSION_SCAN;
+    let mut after_object = false;
+    for m in maps {
+        let ours = m.path.as_deref() == Some(object);
+        let bss = after_object && m.path.is_none() && m.pseudo.is_none();
+        after_object = ours || (after_object && bss);
+        if !(ours || bss) || !m.readable || m.executable {
+            continue;
+        }
+        let len = (m.end - m.start).min(budget);
+        budget -= len;
+        if let Some(v) = read_mem(pid, m.start, len as usize)
+            .ok()
+            .and_then(|b| version_in(&b))
+        {
+            return Some(v);
+        }
+        if budget == 0 {
+            break;
+        }
+    }
+    None
+}
+
+/// The layout for a build, or why there is none.
+fn layout_for(info: &PyObjectInfo, hex_version: u32) -> Result<Layout, &'static str> {
+    if hex_version == 0 {
+        return Err("its version could not be read, so its frames cannot be walked");
+    }
+    let (major, minor) = (hex_version >> 24, (hex_version >> 16) & 0xff);
+    let base = **LAYOUTS
+        .iter()
+        .find(|l| (u32::from(l.version.0), u32::from(l.version.1)) == (major, minor))
+        .ok_or("Python frames need a layout for this version")?;
+    let layout = match info.debug_offsets {
+        Some(d) if d.version >> 16 == hex_version >> 16 => d.apply(base)?,
+        _ => base,
+    };
+    // A build whose code objects differ in size is not the layout we know
+    // (a debug build, a patched interpreter).
+    if info
+        .code_basicsize
+        .is_some_and(|b| b != layout.code_basicsize)
+    {
+        return Err("its code objects differ from the release build's layout");
+    }
+    Ok(layout)
 }
 
 /// The interpreter in a process, given the objects it maps and what each
-/// holds (`inspect` is cached by the caller).
+/// holds (`inspect` is cached by the caller), and a way to read the
+/// version from the running process when the object does not tell
+/// (`scan`, given the object's path).
 pub fn detect(
     maps: &[MapEntry],
     mut inspect: impl FnMut(&MapEntry) -> Option<PyObjectInfo>,
+    mut scan: impl FnMut(&str) -> Option<u32>,
 ) -> Option<PyTarget> {
     let mut seen: Vec<(&str, u64)> = Vec::new();
     for m in maps.iter().filter(|m| m.executable) {
@@ -248,24 +598,13 @@ pub fn detect(
             continue;
         };
         let bias = m.start.wrapping_sub(vaddr);
-        let minor = (info.hex_version >> 16) & 0xff;
-        let major = info.hex_version >> 24;
-        let layout = LAYOUTS
-            .iter()
-            .copied()
-            .find(|l| (u32::from(l.version.0), u32::from(l.version.1)) == (major, minor))
-            // A build whose code objects differ in size is not the layout
-            // we know (a debug build, a patched interpreter).
-            .filter(|l| {
-                info.code_basicsize
-                    .is_none_or(|b| b == u64::from(l.code_bytecode))
-            });
+        let hex_version = info.hex_version.or_else(|| scan(path)).unwrap_or(0);
         return Some(PyTarget {
             object: path.to_string(),
-            hex_version: info.hex_version,
+            hex_version,
             runtime_addr: info.runtime_vaddr.wrapping_add(bias),
             code_type_addr: info.code_type_vaddr.map(|a| a.wrapping_add(bias)),
-            layout,
+            layout: layout_for(&info, hex_version),
         });
     }
     None
@@ -341,27 +680,36 @@ fn read_str(pid: u32, l: &Layout, addr: u64) -> Result<String, &'static str> {
 /// What a code object says about itself.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CodeInfo {
+    /// `co_qualname` (3.11+), else `co_name`.
     pub qualname: String,
     pub filename: String,
     pub firstlineno: i32,
     pub linetable: Vec<u8>,
+    pub line_format: LineFormat,
 }
 
 impl CodeInfo {
-    /// Line of the instruction at byte offset `instr` (negative: the frame
-    /// has not started, attributed to the definition line as CPython does).
+    /// Line of the instruction at `instr` as the kernel recorded it (see
+    /// [`LineFormat`]; negative: the frame has not started, attributed to
+    /// the definition line as CPython does).
     pub fn line(&self, instr: i32) -> Option<u32> {
-        if instr < 0 {
+        let Ok(at) = u32::try_from(instr) else {
             return u32::try_from(self.firstlineno).ok();
+        };
+        match self.line_format {
+            LineFormat::Lnotab => lnotab_line(&self.linetable, self.firstlineno, at),
+            LineFormat::Pairs => {
+                pairs_line(&self.linetable, self.firstlineno, at.saturating_mul(2))
+            }
+            LineFormat::Locations => line_at(&self.linetable, self.firstlineno, at / 2),
         }
-        line_at(&self.linetable, self.firstlineno, (instr / 2) as u32)
     }
 }
 
 /// Read the code object at `addr` in process `pid`.
 pub fn read_code(pid: u32, target: &PyTarget, addr: u64) -> Result<CodeInfo, &'static str> {
-    let l = target.layout.ok_or("no layout for this Python version")?;
-    let head = read_mem(pid, addr, l.code_bytecode as usize)?;
+    let l = target.layout?;
+    let head = read_mem(pid, addr, l.code_basicsize as usize)?;
     if let Some(ty) = target.code_type_addr {
         // Freed and reused memory, or a torn read: not a code object now.
         if u64_in(&head, OB_TYPE) != Some(ty) {
@@ -369,17 +717,16 @@ pub fn read_code(pid: u32, target: &PyTarget, addr: u64) -> Result<CodeInfo, &'s
         }
     }
     let firstlineno = u64_in(&head, l.code_firstlineno).ok_or("short code object")? as u32 as i32;
-    let qualname = u64_in(&head, l.code_qualname)
-        .ok_or("short code object")
-        .and_then(|p| read_str(pid, l, p))
-        .or_else(|_| {
-            u64_in(&head, l.code_name)
-                .ok_or("short code object")
-                .and_then(|p| read_str(pid, l, p))
-        })?;
-    let filename = u64_in(&head, l.code_filename)
-        .ok_or("short code object")
-        .and_then(|p| read_str(pid, l, p))?;
+    let name = |off: u64| {
+        u64_in(&head, off)
+            .ok_or("short code object")
+            .and_then(|p| read_str(pid, &l, p))
+    };
+    let qualname = match l.code_qualname {
+        Some(q) => name(q).or_else(|_| name(l.code_name))?,
+        None => name(l.code_name)?,
+    };
+    let filename = name(l.code_filename)?;
     let table = u64_in(&head, l.code_linetable).ok_or("short code object")?;
     let linetable = if table == 0 {
         Vec::new()
@@ -396,7 +743,47 @@ pub fn read_code(pid: u32, target: &PyTarget, addr: u64) -> Result<CodeInfo, &'s
         filename,
         firstlineno,
         linetable,
+        line_format: l.line_format,
     })
+}
+
+/// The line of byte offset `addr` by a 3.8/3.9 `co_lnotab`
+/// (`PyCode_Addr2Line`): pairs of (byte delta, signed line delta).
+pub fn lnotab_line(table: &[u8], firstlineno: i32, addr: u32) -> Option<u32> {
+    let mut line = i64::from(firstlineno);
+    let mut at: u32 = 0;
+    for pair in table.chunks_exact(2) {
+        at += u32::from(pair[0]);
+        if at > addr {
+            break;
+        }
+        line += i64::from(pair[1] as i8);
+    }
+    u32::try_from(line).ok()
+}
+
+/// The line of byte offset `addr` by a 3.10 `co_linetable`
+/// (`PyCode_Addr2Line`): each (byte delta, signed line delta) pair covers
+/// the next range; a line delta of -128 means no line, without moving the
+/// running line.
+pub fn pairs_line(table: &[u8], firstlineno: i32, addr: u32) -> Option<u32> {
+    let mut line = i64::from(firstlineno);
+    let mut end: u32 = 0;
+    for pair in table.chunks_exact(2) {
+        let start = end;
+        end += u32::from(pair[0]);
+        let delta = pair[1] as i8;
+        let here = if delta == -128 {
+            None
+        } else {
+            line += i64::from(delta);
+            Some(line)
+        };
+        if start <= addr && addr < end {
+            return here.and_then(|l| u32::try_from(l).ok());
+        }
+    }
+    None
 }
 
 /// The line of code unit `unit` (inline cache slots count) by a 3.11+
@@ -547,25 +934,209 @@ mod tests {
         assert_eq!(version_from_name("/usr/bin/bash"), None);
     }
 
+    /// A `sample` function (a loop, an if/else, a try with a two-line
+    /// comprehension; `def` on line 2) compiled by pyenv's 3.8.18, 3.9.18
+    /// and 3.10.13: its table, and `PyCode_Addr2Line` at every even byte
+    /// offset, called through ctypes in the same interpreter.
+    const OLD_TABLES: [(LineFormat, &str, &str); 3] = [
+        (
+            LineFormat::Lnotab,
+            "000104010c0108010a020a010201060106ff0a020e010601",
+            "0:3,2:3,4:4,6:4,8:4,10:4,12:4,14:4,16:5,18:5,20:5,22:5,24:6,26:6,28:6,30:6,32:6,34:8,36:8,38:8,40:8,42:8,44:9,46:10,48:10,50:10,52:11,54:11,56:11,58:10,60:10,62:10,64:10,66:10,68:12,70:12,72:12,74:12,76:12,78:12,80:12,82:13,84:13,86:13,88:14,90:14",
+        ),
+        (
+            LineFormat::Lnotab,
+            "000104010c0108010a020a010201060106ff0a020c010601",
+            "0:3,2:3,4:4,6:4,8:4,10:4,12:4,14:4,16:5,18:5,20:5,22:5,24:6,26:6,28:6,30:6,32:6,34:8,36:8,38:8,40:8,42:8,44:9,46:10,48:10,50:10,52:11,54:11,56:11,58:10,60:10,62:10,64:10,66:10,68:12,70:12,72:12,74:12,76:12,78:12,80:13,82:13,84:13,86:14,88:14",
+        ),
+        (
+            LineFormat::Pairs,
+            "04010c0108010a010a0202010601060108ff04040cfe0201040102fe",
+            "0:3,2:3,4:4,6:4,8:4,10:4,12:4,14:4,16:5,18:5,20:5,22:5,24:6,26:6,28:6,30:6,32:6,34:8,36:8,38:8,40:8,42:8,44:9,46:10,48:10,50:10,52:11,54:11,56:11,58:10,60:10,62:10,64:10,66:14,68:14,70:12,72:12,74:12,76:12,78:12,80:12,82:13,84:14,86:14,88:12",
+        ),
+    ];
+
+    #[test]
+    fn old_line_tables_match_the_interpreter() {
+        for (format, table, lines) in OLD_TABLES {
+            let code = CodeInfo {
+                qualname: "sample".into(),
+                filename: "gen.py".into(),
+                firstlineno: 2,
+                linetable: unhex(table),
+                line_format: format,
+            };
+            for pair in lines.split(',') {
+                let (off, l) = pair.split_once(':').expect("test data");
+                let (off, l): (i32, u32) = (
+                    off.parse().expect("test data"),
+                    l.parse().expect("test data"),
+                );
+                // What the kernel records: f_lasti in bytes (3.8, 3.9) or
+                // in code units (3.10).
+                let instr = if format == LineFormat::Pairs {
+                    off / 2
+                } else {
+                    off
+                };
+                assert_eq!(code.line(instr), Some(l), "{format:?} offset {off}");
+            }
+            assert_eq!(code.line(-1), Some(2), "{format:?}: not started");
+        }
+    }
+
+    #[test]
+    fn pairs_without_a_line_keep_the_running_line() {
+        // 4 bytes at +1, 2 bytes without a line, 2 bytes at +1 more.
+        let table = [4, 1, 2, 0x80, 2, 1];
+        assert_eq!(pairs_line(&table, 10, 0), Some(11));
+        assert_eq!(pairs_line(&table, 10, 4), None);
+        assert_eq!(pairs_line(&table, 10, 6), Some(12));
+        assert_eq!(pairs_line(&table, 10, 8), None);
+    }
+
+    /// 3.13.0's `_Py_DebugOffsets` (gdb on pyenv's build): the table must
+    /// say the same.
+    #[test]
+    fn debug_offsets_of_3_13_0_agree_with_the_table() {
+        let mut b = vec![0u8; DEBUG_OFFSETS_SIZE_3_13];
+        b[..8].copy_from_slice(DEBUG_COOKIE);
+        fn put(b: &mut [u8], off: usize, v: u64) {
+            b[off..off + 8].copy_from_slice(&v.to_le_bytes());
+        }
+        put(&mut b, 8, 0x030d_00f0);
+        for (off, v) in [
+            (40, 632),
+            (72, 7344),
+            (184, 72),
+            (192, 152),
+            (232, 8),
+            (240, 0),
+            (248, 56),
+            (264, 70),
+            (280, 112),
+            (288, 120),
+            (296, 128),
+            (304, 136),
+            (312, 68),
+            (344, 200),
+            (520, 16),
+            (528, 32),
+            (544, 32),
+            (552, 16),
+            (560, 40),
+        ] {
+            put(&mut b, off, v);
+        }
+        let d = DebugOffsets::parse(&b).expect("3.13 debug offsets");
+        assert_eq!(d.apply(LAYOUT_3_13), Ok(LAYOUT_3_13));
+        put(&mut b, 16, 1);
+        let d = DebugOffsets::parse(&b).expect("3.13 debug offsets");
+        assert!(d.apply(LAYOUT_3_13).is_err(), "free-threaded");
+        // Another version's struct is not read as 3.13's.
+        put(&mut b, 8, 0x030e_00f0);
+        assert_eq!(DebugOffsets::parse(&b), None);
+        b[0] = b'y';
+        assert_eq!(DebugOffsets::parse(&b), None);
+    }
+
+    #[test]
+    fn version_text_in_memory() {
+        let mem = b"\0\0x3.1\x003.9.18 (main, May  9 2026, 07:33:49) \n[GCC 12.2.0]\0";
+        assert_eq!(version_in(mem), Some(0x0309_12f0));
+        assert_eq!(version_in(b"13.8.1 (x"), None);
+        assert_eq!(version_in(b"3.13.0rc2+ (main"), Some(0x030d_00c2));
+        assert_eq!(version_in(b"3.10.13"), None);
+    }
+
+    fn info(hex_version: Option<u32>, code_basicsize: Option<u64>) -> PyObjectInfo {
+        PyObjectInfo {
+            hex_version,
+            runtime_vaddr: 0,
+            code_type_vaddr: None,
+            code_basicsize,
+            debug_offsets: None,
+            segments: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn each_supported_version_has_its_layout() {
+        for (v, basic, expect) in [
+            (0x0308_0000, 176, &LAYOUT_3_8),
+            (0x0309_0000, 176, &LAYOUT_3_9),
+            (0x030a_0000, 176, &LAYOUT_3_10),
+            (0x030b_07f0, 184, &LAYOUT_3_11),
+            (0x030c_01f0, 192, &LAYOUT_3_12),
+            (0x030d_00f0, 200, &LAYOUT_3_13),
+        ] {
+            assert_eq!(layout_for(&info(Some(v), Some(basic)), v), Ok(*expect));
+            assert!(layout_for(&info(Some(v), Some(basic + 8)), v).is_err());
+        }
+        assert!(layout_for(&info(None, None), 0x0307_0000).is_err());
+        assert!(layout_for(&info(None, None), 0x030e_00f0).is_err());
+        assert!(layout_for(&info(None, None), 0).is_err());
+    }
+
+    /// The pyenv builds on this machine image (skipped when absent): each
+    /// is recognized from its file alone, 3.13 with its `_Py_DebugOffsets`.
+    #[test]
+    fn pyenv_builds_are_recognized() {
+        for (version, layout) in [
+            ("3.8.18", &LAYOUT_3_8),
+            ("3.9.18", &LAYOUT_3_9),
+            ("3.10.13", &LAYOUT_3_10),
+            ("3.11.7", &LAYOUT_3_11),
+            ("3.12.1", &LAYOUT_3_12),
+            ("3.13.0", &LAYOUT_3_13),
+        ] {
+            let minor = version.rsplit_once('.').expect("test data").0;
+            let lib = format!("/root/.pyenv/versions/{version}/lib/libpython{minor}.so.1.0");
+            if fs::metadata(&lib).is_err() {
+                eprintln!("skipping pyenv {version}: {lib} not readable");
+                continue;
+            }
+            let info = inspect_object(Path::new(&lib), &lib).expect("a CPython");
+            let v = info.hex_version.expect("a version");
+            assert_eq!(layout_for(&info, v), Ok(*layout), "{version}");
+            assert_eq!(
+                info.debug_offsets.is_some(),
+                layout.version >= (3, 13),
+                "{version}"
+            );
+        }
+    }
+
     #[test]
     fn unknown_version_gets_a_note() {
         let t = PyTarget {
-            object: "/usr/bin/python3.10".into(),
-            hex_version: 0x030a_0000,
+            object: "/usr/bin/python3.7".into(),
+            hex_version: 0x0307_0000,
             runtime_addr: 0,
             code_type_addr: None,
-            layout: None,
+            layout: layout_for(&info(Some(0x0307_0000), None), 0x0307_0000),
         };
         let note = t.missing_layout_note(7).expect("test data");
-        assert!(note.contains("Python 3.10"), "{note}");
+        assert!(note.contains("Python 3.7"), "{note}");
         assert!(t.kernel_entry().is_none());
         let t = PyTarget {
-            layout: Some(&LAYOUT_3_11),
+            layout: Ok(LAYOUT_3_11),
             hex_version: 0x030b_02f0,
             ..t
         };
         assert_eq!(t.version_string(), "3.11.2");
         assert!(t.missing_layout_note(7).is_none());
         assert_eq!(t.kernel_entry().expect("test data").tstate_current, 576);
+        let t = PyTarget {
+            layout: Ok(LAYOUT_3_8),
+            hex_version: 0x0308_0000,
+            ..t
+        };
+        let k = t.kernel_entry().expect("test data");
+        assert_eq!(
+            k.flags,
+            py_flags::FRAME_IN_TSTATE | py_flags::INSTR_LASTI | py_flags::ENTRY_EVERY_FRAME
+        );
+        assert_eq!((k.tstate_cframe, k.frame_prev_instr), (24, 104));
     }
 }
