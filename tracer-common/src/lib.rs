@@ -53,6 +53,8 @@ pub mod maps {
     /// tgid -> [`crate::PyProc`]: processes running a CPython whose frame
     /// layout leaktrace knows.
     pub const PY_PROCS: &str = "PY_PROCS";
+    /// One `u32`: 1 once any process was registered in `PY_PROCS`.
+    pub const PY_ANY: &str = "PY_ANY";
     /// [`crate::GoBucketKey`] -> [`crate::StackTotals`]: the Go runtime's
     /// sampled heap objects per profile bucket, raw (not yet scaled by the
     /// sampling rate).

@@ -39,6 +39,12 @@ pub static STACKS: HashMap<StackId, StackBuf> = HashMap::with_max_entries(1 << 1
 #[map]
 static SCRATCH: PerCpuArray<StackBuf> = PerCpuArray::with_max_entries(1, 0);
 
+/// Stack ids this CPU stored or found in `STACKS` lately (direct-mapped).
+#[map]
+static SEEN_STACKS: PerCpuArray<StackId> = PerCpuArray::with_max_entries(SEEN_STACK_SLOTS, 0);
+
+const SEEN_STACK_SLOTS: u32 = 1024;
+
 /// Bumped by user space whenever `PROC_MAPS` changes (slot 0).
 #[map]
 static UNWIND_EPOCH: Array<u32> = Array::with_max_entries(1, 0);
@@ -383,6 +389,13 @@ pub fn record_stack(tgid: u32, regs: Regs) -> StackId {
     let py_tail = ((buf.py_stop as u64) << 32) | buf.py_entry_mask as u64;
     h = (h ^ py_tail).wrapping_mul(0x0100_0000_01b3);
     let id = h | 1;
+    // Stacks stored are never removed, so an id this CPU has stored or
+    // found recently needs no lookup.
+    let seen = SEEN_STACKS.get_ptr_mut(((id >> 8) as u32) & (SEEN_STACK_SLOTS - 1));
+    // SAFETY: per-CPU slot, exclusive while this program runs.
+    if seen.is_some_and(|s| unsafe { *s } == id) {
+        return id;
+    }
     // SAFETY: read-only lookup.
     if unsafe { STACKS.get(&id) }.is_none() {
         // BPF_NOEXIST: another CPU may store the same stack meanwhile.
@@ -392,6 +405,10 @@ pub fn record_stack(tgid: u32, regs: Regs) -> StackId {
                 return STACK_LOST;
             }
         }
+    }
+    if let Some(s) = seen {
+        // SAFETY: as above.
+        unsafe { *s = id };
     }
     id
 }
