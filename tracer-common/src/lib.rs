@@ -492,6 +492,12 @@ pub const CFA_UNDEFINED: u8 = 3;
 /// `%rbp` is the outermost frame marker: the walk ends here normally
 /// (the CFI marks the return address undefined, as `_start` does).
 pub const CFA_END_OF_STACK: u8 = 4;
+/// The frame switched stacks and its caller's frame is found through
+/// `%rbp` alone (Go's `runtime.asmcgocall`, which calls C on the system
+/// stack while `%rbp` still holds the goroutine frame's pointer): one
+/// frame-pointer step, without the check that the caller's frame lies
+/// above this one on the same stack.
+pub const CFA_STACK_SWITCH: u8 = 5;
 
 /// The caller's `%rbp` equals the current one.
 pub const RBP_SAME: u8 = 0;

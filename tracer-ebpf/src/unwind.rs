@@ -20,7 +20,8 @@ use aya_ebpf::{
 };
 use tracer_common::{
     stop, ProcMaps, StackBuf, StackId, UnwindRow, CFA_END_OF_STACK, CFA_PLT, CFA_RBP, CFA_RSP,
-    MAX_FRAMES, MAX_PROC_MAPS, MAX_PY_FRAMES, RBP_AT_CFA_OFFSET, RBP_SAME, STACK_LOST,
+    CFA_STACK_SWITCH, MAX_FRAMES, MAX_PROC_MAPS, MAX_PY_FRAMES, RBP_AT_CFA_OFFSET, RBP_SAME,
+    STACK_LOST,
 };
 
 use tracer_common::Counter;
@@ -164,6 +165,8 @@ fn find_row(start: u32, len: u32, rel: u32) -> Option<UnwindRow> {
 enum Step {
     /// Caller's (pc, sp, bp).
     Next(u64, u64, u64),
+    /// Caller's (pc, sp, bp) on another stack (`CFA_STACK_SWITCH`).
+    Switch(u64, u64, u64),
     Stop(u32),
 }
 
@@ -196,6 +199,15 @@ fn cfi_step(row: &UnwindRow, pc: u64, sp: u64, bp: u64) -> Step {
             sp + 8 + extra
         }
         CFA_END_OF_STACK => return Step::Stop(stop::COMPLETE),
+        CFA_STACK_SWITCH => {
+            if bp == 0 {
+                return Step::Stop(stop::BAD_FRAME);
+            }
+            return match read_pair(bp) {
+                Some([caller_bp, ra]) => Step::Switch(ra, bp + 16, caller_bp),
+                None => Step::Stop(stop::UNREADABLE),
+            };
+        }
         _ => return Step::Stop(stop::UNSUPPORTED),
     };
     // The usual prologue (`push %rbp` right after the call) saves %rbp
@@ -325,6 +337,12 @@ extern "C" fn walk_frame(index: u64, ctx: *mut c_void) -> i64 {
                 w.why = stop::BAD_FRAME;
                 return 1;
             }
+            w.pc = ra;
+            w.sp = cfa;
+            w.bp = caller_bp;
+            0
+        }
+        Step::Switch(ra, cfa, caller_bp) => {
             w.pc = ra;
             w.sp = cfa;
             w.bp = caller_bp;
