@@ -53,6 +53,8 @@ pub mod maps {
     /// tgid -> [`crate::PyProc`]: processes running a CPython whose frame
     /// layout leaktrace knows.
     pub const PY_PROCS: &str = "PY_PROCS";
+    /// One `u32`: 1 once any process was registered in `PY_PROCS`.
+    pub const PY_ANY: &str = "PY_ANY";
     /// [`crate::GoBucketKey`] -> [`crate::StackTotals`]: the Go runtime's
     /// sampled heap objects per profile bucket, raw (not yet scaled by the
     /// sampling rate).
@@ -523,6 +525,12 @@ pub const CFA_UNDEFINED: u8 = 3;
 /// `%rbp` is the outermost frame marker: the walk ends here normally
 /// (the CFI marks the return address undefined, as `_start` does).
 pub const CFA_END_OF_STACK: u8 = 4;
+/// The frame switched stacks and its caller's frame is found through
+/// `%rbp` alone (Go's `runtime.asmcgocall`, which calls C on the system
+/// stack while `%rbp` still holds the goroutine frame's pointer): one
+/// frame-pointer step, without the check that the caller's frame lies
+/// above this one on the same stack.
+pub const CFA_STACK_SWITCH: u8 = 5;
 
 /// The caller's `%rbp` equals the current one.
 pub const RBP_SAME: u8 = 0;

@@ -493,8 +493,19 @@ const PT_REGS_SP: usize = 152;
 
 #[inline(always)]
 fn reg(regs: *const u8, off: usize) -> u64 {
-    // SAFETY: bpf_probe_read_kernel checks the kernel address.
-    unsafe { bpf_probe_read_kernel(regs.add(off).cast::<u64>()) }.unwrap_or(0)
+    let mut v: u64 = 0;
+    // SAFETY: bpf_probe_read_kernel checks the kernel address and zeroes
+    // the destination on failure. The result is ignored on purpose: a
+    // branch per register made two verifier states (0 and unknown) of
+    // every register reaching the unwinder, which then was verified twice.
+    unsafe {
+        aya_ebpf::helpers::generated::bpf_probe_read_kernel(
+            (&raw mut v).cast(),
+            8,
+            regs.add(off).cast(),
+        )
+    };
+    v
 }
 
 /// `sys_exit(struct pt_regs *regs, long ret)`, every syscall of every task:
@@ -530,22 +541,13 @@ pub fn sys_exit(ctx: RawTracePointContext) -> u32 {
     if in_allocator && nr != sys::BRK {
         return 0;
     }
-    let args = match nr {
-        sys::MMAP => {
-            let flags = reg(regs, PT_REGS_R10);
-            if flags & sys::MAP_ANONYMOUS == 0 {
-                return 0;
-            }
-            [reg(regs, PT_REGS_SI), flags, 0]
-        }
-        sys::MUNMAP => [reg(regs, PT_REGS_DI), reg(regs, PT_REGS_SI), 0],
-        sys::MREMAP => [
-            reg(regs, PT_REGS_DI),
-            reg(regs, PT_REGS_SI),
-            reg(regs, PT_REGS_DX),
-        ],
-        _ => [reg(regs, PT_REGS_DI), 0, 0],
-    };
+    // A file mapping is not an allocation: only anonymous mmaps count.
+    if nr == sys::MMAP && reg(regs, PT_REGS_R10) & sys::MAP_ANONYMOUS == 0 {
+        return 0;
+    }
+    // The stack before the arguments: with one `args` array per syscall
+    // kind the verifier saw distinct states and walked the unwinder once
+    // per kind (twice the instructions of alloc_exit, near its limit).
     let (flags, stack_id) = if in_allocator {
         (SYSCALL_IN_ALLOCATOR, STACK_LOST)
     } else {
@@ -559,6 +561,16 @@ pub fn sys_exit(ctx: RawTracePointContext) -> u32 {
             },
         );
         (0, stack_id)
+    };
+    let args = match nr {
+        sys::MMAP => [reg(regs, PT_REGS_SI), reg(regs, PT_REGS_R10), 0],
+        sys::MUNMAP => [reg(regs, PT_REGS_DI), reg(regs, PT_REGS_SI), 0],
+        sys::MREMAP => [
+            reg(regs, PT_REGS_DI),
+            reg(regs, PT_REGS_SI),
+            reg(regs, PT_REGS_DX),
+        ],
+        _ => [reg(regs, PT_REGS_DI), 0, 0],
     };
     let event = SyscallEvent {
         ts_ns: unsafe { bpf_ktime_get_ns() },

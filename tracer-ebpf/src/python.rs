@@ -27,12 +27,17 @@ use core::ffi::c_void;
 use aya_ebpf::{
     helpers::{bpf_get_current_task, bpf_loop, bpf_probe_read_kernel, bpf_probe_read_user},
     macros::map,
-    maps::HashMap,
+    maps::{Array, HashMap},
 };
 use tracer_common::{py_flags, py_stop, PyProc, MAX_PY_FRAMES};
 
 #[map]
 pub static PY_PROCS: HashMap<u32, PyProc> = HashMap::with_max_entries(1 << 11, 0);
+
+/// Slot 0 is set to 1 by user space once any process is in `PY_PROCS`, so
+/// native-only tracing skips the lookup on every allocation.
+#[map]
+pub static PY_ANY: Array<u32> = Array::with_max_entries(1, 0);
 
 /// Byte offset of `thread.fsbase` in `struct task_struct`, from kernel BTF.
 #[unsafe(no_mangle)]
@@ -192,6 +197,10 @@ fn finish(len: u32, why: u32, entry_mask: u32) {
 /// (clear it for any other).
 #[inline(always)]
 pub fn record_python(tgid: u32) {
+    // No Python process registered yet (native tracing): no lookup.
+    if PY_ANY.get(0).copied().unwrap_or(0) == 0 {
+        return finish(0, py_stop::NONE, 0);
+    }
     // SAFETY: read-only lookup, copied out.
     let Some(p) = (unsafe { PY_PROCS.get(&tgid) }).copied() else {
         return finish(0, py_stop::NONE, 0);

@@ -20,7 +20,8 @@ use aya_ebpf::{
 };
 use tracer_common::{
     stop, ProcMaps, StackBuf, StackId, UnwindRow, CFA_END_OF_STACK, CFA_PLT, CFA_RBP, CFA_RSP,
-    MAX_FRAMES, MAX_PROC_MAPS, MAX_PY_FRAMES, RBP_AT_CFA_OFFSET, RBP_SAME, STACK_LOST,
+    CFA_STACK_SWITCH, MAX_FRAMES, MAX_PROC_MAPS, MAX_PY_FRAMES, RBP_AT_CFA_OFFSET, RBP_SAME,
+    STACK_LOST,
 };
 
 use tracer_common::Counter;
@@ -38,6 +39,12 @@ pub static STACKS: HashMap<StackId, StackBuf> = HashMap::with_max_entries(1 << 1
 
 #[map]
 static SCRATCH: PerCpuArray<StackBuf> = PerCpuArray::with_max_entries(1, 0);
+
+/// Stack ids this CPU stored or found in `STACKS` lately (direct-mapped).
+#[map]
+static SEEN_STACKS: PerCpuArray<StackId> = PerCpuArray::with_max_entries(SEEN_STACK_SLOTS, 0);
+
+const SEEN_STACK_SLOTS: u32 = 1024;
 
 /// Bumped by user space whenever `PROC_MAPS` changes (slot 0).
 #[map]
@@ -158,6 +165,8 @@ fn find_row(start: u32, len: u32, rel: u32) -> Option<UnwindRow> {
 enum Step {
     /// Caller's (pc, sp, bp).
     Next(u64, u64, u64),
+    /// Caller's (pc, sp, bp) on another stack (`CFA_STACK_SWITCH`).
+    Switch(u64, u64, u64),
     Stop(u32),
 }
 
@@ -190,6 +199,15 @@ fn cfi_step(row: &UnwindRow, pc: u64, sp: u64, bp: u64) -> Step {
             sp + 8 + extra
         }
         CFA_END_OF_STACK => return Step::Stop(stop::COMPLETE),
+        CFA_STACK_SWITCH => {
+            if bp == 0 {
+                return Step::Stop(stop::BAD_FRAME);
+            }
+            return match read_pair(bp) {
+                Some([caller_bp, ra]) => Step::Switch(ra, bp + 16, caller_bp),
+                None => Step::Stop(stop::UNREADABLE),
+            };
+        }
         _ => return Step::Stop(stop::UNSUPPORTED),
     };
     // The usual prologue (`push %rbp` right after the call) saves %rbp
@@ -324,6 +342,12 @@ extern "C" fn walk_frame(index: u64, ctx: *mut c_void) -> i64 {
             w.bp = caller_bp;
             0
         }
+        Step::Switch(ra, cfa, caller_bp) => {
+            w.pc = ra;
+            w.sp = cfa;
+            w.bp = caller_bp;
+            0
+        }
         Step::Stop(reason) => {
             w.why = reason;
             1
@@ -383,6 +407,13 @@ pub fn record_stack(tgid: u32, regs: Regs) -> StackId {
     let py_tail = ((buf.py_stop as u64) << 32) | buf.py_entry_mask as u64;
     h = (h ^ py_tail).wrapping_mul(0x0100_0000_01b3);
     let id = h | 1;
+    // Stacks stored are never removed, so an id this CPU has stored or
+    // found recently needs no lookup.
+    let seen = SEEN_STACKS.get_ptr_mut(((id >> 8) as u32) & (SEEN_STACK_SLOTS - 1));
+    // SAFETY: per-CPU slot, exclusive while this program runs.
+    if seen.is_some_and(|s| unsafe { *s } == id) {
+        return id;
+    }
     // SAFETY: read-only lookup.
     if unsafe { STACKS.get(&id) }.is_none() {
         // BPF_NOEXIST: another CPU may store the same stack meanwhile.
@@ -392,6 +423,10 @@ pub fn record_stack(tgid: u32, regs: Regs) -> StackId {
                 return STACK_LOST;
             }
         }
+    }
+    if let Some(s) = seen {
+        // SAFETY: as above.
+        unsafe { *s = id };
     }
     id
 }

@@ -272,7 +272,9 @@ impl Probes {
             None => None,
         };
         let oom = if tgid_offset == 0 {
-            Err("the kernel's BTF does not describe task_struct.tgid".to_string())
+            Err("the kernel's BTF does not describe \
+                 task_struct.tgid"
+                .to_string())
         } else {
             attach_raw_tp(&mut ebpf, "oom_mark_victim", "mark_victim")
         };
@@ -521,18 +523,33 @@ impl Probes {
             self.python_notes.push(note);
         } else if self.fsbase_offset == 0 {
             self.python_notes.push(format!(
-                "process {pid} runs Python {}, but the kernel's BTF does not describe                  task_struct.thread.fsbase: its stacks show native frames only",
+                "process {pid} runs Python {}, but the kernel's BTF does not describe \
+                 task_struct.thread.fsbase: its stacks show native frames only",
                 target.version_string()
             ));
         } else if let Some(entry) = target.kernel_entry() {
+            let mut registered = false;
             if let Some(map) = self.ebpf.map_mut(maps::PY_PROCS) {
                 if let Ok(mut pp) = BpfHashMap::<&mut MapData, u32, PyProc>::try_from(map) {
-                    if let Err(e) = pp.insert(pid, entry, 0) {
+                    let res = pp.insert(pid, entry, 0);
+                    registered = res.is_ok();
+                    if let Err(e) = res {
                         self.python_notes.push(format!(
-                            "process {pid} runs Python {}, but it could not be registered                              for Python frames: {e}",
+                            "process {pid} runs Python {}, but it could not be registered \
+                             for Python frames: {e}",
                             target.version_string()
                         ));
                     }
+                }
+            }
+            // The kernel skips the Python lookup until a process is here.
+            if registered {
+                if let Some(Ok(mut any)) = self
+                    .ebpf
+                    .map_mut(maps::PY_ANY)
+                    .map(Array::<&mut MapData, u32>::try_from)
+                {
+                    let _ = any.set(0, 1, 0);
                 }
             }
         }
