@@ -46,8 +46,8 @@ use gimli::{
 };
 use object::{Object as _, ObjectSection as _};
 use tracer_common::{
-    UnwindRow, CFA_END_OF_STACK, CFA_PLT, CFA_RBP, CFA_RSP, CFA_UNDEFINED, RBP_AT_CFA_OFFSET,
-    RBP_SAME, RBP_UNDEFINED,
+    UnwindRow, CFA_END_OF_STACK, CFA_PLT, CFA_RBP, CFA_RSP, CFA_STACK_SWITCH, CFA_UNDEFINED,
+    RBP_AT_CFA_OFFSET, RBP_SAME, RBP_UNDEFINED,
 };
 
 type Reader<'a> = EndianSlice<'a, LittleEndian>;
@@ -158,6 +158,15 @@ impl Rule {
         rbp_offset: 0,
     };
 
+    /// The frame switched stacks; its caller is found through `%rbp`
+    /// alone (`CFA_STACK_SWITCH`).
+    pub const STACK_SWITCH: Rule = Rule {
+        cfa_reg: CFA_STACK_SWITCH,
+        cfa_offset: 0,
+        rbp_rule: RBP_SAME,
+        rbp_offset: 0,
+    };
+
     /// The outermost frame: the walk ends here normally.
     pub const END_OF_STACK: Rule = Rule {
         cfa_reg: CFA_END_OF_STACK,
@@ -172,6 +181,7 @@ impl Rule {
         match self.cfa_reg {
             CFA_UNDEFINED => Rule::UNDEFINED,
             CFA_END_OF_STACK => Rule::END_OF_STACK,
+            CFA_STACK_SWITCH => Rule::STACK_SWITCH,
             _ if self.rbp_rule != RBP_AT_CFA_OFFSET => Rule {
                 rbp_offset: 0,
                 ..self
@@ -366,13 +376,14 @@ pub fn build(path: &Path) -> Result<UnwindTable, UnwindTableError> {
     // Go's cgo calls switch stacks: at the return address of
     // runtime.asmcgocall's call into C the frame is on the system stack
     // while its caller is on the goroutine's, which its CFI does not
-    // describe. The walk stops there, marked, rather than reading a
-    // return address from the wrong stack (earlier ranges win).
+    // describe. asmcgocall has no frame of its own and C preserves %rbp,
+    // so %rbp there is still runtime.cgocall's frame pointer on the
+    // goroutine stack: the walk crosses over by it (earlier ranges win).
     for ret in crate::go::cgocall_return_pcs(&data) {
         ranges.push(CfiRange {
             start: ret - 1,
             end: ret,
-            rule: Rule::UNDEFINED,
+            rule: Rule::STACK_SWITCH,
         });
     }
     if let Some((address, bytes)) = section_bytes(&file, ".eh_frame", path)? {
