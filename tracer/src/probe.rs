@@ -154,6 +154,9 @@ pub struct Probes {
     /// Allocator functions per object file, by (device, inode): libc is
     /// parsed once, not once per worker.
     elf_cache: HashMap<(String, u64), Option<HashMap<String, elf::Function>>>,
+    /// Runtime address ranges of the allocator functions found in each
+    /// process (probed or not), for [`Self::inside_allocator`].
+    allocator_ranges: HashMap<u32, Vec<(u64, u64)>>,
     /// Unwind tables loaded into `UNWIND_ROWS`, by (device, inode): where
     /// they start, how many rows, and the object's load segments.
     unwind_objects: HashMap<(String, u64), UnwindObject>,
@@ -299,6 +302,7 @@ impl Probes {
             links: HashMap::new(),
             attached_objects: HashMap::new(),
             elf_cache: HashMap::new(),
+            allocator_ranges: HashMap::new(),
             unwind_objects: HashMap::new(),
             unwind_next: 0,
             unwind_capacity: sizes.max_unwind_rows,
@@ -377,6 +381,19 @@ impl Probes {
             let Some(functions) = functions else { continue };
             if functions.is_empty() {
                 continue;
+            }
+            let ranges = self.allocator_ranges.entry(pid).or_default();
+            for f in functions.values() {
+                let holder = maps.iter().find(|m| {
+                    m.dev == entry.dev
+                        && m.inode == entry.inode
+                        && f.file_offset >= m.offset
+                        && f.file_offset - m.offset < m.end - m.start
+                });
+                if let Some(m) = holder {
+                    let start = m.start + (f.file_offset - m.offset);
+                    ranges.push((start, start + f.size.max(1)));
+                }
             }
             let attached = self.attach_object(nz, &path, &open_path, &functions)?;
             self.attached_objects.entry(pid).or_default().push(key);
@@ -684,6 +701,20 @@ impl Probes {
 
     /// Detach from a process (it exited, or exec'd into a new image) and
     /// forget what the syscall filter knew of it.
+    /// Whether a stack (return addresses, innermost first) passes through
+    /// an allocator function of process `pid`: a syscall made there is the
+    /// allocator's own (glibc's `free` creates a thread's arena with a
+    /// 64 MiB mmap), already counted as the blocks it serves. The kernel
+    /// tells calls inside malloc & co. by their pending record, but `free`
+    /// is probed at entry only.
+    pub fn inside_allocator(&self, pid: u32, ips: &[u64]) -> bool {
+        let Some(ranges) = self.allocator_ranges.get(&pid) else {
+            return false;
+        };
+        ips.iter()
+            .any(|&ip| ranges.iter().any(|&(start, end)| ip > start && ip <= end))
+    }
+
     pub fn detach_process(&mut self, pid: u32) {
         // Closing a uprobe link takes ~0.1 s on this kernel: let a thread
         // do it, so the event loop keeps following forks meanwhile.
@@ -699,6 +730,7 @@ impl Probes {
             std::thread::spawn(move || drop(owned));
         }
         self.attached_objects.remove(&pid);
+        self.allocator_ranges.remove(&pid);
         self.registered.remove(&pid);
         self.go.remove(&pid);
         self.set_target(pid, false);

@@ -79,6 +79,9 @@ struct Session {
     /// Go profile buckets seen, per `(tgid, bucket)`: their stack and
     /// bytes per object (`None`: the bucket could not be read).
     go_buckets: HashMap<(u32, u64), Option<(crate::ledger::StackIdx, u64)>>,
+    /// Whether a syscall stack passes through an allocator function, per
+    /// `(tgid, stack id)` (see `Probes::inside_allocator`).
+    allocator_stacks: HashMap<(u32, tracer_common::StackId), bool>,
 }
 
 impl Session {
@@ -136,6 +139,7 @@ impl Session {
         }
         self.normalizer.forget_process(pid);
         self.go_buckets.retain(|(t, _), _| *t != pid);
+        self.allocator_stacks.retain(|(t, _), _| *t != pid);
         self.regions.forget(pid);
     }
 
@@ -275,9 +279,24 @@ impl Session {
         for ev in &self.syscall_buf {
             if ev.nr == sys::OOM_VICTIM {
                 victims.push(ev.tgid);
-            } else {
-                apply_syscall(&mut self.regions, ev);
+                continue;
             }
+            let mut ev = *ev;
+            if ev.flags & SYSCALL_IN_ALLOCATOR == 0 && ev.nr != sys::MUNMAP {
+                let probes = &self.probes;
+                let inside = *self
+                    .allocator_stacks
+                    .entry((ev.tgid, ev.stack_id))
+                    .or_insert_with(|| {
+                        probes
+                            .stack(ev.stack_id)
+                            .is_some_and(|s| probes.inside_allocator(ev.tgid, &s.ips))
+                    });
+                if inside {
+                    ev.flags |= SYSCALL_IN_ALLOCATOR;
+                }
+            }
+            apply_syscall(&mut self.regions, &ev);
         }
         victims
     }
@@ -606,6 +625,9 @@ impl Session {
 fn apply_syscall(regions: &mut MmapTracker, ev: &SyscallEvent) {
     regions.set_now(ev.ts_ns);
     match ev.nr {
+        // The allocator's own mappings (an arena made inside `free`) hold
+        // the blocks it serves, which are counted already.
+        sys::MMAP | sys::MREMAP if ev.flags & SYSCALL_IN_ALLOCATOR != 0 => {}
         sys::MMAP => regions.mmap(ev.tgid, ev.ret, ev.args[0], ev.stack_id),
         sys::MUNMAP => regions.munmap(ev.tgid, ev.args[0], ev.args[1]),
         sys::MREMAP => regions.mremap(
@@ -747,6 +769,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         sort: cfg.sort,
         sample_bytes: cfg.sample_bytes,
         go_buckets: HashMap::new(),
+        allocator_stacks: HashMap::new(),
     };
     let mut first_err = None;
     for &pid in &pids {

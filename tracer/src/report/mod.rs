@@ -198,9 +198,17 @@ pub fn build(
         lost_events: inputs.counters.lost(),
     };
     rows.sort_by(|a, b| {
+        // By growth: stacks whose fit says `growing` first, then the rest,
+        // each by slope. A stack seen in fewer samples than a fit needs
+        // only has the average since attach as its slope, and one mapping
+        // made late (a thread's stack) must not outrank a steady leak.
         let key = |r: &(_, &crate::ledger::StackState, crate::trend::Fit)| match inputs.sort {
-            SortBy::Growth => (r.2.slope_bytes_per_s, r.1.outstanding_bytes() as f64),
-            SortBy::Outstanding => (r.1.outstanding_bytes() as f64, r.2.slope_bytes_per_s),
+            SortBy::Growth => (
+                f64::from(u8::from(r.2.trend == Trend::Growing)),
+                r.2.slope_bytes_per_s,
+                r.1.outstanding_bytes() as f64,
+            ),
+            SortBy::Outstanding => (r.1.outstanding_bytes() as f64, r.2.slope_bytes_per_s, 0.0),
         };
         key(b)
             .partial_cmp(&key(a))

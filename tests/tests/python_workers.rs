@@ -1,0 +1,179 @@
+//! End-to-end: a prefork Python worker pool (multiprocessing, fork) traced
+//! through its master, the way a uwsgi or gunicorn service would be.
+//!
+//! `tests/fixtures/py_pool.py`: four workers each serve 400 requests that
+//! leak into a module-level dict cache (`load_author_profiles`), fill a
+//! bounded `functools.lru_cache` (`render_template`) and churn request
+//! buffers (`handle_request`). leaktrace, attached to the master before the
+//! workers exist, must follow the four forks, name `load_author_profiles`
+//! at the leaking line as the top growing stack, as one row for all four
+//! workers with the bytes their caches hold, classify the LRU as a plateau,
+//! and show nothing outstanding for the churn.
+
+use std::path::{Path, PathBuf};
+
+use leaktrace_tests::{functions, require_bpf, Fixture, Tracer};
+use serde_json::Value;
+
+const SCRIPT: &str = include_str!("../fixtures/py_pool.py");
+
+fn script_path() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/py_pool.py")
+}
+
+/// 1-based line of the script holding `marker`.
+fn line_of(marker: &str) -> u64 {
+    SCRIPT
+        .lines()
+        .position(|l| l.contains(marker))
+        .unwrap_or_else(|| panic!("no {marker:?} in the script")) as u64
+        + 1
+}
+
+/// Stacks with a Python frame `function` at `line`.
+fn stacks_at<'a>(r: &'a Value, function: &str, line: u64) -> Vec<&'a Value> {
+    r["stacks"]
+        .as_array()
+        .expect("stacks")
+        .iter()
+        .filter(|s| {
+            s["frames"].as_array().expect("frames").iter().any(|f| {
+                f["kind"] == "python"
+                    && f["function"].as_str() == Some(function)
+                    && f["line"].as_u64() == Some(line)
+            })
+        })
+        .collect()
+}
+
+fn summary(r: &Value) -> String {
+    r["stacks"]
+        .as_array()
+        .expect("stacks")
+        .iter()
+        .take(12)
+        .map(|s| {
+            format!(
+                "{} B {} pids={} {:?}\n",
+                s["outstanding_bytes"],
+                s["trend"],
+                s["pids"],
+                functions(s).iter().take(8).collect::<Vec<_>>()
+            )
+        })
+        .collect()
+}
+
+fn check_pool(test: &str, python: &str) {
+    if !require_bpf(test) {
+        return;
+    }
+    if !Path::new(python).exists() {
+        eprintln!("skipping {test}: {python} is not installed");
+        return;
+    }
+    let script = script_path();
+    let script_s = script.display().to_string();
+    let mut fx = Fixture::start(Path::new(python), &[&script_s]);
+    let master = fx.pid().to_string();
+    let tracer = Tracer::attach(&[
+        "-p",
+        &master,
+        "-i",
+        "0",
+        "--format",
+        "json",
+        "-n",
+        "200",
+        "--sample-every",
+        "0.25",
+    ]);
+    fx.send("go");
+    let line = fx.expect_line("done");
+    let mut words = line.split_whitespace().skip(1);
+    let mut workers: Vec<u64> = words
+        .next()
+        .expect("worker pids")
+        .split(',')
+        .map(|p| p.parse().expect("a pid"))
+        .collect();
+    workers.sort();
+    let held: i64 = words
+        .next()
+        .and_then(|b| b.parse().ok())
+        .expect("bytes held");
+    let out = tracer.interrupt();
+    fx.send("quit");
+    assert!(out.status.success(), "{test}: leaktrace failed: {out:?}");
+    let r = out.json();
+    let all = summary(&r);
+
+    // The leak: the top stack, one row for the four workers.
+    let leak_line = line_of("# LEAK");
+    let leak = stacks_at(&r, "load_author_profiles", leak_line);
+    assert_eq!(
+        leak.len(),
+        1,
+        "{test}: want one load_author_profiles:{leak_line} stack:\n{all}"
+    );
+    let leak = leak[0];
+    assert_eq!(
+        functions(&r["stacks"][0]),
+        functions(leak),
+        "{test}: the leak is the top growing stack:\n{all}"
+    );
+    let mut pids: Vec<u64> = leak["pids"]
+        .as_array()
+        .expect("pids")
+        .iter()
+        .map(|p| p.as_u64().expect("pid"))
+        .collect();
+    pids.sort();
+    assert_eq!(pids, workers, "{test}: the row holds every worker:\n{all}");
+    assert_eq!(leak["trend"], "growing", "{test}: {}", leak["samples"]);
+    let bytes = leak["outstanding_bytes"].as_i64().expect("bytes");
+    assert!(
+        (bytes - held).abs() as f64 <= 0.01 * held as f64,
+        "{test}: the caches hold {held} B, leaktrace says {bytes} B:\n{all}"
+    );
+    let frame = leak["frames"]
+        .as_array()
+        .expect("frames")
+        .iter()
+        .find(|f| f["function"] == "load_author_profiles")
+        .expect("the frame");
+    assert_eq!(frame["file"].as_str(), Some(script_s.as_str()));
+
+    // The bounded LRU: a plateau at its size.
+    let lru = stacks_at(&r, "render_template", line_of("# LRU"));
+    assert_eq!(lru.len(), 1, "{test}: want one render_template stack:\n{all}");
+    assert_eq!(
+        lru[0]["trend"], "plateau",
+        "{test}: render_template: {}",
+        lru[0]["samples"]
+    );
+
+    // The churn: freed at the end of every request.
+    for s in stacks_at(&r, "handle_request", line_of("# CHURN")) {
+        assert!(
+            s["outstanding_bytes"].as_i64().unwrap_or(0) < 64 * 1024,
+            "{test}: request buffers are freed:\n{all}"
+        );
+    }
+}
+
+#[test]
+fn distro_python_worker_pool_leak_is_one_growing_row() {
+    check_pool(
+        "distro_python_worker_pool_leak_is_one_growing_row",
+        "/usr/bin/python3.11",
+    );
+}
+
+#[test]
+fn pyenv_python_worker_pool_leak_is_one_growing_row() {
+    check_pool(
+        "pyenv_python_worker_pool_leak_is_one_growing_row",
+        "/root/.pyenv/versions/3.11.7/bin/python3.11",
+    );
+}
