@@ -146,7 +146,11 @@ fn check_pool(test: &str, python: &str) {
 
     // The bounded LRU: a plateau at its size.
     let lru = stacks_at(&r, "render_template", line_of("# LRU"));
-    assert_eq!(lru.len(), 1, "{test}: want one render_template stack:\n{all}");
+    assert_eq!(
+        lru.len(),
+        1,
+        "{test}: want one render_template stack:\n{all}"
+    );
     assert_eq!(
         lru[0]["trend"], "plateau",
         "{test}: render_template: {}",
@@ -176,4 +180,104 @@ fn pyenv_python_worker_pool_leak_is_one_growing_row() {
         "pyenv_python_worker_pool_leak_is_one_growing_row",
         "/root/.pyenv/versions/3.11.7/bin/python3.11",
     );
+}
+
+/// `--pymalloc`: every object counted at pymalloc's own entry points, so a
+/// leak of small objects shows as objects (here 20,000 instances of a
+/// slotted class, 40 bytes each as `sys.getsizeof` says) rather than as
+/// the 1 MiB arenas pymalloc maps for them. On pyenv's shared libpython,
+/// where the interpreter calls the exported `PyObject_Malloc`.
+#[test]
+fn pymalloc_mode_counts_small_objects_exactly() {
+    const TEST: &str = "pymalloc_mode_counts_small_objects_exactly";
+    const SCRIPT: &str = r#"import sys
+class Rec:
+    __slots__ = ("a",)
+keep = []
+def make_records(n):
+    for i in range(n):
+        keep.append(Rec())  # OBJ
+print("ready", flush=True)
+for line in sys.stdin:
+    if line.strip() == "go":
+        make_records(20000)
+        print("done", sys.getsizeof(Rec()), flush=True)
+"#;
+    if !require_bpf(TEST) {
+        return;
+    }
+    let python = "/root/.pyenv/versions/3.11.7/bin/python3.11";
+    if !Path::new(python).exists() {
+        eprintln!("skipping {TEST}: {python} is not installed");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("leaktrace-pymalloc-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("create the script directory");
+    let script = dir.join("objs.py");
+    std::fs::write(&script, SCRIPT).expect("write the script");
+    let script_s = script.display().to_string();
+    let line = SCRIPT
+        .lines()
+        .position(|l| l.contains("# OBJ"))
+        .expect("marker") as u64
+        + 1;
+    let run = |extra: &[&str]| -> Value {
+        let mut fx = Fixture::start(Path::new(python), &[&script_s]);
+        let pid = fx.pid().to_string();
+        let mut args = vec![
+            "-p",
+            pid.as_str(),
+            "-i",
+            "0",
+            "--format",
+            "json",
+            "-n",
+            "50",
+        ];
+        args.extend_from_slice(extra);
+        let tracer = Tracer::attach(&args);
+        fx.send("go");
+        let done = fx.expect_line("done");
+        assert_eq!(done.split_whitespace().nth(1), Some("40"), "{TEST}: {done}");
+        let out = tracer.interrupt();
+        assert!(out.status.success(), "{TEST}: leaktrace failed: {out:?}");
+        out.json()
+    };
+
+    let exact = run(&["--pymalloc"]);
+    let objs = stacks_at(&exact, "make_records", line);
+    let all = summary(&exact);
+    let records: Vec<&&Value> = objs
+        .iter()
+        .filter(|s| s["outstanding_allocs"].as_i64() == Some(20000))
+        .collect();
+    assert_eq!(
+        records.len(),
+        1,
+        "{TEST}: want one stack holding the 20,000 objects:\n{all}"
+    );
+    assert_eq!(
+        records[0]["outstanding_bytes"].as_i64(),
+        Some(20000 * 40),
+        "{TEST}:\n{all}"
+    );
+
+    // Without it the same objects are the arena pymalloc mapped for them.
+    let arenas = run(&[]);
+    let all = summary(&arenas);
+    assert!(
+        stacks_at(&arenas, "make_records", line)
+            .iter()
+            .all(|s| s["outstanding_allocs"].as_i64().unwrap_or(0) < 100),
+        "{TEST}: without --pymalloc objects are not counted one by one:\n{all}"
+    );
+    assert!(
+        arenas["stacks"]
+            .as_array()
+            .expect("stacks")
+            .iter()
+            .any(|s| functions(s).iter().any(|f| f == "_PyObject_ArenaMmap")),
+        "{TEST}: the arena's mmap is attributed:\n{all}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -159,6 +159,13 @@ pub struct Args {
     /// changes the target; only allocations made afterwards are seen.
     #[arg(long, value_name = "RATE")]
     pub go_enable_profiling: Option<u64>,
+    /// Count CPython objects exactly, at pymalloc's own entry points
+    /// (PyObject_Malloc/Calloc/Realloc/Free), instead of attributing the
+    /// arenas pymalloc maps. Costs a probe trap per object; distro builds
+    /// with LTO inline pymalloc's fast path into the interpreter, so only
+    /// calls through the exported functions are seen there.
+    #[arg(long)]
+    pub pymalloc: bool,
     /// Where OOM reports go when the OOM killer picks a traced process.
     #[arg(long, value_name = "DIR", default_value = ".")]
     pub oom_dir: PathBuf,
@@ -210,6 +217,8 @@ pub struct Config {
     pub sample_bytes: u64,
     /// Rate written into Go processes that sample nothing.
     pub go_enable_profiling: Option<u64>,
+    /// Probe pymalloc's entry points (`--pymalloc`).
+    pub pymalloc: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -334,6 +343,7 @@ impl Args {
             oom_any: self.oom_any,
             free_probe_at_entry: self.free_probe_at_entry,
             go_enable_profiling: self.go_enable_profiling,
+            pymalloc: self.pymalloc,
         })
     }
 }

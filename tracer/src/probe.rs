@@ -62,6 +62,17 @@ const ALLOCATOR_FUNCTIONS: &[(&str, Role)] = &[
     ("zalloc", Role::Alloc("malloc_enter")),
 ];
 
+/// CPython's object allocator (`--pymalloc`): every object, exactly. A
+/// block above pymalloc's 512-byte limit is passed on to `malloc`, which
+/// then runs nested and is counted once, as calloc -> malloc is; the arenas
+/// pymalloc maps are made inside the probed call and not counted again.
+const PYMALLOC_FUNCTIONS: &[(&str, Role)] = &[
+    ("PyObject_Malloc", Role::Alloc("malloc_enter")),
+    ("PyObject_Calloc", Role::Alloc("calloc_enter")),
+    ("PyObject_Realloc", Role::Alloc("realloc_enter")),
+    ("PyObject_Free", Role::Free("free_enter")),
+];
+
 /// Names too generic to probe without an allocator prefix.
 const UNPREFIXED_SKIP: &[&str] = &["zalloc"];
 
@@ -96,6 +107,8 @@ pub struct ProbeOptions {
     /// Write this into `runtime.MemProfileRate` of Go processes whose
     /// runtime samples nothing (`--go-enable-profiling`).
     pub go_enable_profiling: Option<u64>,
+    /// Also probe CPython's pymalloc entry points (`--pymalloc`).
+    pub pymalloc: bool,
 }
 
 /// One function with probes on it.
@@ -794,6 +807,9 @@ impl Probes {
                 names.push(format!("{prefix}{f}"));
             }
         }
+        if self.options.pymalloc {
+            names.extend(PYMALLOC_FUNCTIONS.iter().map(|(n, _)| n.to_string()));
+        }
         names
     }
 
@@ -811,53 +827,61 @@ impl Probes {
             .map(|p| p.to_string())
             .chain(self.options.extra_prefixes.iter().cloned())
             .collect();
-        for prefix in &prefixes {
-            for (base, role) in ALLOCATOR_FUNCTIONS {
-                let name = format!("{prefix}{base}");
-                let Some(func) = functions.get(&name) else {
-                    continue;
-                };
-                // Aliases (memalign = aligned_alloc in glibc, malloc =
-                // je_malloc in some builds) are probed once.
-                if offsets_done.contains(&func.file_offset) {
-                    continue;
-                }
-                offsets_done.push(func.file_offset);
-                let err = |e: ProgramError| ProbeError::Attach {
-                    pid: pid.get(),
-                    function: name.clone(),
-                    object: path.to_string(),
-                    reason: attach_reason(&e),
-                };
-                let offset = match role {
-                    Role::Alloc(entry) => {
-                        // Entry and return probe share one trap; the
-                        // return probe needs [%rsp] to still be the return
-                        // address, which alloc_probe_offset guarantees.
-                        let off = if self.options.free_at_entry {
-                            0
-                        } else {
-                            prologue::alloc_probe_offset(&func.code)
-                        };
-                        self.attach_one(entry, func.file_offset + off, open_path, pid)
-                            .map_err(err)?;
-                        self.attach_one(EXIT_PROGRAM, func.file_offset + off, open_path, pid)
-                            .map_err(err)?;
-                        off
-                    }
-                    Role::Free(entry) => {
-                        let off = if self.options.free_at_entry {
-                            0
-                        } else {
-                            prologue::free_probe_offset(&func.code)
-                        };
-                        self.attach_one(entry, func.file_offset + off, open_path, pid)
-                            .map_err(err)?;
-                        off
-                    }
-                };
-                done.push(AttachedFunction { name, offset });
+        let mut candidates: Vec<(String, Role)> = prefixes
+            .iter()
+            .flat_map(|prefix| {
+                ALLOCATOR_FUNCTIONS
+                    .iter()
+                    .map(move |(base, role)| (format!("{prefix}{base}"), *role))
+            })
+            .collect();
+        if self.options.pymalloc {
+            candidates.extend(PYMALLOC_FUNCTIONS.iter().map(|(n, r)| (n.to_string(), *r)));
+        }
+        for (name, role) in candidates {
+            let Some(func) = functions.get(&name) else {
+                continue;
+            };
+            // Aliases (memalign = aligned_alloc in glibc, malloc =
+            // je_malloc in some builds) are probed once.
+            if offsets_done.contains(&func.file_offset) {
+                continue;
             }
+            offsets_done.push(func.file_offset);
+            let err = |e: ProgramError| ProbeError::Attach {
+                pid: pid.get(),
+                function: name.clone(),
+                object: path.to_string(),
+                reason: attach_reason(&e),
+            };
+            let offset = match role {
+                Role::Alloc(entry) => {
+                    // Entry and return probe share one trap; the
+                    // return probe needs [%rsp] to still be the return
+                    // address, which alloc_probe_offset guarantees.
+                    let off = if self.options.free_at_entry {
+                        0
+                    } else {
+                        prologue::alloc_probe_offset(&func.code)
+                    };
+                    self.attach_one(entry, func.file_offset + off, open_path, pid)
+                        .map_err(err)?;
+                    self.attach_one(EXIT_PROGRAM, func.file_offset + off, open_path, pid)
+                        .map_err(err)?;
+                    off
+                }
+                Role::Free(entry) => {
+                    let off = if self.options.free_at_entry {
+                        0
+                    } else {
+                        prologue::free_probe_offset(&func.code)
+                    };
+                    self.attach_one(entry, func.file_offset + off, open_path, pid)
+                        .map_err(err)?;
+                    off
+                }
+            };
+            done.push(AttachedFunction { name, offset });
         }
         Ok(done)
     }

@@ -736,6 +736,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             oom_any: cfg.oom_any,
             sample_bytes: cfg.sample_bytes,
             go_enable_profiling: cfg.go_enable_profiling,
+            pymalloc: cfg.pymalloc,
         },
     )?;
     let connector = match ProcConnector::open().and_then(|c| {
