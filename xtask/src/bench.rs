@@ -150,6 +150,25 @@ pub(crate) fn bench(reps: usize) -> Result<()> {
         }
     }
 
+    eprintln!("xtask: bench: python ({PYTHON})");
+    let python: Vec<PyRow> = py_specs(&ctx)
+        .into_iter()
+        .map(|(label, depth, kind, iters)| {
+            eprintln!("xtask: bench: python, {label}");
+            ctx.watch.wait_quiet();
+            let t = Instant::now();
+            let result = measure_python(&ctx, depth, &kind, iters).map_err(|e| format!("{e:#}"));
+            if let Err(e) = &result {
+                eprintln!("xtask: bench: python, {label}: {e}");
+            }
+            PyRow {
+                label,
+                result,
+                others: ctx.watch.seen_since(t),
+            }
+        })
+        .collect();
+
     let nginx = match nginx_ready {
         Ok(()) => {
             eprintln!("xtask: bench: nginx under wrk");
@@ -164,6 +183,7 @@ pub(crate) fn bench(reps: usize) -> Result<()> {
         (&footprint_big, &big_others),
         (&footprint_small, &small_others),
         &nginx,
+        &python,
         started.elapsed(),
     )?;
     println!("{doc}");
@@ -195,6 +215,7 @@ struct Ctx {
     mallocbench: PathBuf,
     footprint: PathBuf,
     floor_py: PathBuf,
+    pyalloc: PathBuf,
     /// Runs a bcc tool with uprobes attached with ref_ctr_offset 0.
     bcc_refctr0: PathBuf,
     has_sample_bytes: bool,
@@ -249,6 +270,7 @@ impl Ctx {
             mallocbench,
             footprint,
             floor_py: src.join("floor.py"),
+            pyalloc: src.join("pyalloc.py"),
             bcc_refctr0: src.join("bcc_refctr0.py"),
             has_sample_bytes: help.contains("--sample-bytes"),
             clk_tck,
@@ -1398,6 +1420,7 @@ fn render(
     (big, big_others): (&Result<Footprint>, &[String]),
     (small, small_others): (&Result<Footprint>, &[String]),
     nginx: &Result<Vec<NginxRow>, String>,
+    python: &[PyRow],
     elapsed: Duration,
 ) -> Result<String> {
     let find = |pred: fn(&Kind) -> bool| {
@@ -1665,6 +1688,8 @@ fn render(
         Err(why) => writeln!(s, "Not measured: {}", one_line(why))?,
     }
     writeln!(s)?;
+    render_python(&mut s, python, ctx.reps.max(1))?;
+    writeln!(s)?;
     writeln!(
         s,
         "Whole run: {:.0} s. Reproduce with `cargo xtask bench` (root).",
@@ -1673,6 +1698,182 @@ fn render(
     writeln!(s)?;
     write!(s, "{DOC_END}")?;
     Ok(s)
+}
+
+/// The interpreter of the Python rows (Debian's, installed with the tests).
+const PYTHON: &str = "/usr/bin/python3.11";
+/// Python frames below the loop in the shallow and the deep rows.
+const PY_SHALLOW: u32 = 5;
+const PY_DEEP: u32 = 25;
+
+struct PyRow {
+    label: String,
+    result: Result<Micro, String>,
+    others: Vec<String>,
+}
+
+/// (label, depth, configuration, iterations per phase).
+fn py_specs(ctx: &Ctx) -> Vec<(String, u32, Kind, u64)> {
+    let lt = |extra: &[&str]| Kind::Leaktrace {
+        extra: extra.iter().map(|e| e.to_string()).collect(),
+    };
+    let mut v = vec![
+        (
+            format!("untraced, {PY_SHALLOW} frames"),
+            PY_SHALLOW,
+            Kind::Untraced,
+            2_000_000,
+        ),
+        (
+            format!("leaktrace, {PY_SHALLOW} frames"),
+            PY_SHALLOW,
+            lt(&[]),
+            200_000,
+        ),
+        (
+            format!("leaktrace, {PY_DEEP} frames"),
+            PY_DEEP,
+            lt(&[]),
+            200_000,
+        ),
+    ];
+    if ctx.has_sample_bytes {
+        v.push((
+            format!("leaktrace --sample-bytes {SAMPLE_BYTES}, {PY_SHALLOW} frames"),
+            PY_SHALLOW,
+            lt(&["--sample-bytes", SAMPLE_BYTES]),
+            200_000,
+        ));
+    }
+    v.push((
+        format!("leaktrace --pymalloc, {PY_SHALLOW} frames"),
+        PY_SHALLOW,
+        lt(&["--pymalloc"]),
+        5_000,
+    ));
+    v
+}
+
+/// One Python configuration: `bench/pyalloc.py` at `depth` frames, per
+/// iteration one 1,000-byte bytes object (malloc and free) and one small
+/// tuple (pymalloc), median thread CPU over the phases.
+fn measure_python(ctx: &Ctx, depth: u32, kind: &Kind, iters: u64) -> Result<Micro> {
+    let mut target = Proc::spawn(
+        "pyalloc",
+        Command::new(PYTHON)
+            .arg(&ctx.pyalloc)
+            .arg(depth.to_string()),
+        true,
+    )?;
+    target.wait_line(|l| l == "ready", Duration::from_secs(10))?;
+    let json = ctx.dir.join("pyalloc.json");
+    let _ = fs::remove_file(&json);
+    let mut tracer = match kind {
+        Kind::Untraced => None,
+        Kind::Leaktrace { extra } => Some(Tracer::leaktrace(ctx, target.pid(), &json, extra)?),
+        _ => bail!("not a Python configuration"),
+    };
+    let timeout = Duration::from_secs(60) + Duration::from_micros(iters * 300);
+    target.phase(iters, timeout)?;
+    let (mut wall, mut cpu) = (Vec::new(), Vec::new());
+    for _ in 0..ctx.reps {
+        let (w, c) = target.phase(iters, timeout)?;
+        wall.push(w);
+        cpu.push(c);
+    }
+    let mut usage = None;
+    if let Some(t) = tracer.as_mut() {
+        let (u, _) = t.stop(Duration::from_secs(120))?;
+        usage = Some(u);
+    }
+    let report = matches!(kind, Kind::Leaktrace { .. })
+        .then(|| read_report(&json))
+        .transpose()?;
+    target.finish(Duration::from_secs(10))?;
+    Ok(Micro {
+        ns_per_pair: median(&mut cpu),
+        cpu_range: (
+            cpu.iter().copied().fold(f64::INFINITY, f64::min),
+            cpu.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+        ),
+        wall_ns_per_pair: median(&mut wall),
+        pairs_total: iters * ctx.reps as u64,
+        usage,
+        report,
+        free_offset: None,
+        note: None,
+    })
+}
+
+fn render_python(s: &mut String, rows: &[PyRow], reps: usize) -> Result<()> {
+    writeln!(
+        s,
+        "### Python ({PYTHON}): one 1,000-byte bytes object (malloc) and one small tuple \
+         (pymalloc) per iteration"
+    )?;
+    writeln!(s)?;
+    let header = [
+        "configuration",
+        "ns per iteration: thread CPU (wall), median; CPU range",
+        "vs untraced",
+        "allocations recorded per iteration",
+        "events lost",
+    ];
+    table_header(s, &header)?;
+    let ok = |label_start: &str| {
+        rows.iter()
+            .find(|r| r.label.starts_with(label_start))
+            .and_then(|r| r.result.as_ref().ok())
+    };
+    let base = ok("untraced").map(|m| m.ns_per_pair);
+    let mut crowded = Vec::new();
+    for r in rows {
+        let label = mark(&r.label, &r.others, &mut crowded);
+        let row = match &r.result {
+            Ok(m) => vec![
+                label,
+                format!(
+                    "{:.0} ({:.0}); {:.0}-{:.0}",
+                    m.ns_per_pair, m.wall_ns_per_pair, m.cpu_range.0, m.cpu_range.1
+                ),
+                base.map_or("n/a".into(), |b| format!("{:.1}x", m.ns_per_pair / b)),
+                m.report
+                    .as_ref()
+                    .and_then(|rep| rep.allocs)
+                    .map_or("—".into(), |a| {
+                        // The warm-up phase ran under the tracer too.
+                        let iters = m.pairs_total as f64 * (reps as f64 + 1.0) / reps as f64;
+                        format!("{:.2}", a as f64 / iters)
+                    }),
+                m.report.as_ref().map_or("—".into(), lost_cell),
+            ],
+            Err(e) => failed_row(&label, &anyhow!("{e}"), header.len()),
+        };
+        table_row(s, &row)?;
+    }
+    writeln!(s)?;
+    let shallow = ok(&format!("leaktrace, {PY_SHALLOW} frames"));
+    let deep = ok(&format!("leaktrace, {PY_DEEP} frames"));
+    if let (Some(a), Some(b)) = (shallow, deep) {
+        writeln!(
+            s,
+            "- Python frames: {} more frames below the loop cost {:.0} ns more per iteration \
+             under leaktrace, **{:.0} ns per Python frame** per recorded allocation (the \
+             kernel reads each frame's code object and instruction; the untraced interpreter \
+             pays for the deeper recursion only once per phase).",
+            PY_DEEP - PY_SHALLOW,
+            b.ns_per_pair - a.ns_per_pair,
+            (b.ns_per_pair - a.ns_per_pair) / f64::from(PY_DEEP - PY_SHALLOW)
+        )?;
+    }
+    writeln!(
+        s,
+        "- `--pymalloc` also probes `PyObject_Malloc`/`PyObject_Free`, whose first instruction \
+         the kernel single-steps; Debian's LTO build inlines pymalloc's fast path, so it sees \
+         few of the interpreter's own allocations but still pays on `PyObject_Free`."
+    )?;
+    crowded_note(s, &crowded)?;
+    Ok(())
 }
 
 /// Marks a row during which other eBPF tracers ran (`†`, `‡`, ...) and
