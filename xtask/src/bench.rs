@@ -464,6 +464,32 @@ struct Micro {
     note: Option<String>,
 }
 
+impl Micro {
+    /// The row for measured phases: per phase (wall, thread CPU) ns per
+    /// pair; the median and range of the CPU figures.
+    fn from_phases(
+        mut wall: Vec<f64>,
+        mut cpu: Vec<f64>,
+        pairs_total: u64,
+        usage: Option<Usage>,
+        report: Option<LeaktraceReport>,
+    ) -> Micro {
+        Micro {
+            cpu_range: (
+                cpu.iter().copied().fold(f64::INFINITY, f64::min),
+                cpu.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+            ),
+            ns_per_pair: median(&mut cpu),
+            wall_ns_per_pair: median(&mut wall),
+            pairs_total,
+            usage,
+            report,
+            free_offset: None,
+            note: None,
+        }
+    }
+}
+
 fn measure_micro(ctx: &Ctx, kind: &Kind, pairs: u64, floor_offset: Option<u64>) -> Result<Micro> {
     let mut target = Proc::spawn(
         "mallocbench",
@@ -508,19 +534,15 @@ fn measure_micro(ctx: &Ctx, kind: &Kind, pairs: u64, floor_offset: Option<u64>) 
         .then(|| read_report(&json))
         .transpose()?;
     target.finish(Duration::from_secs(10))?;
-    Ok(Micro {
-        ns_per_pair: median(&mut cpu),
-        cpu_range: (
-            cpu.iter().copied().fold(f64::INFINITY, f64::min),
-            cpu.iter().copied().fold(f64::NEG_INFINITY, f64::max),
-        ),
-        wall_ns_per_pair: median(&mut wall),
-        pairs_total: pairs * u64::from(THREADS) * ctx.reps as u64,
+    let mut m = Micro::from_phases(
+        wall,
+        cpu,
+        pairs * u64::from(THREADS) * ctx.reps as u64,
         usage,
         report,
-        free_offset,
-        note: None,
-    })
+    );
+    m.free_offset = free_offset;
+    Ok(m)
 }
 
 /// `free+9` in leaktrace's debug line listing what it attached.
@@ -1790,19 +1812,13 @@ fn measure_python(ctx: &Ctx, depth: u32, kind: &Kind, iters: u64) -> Result<Micr
         .then(|| read_report(&json))
         .transpose()?;
     target.finish(Duration::from_secs(10))?;
-    Ok(Micro {
-        ns_per_pair: median(&mut cpu),
-        cpu_range: (
-            cpu.iter().copied().fold(f64::INFINITY, f64::min),
-            cpu.iter().copied().fold(f64::NEG_INFINITY, f64::max),
-        ),
-        wall_ns_per_pair: median(&mut wall),
-        pairs_total: iters * ctx.reps as u64,
+    Ok(Micro::from_phases(
+        wall,
+        cpu,
+        iters * ctx.reps as u64,
         usage,
         report,
-        free_offset: None,
-        note: None,
-    })
+    ))
 }
 
 fn render_python(s: &mut String, rows: &[PyRow], reps: usize) -> Result<()> {
