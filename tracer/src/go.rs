@@ -34,7 +34,7 @@ use crate::{
     unwind_table::{vaddr_of_file_offset, Segment},
 };
 
-/// Byte offset of `nstk` in `runtime.bucket` (Go 1.17-1.25).
+/// Byte offset of `nstk` in `runtime.bucket` (Go 1.17-1.27).
 const BUCKET_NSTK: u64 = 40;
 /// Byte offset of the first stack PC in `runtime.bucket`.
 const BUCKET_STACK: u64 = 48;
@@ -44,9 +44,10 @@ const MAX_BUCKET_FRAMES: u64 = 1024;
 
 /// Go versions whose probed functions take their arguments in registers
 /// leaktrace knows on x86-64: `setprofilebucket(p=AX, b=BX)`,
-/// `mProf_Free(b=AX, size=BX)` (verified 1.19-1.25; the register ABI
-/// starts with 1.17).
-const SUPPORTED: std::ops::RangeInclusive<(u32, u32)> = (1, 17)..=(1, 25);
+/// `mProf_Free(b=AX, ...)` (verified end to end with 1.19 and the
+/// official 1.21.13-1.27.3, `tests/tests/go.rs`; the register ABI starts
+/// with 1.17). 1.28+ stays refused until the matrix runs it.
+const SUPPORTED: std::ops::RangeInclusive<(u32, u32)> = (1, 17)..=(1, 27);
 
 /// What an executable says about the Go runtime in it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -70,6 +71,8 @@ pub struct GoObjectInfo {
     /// Why `.gopclntab` could not be read (stripped binaries only).
     pub pclntab_error: Option<String>,
     pub segments: Vec<Segment>,
+    /// Where the runtime keeps its heap-in-use and goroutine figures.
+    pub stats: crate::gostats::StatsLayout,
 }
 
 impl GoObjectInfo {
@@ -83,14 +86,14 @@ impl GoObjectInfo {
         let Some(mm) = self.major_minor() else {
             return Some(format!(
                 "{path} is a Go binary of unknown version ({:?}): leaktrace knows the \
-                 runtime's argument registers for go1.17-go1.25 only",
+                 runtime's argument registers for go1.17-go1.27 only",
                 self.version
             ));
         };
         if !SUPPORTED.contains(&mm) {
             return Some(format!(
                 "{path} is built with {}: leaktrace knows the runtime's argument registers \
-                 for go1.17-go1.25 only (x86-64 register ABI); its Go heap is not traced",
+                 for go1.17-go1.27 only (x86-64 register ABI); its Go heap is not traced",
                 self.version
             ));
         }
@@ -183,6 +186,7 @@ pub fn inspect_object(path: &Path) -> Option<GoObjectInfo> {
         stripped: file.section_by_name(".symtab").is_none(),
         pclntab_error: None,
         segments: Vec::new(),
+        stats: Default::default(),
     };
     let file_offset = |sym: &object::Symbol<'_, '_>| -> Option<u64> {
         let section = file.section_by_index(sym.section_index()?).ok()?;
@@ -232,12 +236,28 @@ pub fn inspect_object(path: &Path) -> Option<GoObjectInfo> {
     }
     info.version = version.unwrap_or_else(|| "unknown".into());
     info.segments = crate::unwind_table::segments_of(&file);
-    if info.stripped {
+    // Without DWARF (stripped, or `-ldflags=-w`) the runtime's figures
+    // are found from the code, which needs the table.
+    let table = if info.stripped || file.section_by_name(".debug_info").is_none() {
         match GoTable::from_elf(&data) {
-            Ok(table) => stripped_variables(&file, &table, &mut info),
-            Err(e) => info.pclntab_error = Some(e.to_string()),
+            Ok(table) => Some(table),
+            Err(e) => {
+                info.pclntab_error = Some(e.to_string());
+                None
+            }
         }
+    } else {
+        None
+    };
+    if info.stripped {
+        if let Some(table) = &table {
+            stripped_variables(&file, table, &mut info);
+        }
+    } else {
+        // An unstripped binary does not need the table for its stacks.
+        info.pclntab_error = None;
     }
+    info.stats = crate::gostats::layout_of(&file, table.as_ref());
     Some(info)
 }
 
@@ -251,11 +271,11 @@ pub fn inspect_object(path: &Path) -> Option<GoObjectInfo> {
 ///   whose source line is in `malloc.go` (`nextSample`, inlined; the load
 ///   before it, `mcache0`, is in `mcache.go`);
 /// - `runtime.mProfCycle`: the 4-byte load that opens `runtime.mProf_Flush`,
-///   and `runtime.profMemActiveLock`, the `LEAQ` there that is not of
-///   `mProfCycle` (the lock it takes).
+///   and `runtime.profMemActiveLock`, the first `LEAQ` there that is not of
+///   `mProfCycle` and lies in an inlined call (`lock`, its first).
 ///
 /// Each was checked against `.symtab` of unstripped builds (Go 1.19, and
-/// the operands are the same instructions in the 1.21-1.25 sources); what
+/// the official 1.21-1.27 builds, `stripped_binary_matches_its_symbol_table`); what
 /// does not match stays `None` and is reported as missing.
 pub fn stripped_variables(file: &object::File<'_>, table: &GoTable, info: &mut GoObjectInfo) {
     let sections: Vec<(u64, u64, Option<&[u8]>, bool)> = file
@@ -310,8 +330,15 @@ pub fn stripped_variables(file: &object::File<'_>, table: &GoTable, info: &mut G
     if let Some((at, code)) = code_of("runtime.mProf_Flush") {
         let cycle = rip_relative(code, at, RipOp::Load32, |_, t| in_data(t, 4));
         info.mprof_cycle_vaddr = cycle;
-        info.active_lock_vaddr =
-            cycle.and_then(|c| rip_relative(code, at, RipOp::Lea, |_, t| t != c && in_data(t, 8)));
+        // The first `lock` is of profMemActiveLock; its LEAQ is inside
+        // the inlined lock call, while Go 1.26 hoists the
+        // `&profMemFutureLock[index]` LEAQ above it, into mProf_Flush's
+        // own lines.
+        info.active_lock_vaddr = cycle.and_then(|c| {
+            rip_relative(code, at, RipOp::Lea, |pc, t| {
+                t != c && in_data(t, 8) && table.frames(pc).first().is_some_and(|f| f.inlined)
+            })
+        });
     }
     log::debug!(
         "stripped Go binary ({}): setprofilebucket {:?} mProf_Free {:?} MemProfileRate {:x?} \
@@ -346,6 +373,10 @@ pub struct GoTarget {
     /// `baseline_error`).
     pub baseline: Vec<BucketSnapshot>,
     pub baseline_error: Option<String>,
+    /// Where the runtime's own figures are in this process.
+    pub stats: crate::gostats::StatsLayout,
+    /// Those figures when leaktrace attached, and when.
+    pub at_attach: (std::time::Instant, crate::gostats::GoFigures),
 }
 
 impl GoTarget {
@@ -370,6 +401,8 @@ impl GoTarget {
             lock_addr: rebase(info.active_lock_vaddr),
             baseline: Vec::new(),
             baseline_error: None,
+            stats: info.stats.rebase(bias),
+            at_attach: (std::time::Instant::now(), Default::default()),
         })
     }
 
@@ -405,7 +438,8 @@ impl GoTarget {
         let mut last_err = String::new();
         for _ in 0..5 {
             let before = guard(self);
-            match walk_buckets(pid, head_addr) {
+            let cycle = mem_record_cycle(parse_version(&self.version).unwrap_or((1, 0)));
+            match walk_buckets(pid, head_addr, cycle) {
                 Ok(buckets) => {
                     let after = guard(self);
                     let settled = match (before, after) {
@@ -478,14 +512,24 @@ pub fn read_bucket(pid: u32, b: u64) -> Result<Bucket, &'static str> {
     Ok(Bucket { size_bytes, pcs })
 }
 
-/// Return addresses of `runtime.asmcgocall`'s call into C after it
-/// switched to the system stack, in a Go executable (`data`, its bytes):
-/// the unwinder cannot follow that frame by its CFI. The call is recognised by its
-/// bytes: `CALL AX` followed by `MOVQ 0x30(SP), DI` (reloading the saved
-/// g), as in Go 1.17-1.25's asm_amd64.s; a runtime whose sequence differs
-/// gets no rule (and a wrong frame may follow asmcgocall).
-pub fn cgocall_return_pcs(data: &[u8]) -> Vec<u64> {
-    const SWITCHED_CALL: [u8; 7] = [0xff, 0xd0, 0x48, 0x8b, 0x7c, 0x24, 0x30];
+/// Return addresses in a Go executable (`data`, its bytes) where the
+/// caller's frame is on another stack, which no CFI describes; the
+/// unwinder crosses there by one frame-pointer step:
+/// - `runtime.asmcgocall`'s call into C on the system stack: `CALL AX`
+///   followed by `MOVQ 0x30(SP), DI` (reloading the saved g); %rbp is
+///   still `runtime.cgocall`'s frame pointer on the goroutine stack;
+/// - `runtime.systemstack`'s call of its function on g0 (`CALL DI`, the
+///   only one in it): %rbp is still the goroutine's frame pointer (from
+///   1.21 systemstack's own frame, pushed before the switch, whose return
+///   address is in its caller; before, its caller's, which loses that
+///   caller's own frame). Without it every stack of runtime work done on
+///   g0 (heap growth, span allocation) ends at `runtime.systemstack`.
+///
+/// Checked on Go 1.19 and 1.21-1.27 (asm_amd64.s); a runtime whose code
+/// differs gets no rule and its walks end there.
+pub fn stack_switch_return_pcs(data: &[u8]) -> Vec<u64> {
+    const CGO_CALL: [u8; 7] = [0xff, 0xd0, 0x48, 0x8b, 0x7c, 0x24, 0x30];
+    const CALL_DI: [u8; 2] = [0xff, 0xd7];
     let Ok(file) = object::File::parse(data) else {
         return Vec::new();
     };
@@ -497,14 +541,24 @@ pub fn cgocall_return_pcs(data: &[u8]) -> Vec<u64> {
     let Ok(table) = GoTable::from_elf(data) else {
         return Vec::new();
     };
+    let one = |code: &[u8], pattern: &[u8]| -> Option<usize> {
+        let mut hits = code
+            .windows(pattern.len())
+            .enumerate()
+            .filter(|(_, w)| *w == pattern)
+            .map(|(i, _)| i);
+        let first = hits.next()?;
+        hits.next().is_none().then_some(first)
+    };
     table
         .functions()
-        .filter(|f| f.name == "runtime.asmcgocall" || f.name == "runtime.asmcgocall.abi0")
         .filter_map(|f| {
-            let code = table.code(&f)?;
-            let at = code
-                .windows(SWITCHED_CALL.len())
-                .position(|w| w == SWITCHED_CALL)?;
+            let pattern: &[u8] = match f.name.as_str() {
+                "runtime.asmcgocall" | "runtime.asmcgocall.abi0" => &CGO_CALL,
+                "runtime.systemstack" | "runtime.systemstack.abi0" => &CALL_DI,
+                _ => return None,
+            };
+            let at = one(table.code(&f)?, pattern)?;
             Some(f.entry + at as u64 + 2)
         })
         .collect()
@@ -524,9 +578,17 @@ pub struct BucketSnapshot {
     pub alloc_bytes: u64,
 }
 
-/// Byte size of `runtime.memRecord`: `active` and `future[3]`, each four
-/// `uintptr` (allocs, frees, alloc_bytes, free_bytes).
-const MEM_RECORD: usize = 128;
+/// Bytes of one `runtime.memRecordCycle` in `runtime.memRecord`
+/// (`active` and `future[3]`): four `uintptr` (allocs, frees, alloc_bytes,
+/// free_bytes) up to Go 1.26, two (allocs, frees) from 1.27. A bucket's
+/// objects all have its `size`, so bytes are counts times that size.
+pub fn mem_record_cycle(version: (u32, u32)) -> usize {
+    if version >= (1, 27) {
+        16
+    } else {
+        32
+    }
+}
 /// More buckets than this means the list was misread (a loop, a wrong
 /// `mbuckets`); the runtime's own hash table has 179999 chains.
 const MAX_BUCKETS: usize = 1 << 20;
@@ -535,7 +597,11 @@ const MEM_PROFILE: u64 = 1;
 
 /// Walk the bucket list whose head pointer is at `head_addr`: every heap
 /// bucket with sampled objects still live.
-pub fn walk_buckets(pid: u32, head_addr: u64) -> Result<Vec<BucketSnapshot>, String> {
+pub fn walk_buckets(
+    pid: u32,
+    head_addr: u64,
+    cycle_bytes: usize,
+) -> Result<Vec<BucketSnapshot>, String> {
     let word = |b: &[u8], off: usize| -> u64 {
         b.get(off..off + 8)
             .and_then(|s| s.try_into().ok())
@@ -565,19 +631,18 @@ pub fn walk_buckets(pid: u32, head_addr: u64) -> Result<Vec<BucketSnapshot>, Str
                 "bucket {b:#x}: implausible header (type {typ}, {nstk} frames)"
             ));
         }
-        let body = read_mem(pid, b + BUCKET_STACK, 8 * nstk as usize + MEM_RECORD)
+        let body = read_mem(pid, b + BUCKET_STACK, 8 * nstk as usize + 4 * cycle_bytes)
             .map_err(|e| format!("bucket {b:#x}: {e}"))?;
         let rec = &body[8 * nstk as usize..];
-        let (mut allocs, mut frees, mut abytes, mut fbytes) = (0u64, 0u64, 0u64, 0u64);
+        let (mut allocs, mut frees) = (0u64, 0u64);
         for cycle in 0..4 {
-            let at = 32 * cycle;
+            let at = cycle_bytes * cycle;
             allocs = allocs.wrapping_add(word(rec, at));
             frees = frees.wrapping_add(word(rec, at + 8));
-            abytes = abytes.wrapping_add(word(rec, at + 16));
-            fbytes = fbytes.wrapping_add(word(rec, at + 24));
         }
         let live_objects = allocs.wrapping_sub(frees) as i64;
-        let live_bytes = abytes.wrapping_sub(fbytes) as i64;
+        let live_bytes = live_objects.saturating_mul(size as i64);
+        let abytes = allocs.saturating_mul(size);
         if live_objects > 0 && live_bytes > 0 {
             let pcs = body[..8 * nstk as usize]
                 .chunks_exact(8)
@@ -615,7 +680,9 @@ pub fn rate_zero_note(pid: u32, target: &GoTarget) -> String {
     format!(
         "process {pid} ({}, {}): the Go runtime is not sampling heap allocations \
          (runtime.MemProfileRate = 0, set by the linker because the program never imports \
-         runtime/pprof or net/http/pprof), so its Go heap cannot be shown; opt in by importing \
+         runtime/pprof or net/http/pprof), so its Go heap in use by stack cannot be shown; \
+         the stacks through runtime.sysMap show which allocations made the heap grow (a \
+         churning stack shares that blame with a leaking one); opt in by importing \
          _ \"runtime/pprof\" (or net/http/pprof), or setting runtime.MemProfileRate at start, \
          or rerun leaktrace with --go-enable-profiling 524288 to switch sampling on in the \
          running process (this changes the target; only later allocations are seen)",
@@ -654,11 +721,79 @@ mod tests {
         assert_eq!(scale(4096.0, 1), 1.0);
     }
 
-    /// A Go program built twice, with and without `-ldflags="-s -w"`, in
-    /// a temporary directory; `None` (and a note) when `go` is missing.
-    fn build_pair(tag: &str) -> Option<(std::path::PathBuf, std::path::PathBuf)> {
-        use std::process::Command;
-        if Command::new("go").arg("version").output().is_err() {
+    /// A `go` command: the installed one, or an official toolchain's.
+    struct GoCmd {
+        label: String,
+        go: std::path::PathBuf,
+        /// GOROOT and build cache of a downloaded toolchain.
+        goroot: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    }
+
+    impl GoCmd {
+        fn command(&self) -> std::process::Command {
+            let mut c = std::process::Command::new(&self.go);
+            c.env("GOTOOLCHAIN", "local");
+            if let Some((root, _)) = &self.goroot {
+                c.env("GOROOT", root);
+            }
+            c
+        }
+    }
+
+    /// The installed `go`, then every official toolchain that the
+    /// end-to-end suite's version matrix (`tests/tests/go.rs`) fetched
+    /// into `target/go-toolchains/VERSION/go`.
+    fn toolchains() -> Vec<GoCmd> {
+        let mut out = vec![GoCmd {
+            label: "installed go".into(),
+            go: "go".into(),
+            goroot: None,
+        }];
+        let base = std::env::var_os("CARGO_TARGET_DIR")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))
+            .join("go-toolchains");
+        let mut found: Vec<std::path::PathBuf> = fs::read_dir(&base)
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        found.sort();
+        for dir in found {
+            let goroot = dir.join("go");
+            if goroot.join("bin/go").exists() {
+                out.push(GoCmd {
+                    label: format!(
+                        "go{}",
+                        dir.file_name().unwrap_or_default().to_string_lossy()
+                    ),
+                    go: goroot.join("bin/go"),
+                    goroot: Some((goroot, dir.join("gocache"))),
+                });
+            }
+        }
+        out
+    }
+
+    /// A Go program built twice with `go`, with and without
+    /// `-ldflags="-s -w"`, in a temporary directory; `None` (and a note)
+    /// when `go` is missing.
+    fn build_pair(tag: &str, go: &GoCmd) -> Option<(std::path::PathBuf, std::path::PathBuf)> {
+        build_pair_of(
+            tag,
+            go,
+            "package main\n\nimport (\n\t\"fmt\"\n\t\"os\"\n\t\"runtime/pprof\"\n\t\"strings\"\n)\n\n\
+             var keep [][]byte\n\n//go:noinline\nfunc grow(n int) { keep = append(keep, make([]byte, n)) }\n\n\
+             func main() {\n\tgrow(len(os.Args))\n\tfmt.Println(strings.Repeat(\"x\", len(keep)))\n\
+             \t_ = pprof.WriteHeapProfile(os.Stdout)\n}\n",
+        )
+    }
+
+    /// [`build_pair`] of the program `src`.
+    fn build_pair_of(
+        tag: &str,
+        go: &GoCmd,
+        src: &str,
+    ) -> Option<(std::path::PathBuf, std::path::PathBuf)> {
+        if go.command().arg("version").output().is_err() {
             eprintln!("skipping {tag}: `go` is not installed (cargo xtask setup installs it)");
             return None;
         }
@@ -666,23 +801,21 @@ mod tests {
             std::env::temp_dir().join(format!("leaktrace-gopcln-{tag}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).expect("create a temporary directory");
-        fs::write(
-            dir.join("main.go"),
-            "package main\n\nimport (\n\t\"fmt\"\n\t\"os\"\n\t\"runtime/pprof\"\n\t\"strings\"\n)\n\n\
-             var keep [][]byte\n\n//go:noinline\nfunc grow(n int) { keep = append(keep, make([]byte, n)) }\n\n\
-             func main() {\n\tgrow(len(os.Args))\n\tfmt.Println(strings.Repeat(\"x\", len(keep)))\n\
-             \t_ = pprof.WriteHeapProfile(os.Stdout)\n}\n",
-        )
-        .expect("write main.go");
+        fs::write(dir.join("main.go"), src).expect("write main.go");
         fs::write(dir.join("go.mod"), "module pcln\n\ngo 1.16\n").expect("write go.mod");
+        let gocache = match &go.goroot {
+            Some((_, cache)) => cache.clone(),
+            None => dir.join("gocache"),
+        };
         let build = |out: &str, flags: &[&str]| {
-            let st = Command::new("go")
+            let st = go
+                .command()
                 .arg("build")
                 .args(flags)
                 .args(["-o", out, "."])
                 .current_dir(&dir)
                 .env("GOPATH", dir.join("gopath"))
-                .env("GOCACHE", dir.join("gocache"))
+                .env("GOCACHE", &gocache)
                 .env("GOPROXY", "off")
                 .env("CGO_ENABLED", "0")
                 .status()
@@ -693,19 +826,160 @@ mod tests {
         Some((build("full", &[]), build("stripped", &["-ldflags=-s -w"])))
     }
 
+    /// A program that holds 100 goroutines and ~32 MiB of heap, then
+    /// prints `runtime.ReadMemStats().HeapInuse` and
+    /// `runtime.NumGoroutine()` after two GCs, and waits on stdin.
+    const FIGURES_SRC: &str = r#"package main
+
+import (
+	"bufio"
+	"fmt"
+	"os"
+	"runtime"
+)
+
+var keep [][]byte
+
+func main() {
+	block := make(chan int)
+	for i := 0; i < 100; i++ {
+		go func() { <-block }()
+	}
+	for i := 0; i < 256; i++ {
+		keep = append(keep, make([]byte, 128<<10))
+	}
+	runtime.GC()
+	runtime.GC()
+	var m runtime.MemStats
+	runtime.ReadMemStats(&m)
+	fmt.Println(m.HeapInuse, runtime.NumGoroutine())
+	bufio.NewReader(os.Stdin).ReadString('\n')
+	close(block)
+}
+"#;
+
+    /// For every toolchain, unstripped and stripped: the runtime's figures
+    /// read from the live process are the ones it prints itself (heap in
+    /// use within 1 MiB, as printing allocates; the goroutine count
+    /// exactly). Stripped binaries give the heap figure only.
+    #[test]
+    fn runtime_figures_match_readmemstats() {
+        use std::io::{BufRead as _, Write as _};
+        if !nix_root() {
+            eprintln!("skipping: reading another process's memory needs root");
+            return;
+        }
+        let mut checked = Vec::new();
+        for go in toolchains() {
+            let tag = format!("figures-{}", go.label.replace(' ', "-"));
+            let Some((full, stripped)) = build_pair_of(&tag, &go, FIGURES_SRC) else {
+                continue;
+            };
+            for (bin, is_stripped) in [(&full, false), (&stripped, true)] {
+                let v = format!(
+                    "{} {}",
+                    go.label,
+                    if is_stripped { "stripped" } else { "full" }
+                );
+                let info = inspect_object(bin).expect("a Go binary");
+                assert!(info.stats.heap_inuse.is_some(), "{v}: {:?}", info.stats);
+                if !is_stripped {
+                    // The code pattern used for stripped binaries finds
+                    // what DWARF says.
+                    let data = fs::read(bin).expect("read the binary");
+                    let file = object::File::parse(&*data).expect("parse the binary");
+                    let table = GoTable::from_elf(&data).expect("parse .gopclntab");
+                    assert_eq!(
+                        crate::gostats::heap_inuse_from_code(&file, &table),
+                        info.stats.heap_inuse,
+                        "{v}: runtime.heapRetained's first load is not heapInUse"
+                    );
+                }
+                assert_eq!(
+                    info.stats.goroutines.is_some(),
+                    !is_stripped,
+                    "{v}: {:?}",
+                    info.stats
+                );
+                let mut child = std::process::Command::new(bin)
+                    .stdin(std::process::Stdio::piped())
+                    .stdout(std::process::Stdio::piped())
+                    .spawn()
+                    .expect("start the Go program");
+                let mut line = String::new();
+                std::io::BufReader::new(child.stdout.take().expect("stdout"))
+                    .read_line(&mut line)
+                    .expect("read its figures");
+                let mut it = line
+                    .split_whitespace()
+                    .map(|w| w.parse::<i64>().expect("a number"));
+                let (heap, goroutines) = (it.next().expect("HeapInuse"), it.next().expect("count"));
+                let pid = child.id();
+                let maps = crate::procfs::read_maps(pid).expect("read its maps");
+                let m = maps
+                    .iter()
+                    .find(|m| {
+                        m.executable && m.path.as_deref().map(Path::new) == Some(bin.as_path())
+                    })
+                    .expect("its executable mapping");
+                let target = GoTarget::new(m, &info).expect("a Go target");
+                let ours = crate::gostats::read(pid, &target.stats);
+                let _ = child.stdin.take().expect("stdin").write_all(b"\n");
+                let _ = child.wait();
+                let ours_heap = ours.heap_inuse_bytes.expect("heap in use read") as i64;
+                assert!(
+                    (ours_heap - heap).abs() <= 1 << 20 && heap > 32 << 20,
+                    "{v}: heap in use {ours_heap}, the program says {heap}"
+                );
+                if !is_stripped {
+                    assert_eq!(ours.goroutines, Some(goroutines), "{v}");
+                    assert_eq!(goroutines, 101, "{v}");
+                }
+                eprintln!(
+                    "{v}: heap in use {ours_heap} ({heap}), goroutines {:?}",
+                    ours.goroutines
+                );
+            }
+            checked.push(go.label);
+            let _ = fs::remove_dir_all(full.parent().expect("a directory"));
+        }
+        eprintln!("runtime figures checked with: {checked:?}");
+    }
+
+    fn nix_root() -> bool {
+        // SAFETY: geteuid has no preconditions.
+        unsafe { libc::geteuid() == 0 }
+    }
+
+    /// For the installed `go` (Debian's 1.19) and every official
+    /// toolchain fetched by the end-to-end suite (1.21-1.27; run
+    /// `cargo test -p leaktrace-tests --test go go_matrix` first to have
+    /// them): what the stripped binary yields from `.gopclntab` and the
+    /// code is what `.symtab` says.
     #[test]
     fn stripped_binary_matches_its_symbol_table() {
-        let Some((full, stripped)) = build_pair("match") else {
-            return;
-        };
-        let a = inspect_object(&full).expect("a Go binary");
-        let b = inspect_object(&stripped).expect("a Go binary");
+        let mut checked = Vec::new();
+        for go in toolchains() {
+            let tag = format!("match-{}", go.label.replace(' ', "-"));
+            let Some((full, stripped)) = build_pair(&tag, &go) else {
+                continue;
+            };
+            stripped_matches_symtab(&go, &full, &stripped);
+            checked.push(go.label);
+        }
+        eprintln!("checked .gopclntab against .symtab with: {checked:?}");
+    }
+
+    fn stripped_matches_symtab(go: &GoCmd, full: &Path, stripped: &Path) {
+        let v = &go.label;
+        let a = inspect_object(full).expect("a Go binary");
+        let b = inspect_object(stripped).expect("a Go binary");
         assert!(!a.stripped && b.stripped);
         assert_eq!(b.pclntab_error, None);
         assert!(a.setprofilebucket.is_some() && a.mbuckets_vaddr.is_some());
         // Stripping moves data (the symbol strings go), so check the
         // operand search on the unstripped binary against its .symtab.
-        let data = fs::read(&full).expect("read the binary");
+        let data = fs::read(full).expect("read the binary");
         let file = object::File::parse(&*data).expect("parse the binary");
         let table = GoTable::from_elf(&data).expect("parse .gopclntab");
         let mut c = a.clone();
@@ -738,16 +1012,16 @@ mod tests {
                 b.active_lock_vaddr,
             ),
         ] {
-            assert!(x.is_some(), "{what} not in .symtab");
-            assert_eq!(x, y, "{what}: .symtab and the code disagree");
-            assert!(z.is_some(), "{what} not found in the stripped binary");
+            assert!(x.is_some(), "{v}: {what} not in .symtab");
+            assert_eq!(x, y, "{v}: {what}: .symtab and the code disagree");
+            assert!(z.is_some(), "{v}: {what} not found in the stripped binary");
         }
         assert_eq!(a.refusal("full"), None);
         assert_eq!(b.refusal("stripped"), None);
 
         // Every main.* function of .symtab is in the table at the same
         // address, in main.go.
-        assert!(table.has_inline_trees(), "moduledata.gofunc not found");
+        assert!(table.has_inline_trees(), "{v}: moduledata.gofunc not found");
         let mut checked = 0;
         for sym in file.symbols() {
             let Ok(name) = sym.name() else { continue };
@@ -777,9 +1051,10 @@ mod tests {
         assert!(line16, "no pc of main.main maps to line 16");
         // The innermost file:line of every instruction of main.main is
         // the one `go tool objdump` prints (`  main.go:16\t0x4a1b2c ...`).
-        let out = std::process::Command::new("go")
+        let out = go
+            .command()
             .args(["tool", "objdump", "-s", "^main.main$"])
-            .arg(&full)
+            .arg(full)
             .output()
             .expect("run go tool objdump");
         let text = String::from_utf8_lossy(&out.stdout);
@@ -801,7 +1076,7 @@ mod tests {
                     .unwrap_or("?"),
                 inner.line.unwrap_or(0)
             );
-            assert_eq!(ours, loc, "pc {pc:#x}: {f:?}");
+            assert_eq!(ours, loc, "{v}: pc {pc:#x}: {f:?}");
             lines += 1;
         }
         assert!(lines > 10, "objdump printed too little: {text}");
@@ -814,7 +1089,7 @@ mod tests {
             .any(|f| {
                 (f.entry..f.end).any(|pc| table.frames(pc).first().is_some_and(|g| g.inlined))
             });
-        assert!(inl, "no inlined frame found");
+        assert!(inl, "{v}: no inlined frame found");
         let _ = fs::remove_dir_all(full.parent().expect("a directory"));
     }
 }

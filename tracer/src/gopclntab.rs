@@ -20,6 +20,8 @@
 //! - Go 1.20+ (`0xfffffff1`): as 1.18 plus `startLine i32` after
 //!   `cuOffset` in `_func`, and a 16-byte `inlinedCall` (name, parent PC)
 //!   instead of the 20-byte one (parent index, file, line, name, parent PC).
+//!   From 1.26 the header's `textStart` is zero and `moduledata.text` is
+//!   the base instead.
 //!
 //! pc-value tables (`pcfile`, `pcln`, `pcdata`) are runs of
 //! `(zig-zag value delta, pc delta / quantum)` uvarint pairs starting at
@@ -164,7 +166,14 @@ impl GoTable {
             .filter_map(|s| Some((s.address(), s.data().ok()?.to_vec())))
             .collect();
         let mut table = Self::parse(pcln, data)?;
-        table.gofunc = table.find_gofunc(section.address());
+        let (text, gofunc) = table.moduledata_text_gofunc(section.address());
+        table.gofunc = gofunc;
+        if table.text_start == 0 && table.version != PclnVersion::Go116 {
+            // Go 1.26+ no longer stores textStart in the header.
+            table.text_start = text.ok_or(PclnError::Corrupt(
+                "no textStart in the header and no moduledata.text",
+            ))?;
+        }
         Ok(table)
     }
 
@@ -524,33 +533,44 @@ impl GoTable {
         out
     }
 
-    /// `moduledata.gofunc`: `moduledata` begins with the address of the
-    /// pclntab header, then the function-name table as a slice.
-    fn find_gofunc(&self, pcln_vaddr: u64) -> Option<u64> {
-        let index = match self.version {
-            PclnVersion::Go116 => return None,
-            PclnVersion::Go118 => 38,
-            PclnVersion::Go120 => 40,
+    /// `moduledata.text` and `moduledata.gofunc`: `moduledata` begins
+    /// with the address of the pclntab header, then the function-name
+    /// table as a slice. `text` is word 22 from Go 1.18 on; `gofunc` is
+    /// word 38 (1.18-1.19), 40 (1.20-1.26) or 43 (1.27+, which adds
+    /// `typedesclen`, `itaboffset` and `itabsize` before it), and must lie
+    /// at or above `rodata`, the word before it.
+    fn moduledata_text_gofunc(&self, pcln_vaddr: u64) -> (Option<u64>, Option<u64>) {
+        let indexes: &[usize] = match self.version {
+            PclnVersion::Go116 => return (None, None),
+            PclnVersion::Go118 => &[38],
+            PclnVersion::Go120 => &[40, 43],
         };
-        let names = pcln_vaddr.checked_add(self.funcname as u64)?;
+        let Some(names) = pcln_vaddr.checked_add(self.funcname as u64) else {
+            return (None, None);
+        };
         for (base, bytes) in &self.data {
             let mut off = 0usize;
-            while off + 8 * (index + 1) <= bytes.len() {
+            while off + 8 * 44 <= bytes.len() {
                 if u64_at(bytes, off) == Some(pcln_vaddr) && u64_at(bytes, off + 8) == Some(names) {
-                    let gofunc = u64_at(bytes, off + 8 * index)?;
-                    let rodata = u64_at(bytes, off + 8 * (index - 1))?;
-                    let plausible =
-                        gofunc >= rodata && self.read(gofunc, 1).is_some() && gofunc != 0;
-                    log::debug!(
-                        "moduledata at {:#x}: gofunc {gofunc:#x} (plausible: {plausible})",
-                        base + off as u64
-                    );
-                    return plausible.then_some(gofunc);
+                    let text = u64_at(bytes, off + 8 * 22).filter(|t| *t != 0);
+                    let gofunc = indexes.iter().find_map(|&index| {
+                        let gofunc = u64_at(bytes, off + 8 * index)?;
+                        let rodata = u64_at(bytes, off + 8 * (index - 1))?;
+                        let plausible =
+                            gofunc != 0 && gofunc >= rodata && self.read(gofunc, 1).is_some();
+                        log::debug!(
+                            "moduledata at {:#x}: text {text:#x?}, word {index} {gofunc:#x} \
+                             (plausible gofunc: {plausible})",
+                            base + off as u64
+                        );
+                        plausible.then_some(gofunc)
+                    });
+                    return (text, gofunc);
                 }
                 off += 8;
             }
         }
-        None
+        (None, None)
     }
 }
 

@@ -13,6 +13,7 @@ pub mod elf;
 pub mod events;
 pub mod go;
 pub mod gopclntab;
+pub mod gostats;
 pub mod ledger;
 pub mod mmaps;
 pub mod oom;

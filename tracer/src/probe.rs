@@ -501,8 +501,13 @@ impl Probes {
             Ok(rate) => log::debug!("pid {pid}: {} MemProfileRate {rate}", target.version),
             Err(e) => log::warn!("pid {pid}: runtime.MemProfileRate unreadable: {e}"),
         }
-        // Right after the probes are in: what was allocated before.
+        // Right after the probes are in: what was allocated before, and
+        // the runtime's figures to compare later ones with.
         target.walk(pid);
+        target.at_attach = (
+            std::time::Instant::now(),
+            crate::gostats::read(pid, &target.stats),
+        );
         match &target.baseline_error {
             None => log::debug!(
                 "pid {pid}: {} Go profile buckets live at attach",

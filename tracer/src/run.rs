@@ -21,6 +21,7 @@ use tracer_common::{sys, Counter, StackTotals, SyscallEvent, SYSCALL_IN_ALLOCATO
 use crate::{
     cli::{Config, Format},
     events::Counters,
+    gostats::GoFigures,
     ledger::{Ledger, Row},
     mmaps::MmapTracker,
     preflight,
@@ -82,6 +83,9 @@ struct Session {
     /// Whether a syscall stack passes through an allocator function, per
     /// `(tgid, stack id)` (see `Probes::inside_allocator`).
     allocator_stacks: HashMap<(u32, tracer_common::StackId), bool>,
+    /// The Go runtime's own figures per process at the latest sample
+    /// (those at attach are the target's).
+    go_figures: HashMap<u32, (Instant, GoFigures)>,
 }
 
 impl Session {
@@ -140,6 +144,7 @@ impl Session {
         self.normalizer.forget_process(pid);
         self.go_buckets.retain(|(t, _), _| *t != pid);
         self.allocator_stacks.retain(|(t, _), _| *t != pid);
+        self.go_figures.remove(&pid);
         self.regions.forget(pid);
     }
 
@@ -318,6 +323,7 @@ impl Session {
     fn sample(&mut self) -> anyhow::Result<()> {
         let victims = self.drain_events();
         self.ingest()?;
+        self.read_go_figures();
         for v in victims {
             self.write_oom_report(v);
         }
@@ -456,6 +462,43 @@ impl Session {
         Ok(())
     }
 
+    /// Read each running Go process's runtime figures.
+    fn read_go_figures(&mut self) {
+        for (pid, target) in self.probes.go_targets() {
+            if self.targets.get(&pid).map(|t| &t.status) != Some(&Status::Running) {
+                continue;
+            }
+            let f = crate::gostats::read(pid, &target.stats);
+            if f != GoFigures::default() {
+                self.go_figures.insert(pid, (Instant::now(), f));
+            }
+        }
+    }
+
+    /// The Go runtime figures of the Go processes traced (of `only` when
+    /// given), for a report: at attach and at the last sample.
+    fn go_runtime(&self, only: Option<u32>) -> Vec<report::GoRuntime> {
+        let mut out: Vec<report::GoRuntime> = self
+            .probes
+            .go_targets()
+            .filter(|(pid, _)| only.is_none_or(|o| o == *pid))
+            .map(|(pid, t)| {
+                let (then, first) = t.at_attach;
+                let (now, last) = self.go_figures.get(&pid).copied().unwrap_or(t.at_attach);
+                report::GoRuntime {
+                    pid,
+                    version: t.version.clone(),
+                    at_attach: first,
+                    now: last,
+                    elapsed_s: now.saturating_duration_since(then).as_secs_f64(),
+                    unavailable: t.stats.missing.clone(),
+                }
+            })
+            .collect();
+        out.sort_by_key(|g| g.pid);
+        out
+    }
+
     /// The OOM black box: the victim's outstanding stacks, its cgroup and
     /// memory figures, as JSON and folded stacks in `--oom-dir`.
     fn write_oom_report(&mut self, pid: u32) {
@@ -468,6 +511,7 @@ impl Session {
         let mut notes = vec![format!("the OOM killer chose process {pid} ({comm})")];
         notes.extend(crate::oom::victim_facts(pid));
         let ledger = self.ledger.only_pid(pid);
+        let go_runtime = self.go_runtime(Some(pid));
         let (normalizer, symbolizer) = (&self.normalizer, &mut self.symbolizer);
         let report = report::build(
             report::Inputs {
@@ -483,6 +527,7 @@ impl Session {
                 sort: self.sort,
                 notes,
                 sample_bytes: self.sample_bytes,
+                go_runtime,
             },
             &mut |idxs| symbolizer.symbolize(normalizer, idxs),
         );
@@ -604,6 +649,7 @@ impl Session {
                 },
             })
             .collect();
+        let go_runtime = self.go_runtime(None);
         let (normalizer, symbolizer) = (&self.normalizer, &mut self.symbolizer);
         report::build(
             report::Inputs {
@@ -615,6 +661,7 @@ impl Session {
                 sort: cfg.sort,
                 notes,
                 sample_bytes: cfg.sample_bytes,
+                go_runtime,
             },
             &mut |idxs| symbolizer.symbolize(normalizer, idxs),
         )
@@ -771,6 +818,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         sample_bytes: cfg.sample_bytes,
         go_buckets: HashMap::new(),
         allocator_stacks: HashMap::new(),
+        go_figures: HashMap::new(),
     };
     let mut first_err = None;
     for &pid in &pids {

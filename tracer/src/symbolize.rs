@@ -430,10 +430,19 @@ impl Symbolizer {
             .iter()
             .map(|idx| {
                 let stack = norm.stack(*idx);
+                let go = norm.go_stacks.contains(idx);
+                let last = stack.len().saturating_sub(1);
                 let native: Vec<Frame> = stack
                     .iter()
-                    .filter(|f| !f.is_python())
-                    .flat_map(|f| self.frames_for(norm, f))
+                    .enumerate()
+                    .filter(|(_, f)| !f.is_python())
+                    .flat_map(|(i, f)| {
+                        let mut frames = self.frames_for(norm, f);
+                        if go && i != last {
+                            one_logical_frame(&mut frames);
+                        }
+                        frames
+                    })
                     .collect();
                 let python: Vec<(Frame, bool)> = stack
                     .iter()
@@ -450,7 +459,7 @@ impl Symbolizer {
                     _ => None,
                 });
                 let mut frames = merge_python(native, python, tail);
-                if norm.go_stacks.contains(idx) {
+                if go {
                     drop_runtime_frames(&mut frames);
                 }
                 frames
@@ -671,7 +680,18 @@ pub fn merge_python(
     out
 }
 
-/// Words for a `tracer_common::stop` reason.
+/// A Go bucket stack (the runtime's `callers`) already holds one PC per
+/// logical frame: an inlined call's caller gets its own entry, the
+/// call's inline mark + 1. So each PC names only the innermost function
+/// at `pc - 1`, as `runtime.CallersFrames` does; expanding the inline
+/// tree at every PC would repeat each inlined call's callers. The last PC
+/// keeps its whole expansion (`runtime/pprof` expands a stack cut off at
+/// the depth limit the same way; an untruncated stack ends in
+/// `runtime.goexit`, which inlines nothing).
+fn one_logical_frame(frames: &mut Vec<Frame>) {
+    frames.truncate(1);
+}
+
 /// Drop the Go runtime's frames at the allocation end of a bucket stack
 /// (`runtime.makeslice`, `runtime.newobject`, ...), as `runtime/pprof` does
 /// for heap profiles, keeping at least one frame.
@@ -687,6 +707,7 @@ fn drop_runtime_frames(frames: &mut Vec<Frame>) {
     frames.drain(..keep_from);
 }
 
+/// Words for a `tracer_common::stop` reason.
 pub fn stop_reason(why: u32) -> &'static str {
     match why {
         stop::DEPTH => "deeper than the frame limit",

@@ -373,13 +373,13 @@ pub fn build(path: &Path) -> Result<UnwindTable, UnwindTableError> {
 
     let mut ranges = Vec::new();
     let mut stats = Stats::default();
-    // Go's cgo calls switch stacks: at the return address of
-    // runtime.asmcgocall's call into C the frame is on the system stack
-    // while its caller is on the goroutine's, which its CFI does not
-    // describe. asmcgocall has no frame of its own and C preserves %rbp,
-    // so %rbp there is still runtime.cgocall's frame pointer on the
-    // goroutine stack: the walk crosses over by it (earlier ranges win).
-    for ret in crate::go::cgocall_return_pcs(&data) {
+    // Go switches stacks in runtime.asmcgocall (cgo) and
+    // runtime.systemstack (runtime work on g0): at their calls' return
+    // addresses the frame is on the system stack while its caller is on
+    // the goroutine's, which the CFI does not describe. %rbp there is
+    // still a frame pointer on the goroutine stack: the walk crosses over
+    // by it (earlier ranges win). See `go::stack_switch_return_pcs`.
+    for ret in crate::go::stack_switch_return_pcs(&data) {
         ranges.push(CfiRange {
             start: ret - 1,
             end: ret,
@@ -434,7 +434,7 @@ type SectionBytes<'d> = (u64, std::borrow::Cow<'d, [u8]>);
 /// The address and bytes of section `name`, if the object has it. A
 /// zlib-compressed section (`SHF_COMPRESSED`; the Go linker compresses
 /// its `.debug_*` sections, `.debug_frame` included) is inflated.
-fn section_bytes<'d>(
+pub(crate) fn section_bytes<'d>(
     file: &object::File<'d>,
     name: &'static str,
     path: &Path,

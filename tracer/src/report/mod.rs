@@ -143,6 +143,25 @@ pub struct Report {
     pub stacks_omitted: usize,
     /// What leaktrace could not see, in words.
     pub notes: Vec<String>,
+    /// The Go runtime's own figures, per traced Go process.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub go_runtime: Vec<GoRuntime>,
+}
+
+/// A Go process's runtime figures, read from its memory: at the first
+/// sample after attach and at the last one.
+#[derive(Clone, Debug, Serialize)]
+pub struct GoRuntime {
+    pub pid: u32,
+    /// `go1.19.8`.
+    pub version: String,
+    pub at_attach: crate::gostats::GoFigures,
+    pub now: crate::gostats::GoFigures,
+    /// Seconds between the two readings.
+    pub elapsed_s: f64,
+    /// Figures that cannot be read, and why.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unavailable: Vec<String>,
 }
 
 /// How stacks are ordered.
@@ -165,6 +184,7 @@ pub struct Inputs<'a> {
     pub notes: Vec<String>,
     /// Byte-sampling period (0: exact).
     pub sample_bytes: u64,
+    pub go_runtime: Vec<GoRuntime>,
 }
 
 /// Build the report: fit each stack, order, cut to `top`, then symbolize
@@ -264,6 +284,7 @@ pub fn build(
         stacks,
         stacks_omitted: omitted,
         notes: inputs.notes,
+        go_runtime: inputs.go_runtime,
     }
 }
 
@@ -452,6 +473,20 @@ pub(crate) mod test_support {
             stacks,
             stacks_omitted: 0,
             notes: vec!["lua frames come from the interpreter's own stack".into()],
+            go_runtime: vec![GoRuntime {
+                pid: 4244,
+                version: "go1.19.8".into(),
+                at_attach: crate::gostats::GoFigures {
+                    heap_inuse_bytes: Some(4_194_304),
+                    goroutines: Some(6),
+                },
+                now: crate::gostats::GoFigures {
+                    heap_inuse_bytes: Some(12_582_912),
+                    goroutines: Some(106),
+                },
+                elapsed_s: 2.0,
+                unavailable: Vec::new(),
+            }],
         }
     }
 
@@ -587,6 +622,7 @@ mod tests {
                 sort: SortBy::Outstanding,
                 notes: vec![],
                 sample_bytes: 0,
+                go_runtime: vec![],
             },
             &mut |idxs| idxs.iter().map(|_| Vec::new()).collect(),
         );
