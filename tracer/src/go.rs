@@ -257,7 +257,7 @@ pub fn inspect_object(path: &Path) -> Option<GoObjectInfo> {
         // An unstripped binary does not need the table for its stacks.
         info.pclntab_error = None;
     }
-    info.stats = crate::gostats::layout_of(&file, table.as_ref());
+    info.stats = crate::gostats::layout_of(&file, table.as_ref(), parse_version(&info.version));
     Some(info)
 }
 
@@ -861,7 +861,7 @@ func main() {
     /// For every toolchain, unstripped and stripped: the runtime's figures
     /// read from the live process are the ones it prints itself (heap in
     /// use within 1 MiB, as printing allocates; the goroutine count
-    /// exactly). Stripped binaries give the heap figure only.
+    /// exactly, by `gcount`'s words with DWARF and one by one without).
     #[test]
     fn runtime_figures_match_readmemstats() {
         use std::io::{BufRead as _, Write as _};
@@ -899,8 +899,37 @@ func main() {
                     info.stats.goroutines.is_some(),
                     !is_stripped,
                     "{v}: {:?}",
-                    info.stats
+                    info.stats.goroutines
                 );
+                assert_eq!(
+                    info.stats.goroutine_scan.is_some(),
+                    is_stripped,
+                    "{v}: {:?}",
+                    info.stats.missing
+                );
+                // Without DWARF the goroutines are counted one by one, with
+                // runtime.g's offsets by version and runtime.allgs from
+                // the code: both what the unstripped build's DWARF and
+                // .symtab say.
+                let scan = if is_stripped {
+                    None
+                } else {
+                    let data = fs::read(bin).expect("read the binary");
+                    let file = object::File::parse(&*data).expect("parse the binary");
+                    let table = GoTable::from_elf(&data).expect("parse .gopclntab");
+                    let mm = info.major_minor().expect("a version");
+                    let (status, startpc) = crate::gostats::g_offsets(mm).expect("g offsets");
+                    let dwarf = |m: &str| crate::gostats::dwarf_offset(&file, "runtime.g", &[m]);
+                    assert_eq!(Some(status), dwarf("atomicstatus"), "{v}: g.atomicstatus");
+                    assert_eq!(Some(startpc), dwarf("startpc"), "{v}: g.startpc");
+                    let scan = crate::gostats::goroutine_scan(&file, &table, mm).expect("a scan");
+                    let allgs = file
+                        .symbols()
+                        .find(|s| s.name() == Ok("runtime.allgs"))
+                        .map(|s| s.address());
+                    assert_eq!(Some(scan.allgs), allgs, "{v}: runtime.allgs");
+                    Some(scan)
+                };
                 let mut child = std::process::Command::new(bin)
                     .stdin(std::process::Stdio::piped())
                     .stdout(std::process::Stdio::piped())
@@ -924,6 +953,18 @@ func main() {
                     .expect("its executable mapping");
                 let target = GoTarget::new(m, &info).expect("a Go target");
                 let ours = crate::gostats::read(pid, &target.stats);
+                let scanned = scan.map(|s| {
+                    let bias = m.start.wrapping_sub(
+                        crate::unwind_table::vaddr_of_file_offset(&info.segments, m.offset)
+                            .expect("the mapping's address"),
+                    );
+                    let layout = crate::gostats::StatsLayout {
+                        goroutine_scan: Some(s),
+                        ..Default::default()
+                    }
+                    .rebase(bias);
+                    crate::gostats::read(pid, &layout).goroutines
+                });
                 let _ = child.stdin.take().expect("stdin").write_all(b"\n");
                 let _ = child.wait();
                 let ours_heap = ours.heap_inuse_bytes.expect("heap in use read") as i64;
@@ -931,9 +972,10 @@ func main() {
                     (ours_heap - heap).abs() <= 1 << 20 && heap > 32 << 20,
                     "{v}: heap in use {ours_heap}, the program says {heap}"
                 );
-                if !is_stripped {
-                    assert_eq!(ours.goroutines, Some(goroutines), "{v}");
-                    assert_eq!(goroutines, 101, "{v}");
+                assert_eq!(ours.goroutines, Some(goroutines), "{v}");
+                assert_eq!(goroutines, 101, "{v}");
+                if let Some(scanned) = scanned {
+                    assert_eq!(scanned, Some(goroutines), "{v}: counted one by one");
                 }
                 eprintln!(
                     "{v}: heap in use {ours_heap} ({heap}), goroutines {:?}",

@@ -18,7 +18,8 @@
 //! RIP-relative load inside `runtime.heapRetained`, which returns
 //! `gcController.heapInUse.load() + gcController.heapFree.load()` and
 //! which `.gopclntab`'s inline tree locates even where it is inlined),
-//! and its goroutine count is not read.
+//! and its goroutines are counted one by one from `runtime.allgs` (found
+//! from `runtime.forEachG`'s code; `runtime.g`'s offsets per version).
 //!
 //! The runtime is not stopped: each word is read as the runtime's own
 //! readers read it (atomically, without a lock), so the count can be off
@@ -47,9 +48,50 @@ pub struct StatsLayout {
     pub heap_inuse: Option<u64>,
     /// What `gcount` reads; `None` when any part was not found.
     pub goroutines: Option<GoroutineLayout>,
+    /// Without DWARF: the goroutines counted one by one instead.
+    pub goroutine_scan: Option<GoroutineScan>,
     /// Why a figure cannot be read, in words, for the report.
     pub missing: Vec<String>,
 }
+
+/// Goroutines counted from `runtime.allgs` as `NumGoroutine` counts
+/// them: not dead (`atomicstatus` other than `_Gdead`, scan bit
+/// ignored) and not a system goroutine (started at a `runtime.*`
+/// function other than `runtime.main`, as `isSystemGoroutine` says).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GoroutineScan {
+    /// `&runtime.allgs` (a slice header: pointer, length).
+    pub allgs: u64,
+    /// Offsets of `atomicstatus` (u32) and `startpc` in `runtime.g`.
+    pub status: u64,
+    pub startpc: u64,
+    /// Link-time entries of the functions a system goroutine starts at,
+    /// sorted.
+    pub system_entries: Vec<u64>,
+    /// Load bias of the executable in the process (0 in the file).
+    pub bias: u64,
+}
+
+/// `(atomicstatus, startpc)` offsets in `runtime.g` per Go version, from
+/// the DWARF of official builds (`runtime_figures_match_readmemstats`
+/// checks each against DWARF); other versions are not counted.
+pub fn g_offsets(version: (u32, u32)) -> Option<(u64, u64)> {
+    match version {
+        (1, 19) => Some((144, 312)),
+        (1, 21) | (1, 22) | (1, 25) => Some((144, 296)),
+        (1, 23) | (1, 24) => Some((152, 304)),
+        (1, 26) | (1, 27) => Some((144, 304)),
+        _ => None,
+    }
+}
+
+/// `runtime._Gdead`.
+const G_DEAD: u32 = 6;
+/// `runtime._Gscan`, or'ed into a status while the GC scans the stack.
+const G_SCAN: u32 = 0x1000;
+/// More goroutines than any process runs: a larger `len(allgs)` is a bad
+/// read.
+const MAX_GOROUTINES: u64 = 1 << 24;
 
 /// The words `runtime.gcount` adds up.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -80,6 +122,11 @@ impl StatsLayout {
                 allp: r(g.allp),
                 p_free: g.p_free,
             }),
+            goroutine_scan: self.goroutine_scan.as_ref().map(|g| GoroutineScan {
+                allgs: r(g.allgs),
+                bias,
+                ..g.clone()
+            }),
             missing: self.missing.clone(),
         }
     }
@@ -101,11 +148,84 @@ pub struct GoFigures {
 pub fn read(pid: u32, layout: &StatsLayout) -> GoFigures {
     GoFigures {
         heap_inuse_bytes: layout.heap_inuse.and_then(|a| word(pid, a, 8).ok()),
-        goroutines: layout
-            .goroutines
-            .as_ref()
-            .and_then(|g| goroutines(pid, g).ok()),
+        goroutines: match (&layout.goroutines, &layout.goroutine_scan) {
+            (Some(g), _) => goroutines(pid, g).ok(),
+            (None, Some(g)) => scan_goroutines(pid, g).ok(),
+            (None, None) => None,
+        },
     }
+}
+
+/// Count the goroutines in `runtime.allgs` one by one (see
+/// [`GoroutineScan`]): reads of each `g` batched, 512 per system call.
+pub fn scan_goroutines(pid: u32, g: &GoroutineScan) -> Result<i64, &'static str> {
+    let ptr = word(pid, g.allgs, 8)?;
+    let len = word(pid, g.allgs + 8, 8)?;
+    if len > MAX_GOROUTINES {
+        return Err("implausible len(runtime.allgs)");
+    }
+    let gs = read_mem(pid, ptr, len as usize * 8)?;
+    let gs: Vec<u64> = gs
+        .chunks_exact(8)
+        .filter_map(|c| c.try_into().ok().map(u64::from_le_bytes))
+        .collect();
+    // One span per g covering both fields.
+    let lo = g.status.min(g.startpc);
+    let span = (g.status.max(g.startpc) + 8 - lo) as usize;
+    let mut n = 0i64;
+    for chunk in gs.chunks(512) {
+        let bytes = read_spans(pid, chunk, lo, span)?;
+        for b in bytes.chunks_exact(span) {
+            let at = |off: u64, w: usize| -> Option<u64> {
+                let o = (off - lo) as usize;
+                let mut v = [0u8; 8];
+                v[..w].copy_from_slice(b.get(o..o + w)?);
+                Some(u64::from_le_bytes(v))
+            };
+            let status = at(g.status, 4).ok_or("short g")? as u32 & !G_SCAN;
+            if status > 9 {
+                return Err("implausible goroutine status: wrong runtime.g layout");
+            }
+            let start = at(g.startpc, 8).ok_or("short g")?.wrapping_sub(g.bias);
+            if status != G_DEAD && g.system_entries.binary_search(&start).is_err() {
+                n += 1;
+            }
+        }
+    }
+    Ok(n)
+}
+
+/// `span` bytes at `base + lo` of each address in `bases`, in one
+/// `process_vm_readv`.
+fn read_spans(pid: u32, bases: &[u64], lo: u64, span: usize) -> Result<Vec<u8>, &'static str> {
+    let mut buf = vec![0u8; bases.len() * span];
+    let local = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let remote: Vec<libc::iovec> = bases
+        .iter()
+        .map(|b| libc::iovec {
+            iov_base: b.wrapping_add(lo) as *mut libc::c_void,
+            iov_len: span,
+        })
+        .collect();
+    // SAFETY: the local iovec covers `buf`, which outlives the call; the
+    // remote ones are checked by the kernel.
+    let got = unsafe {
+        libc::process_vm_readv(
+            pid as libc::pid_t,
+            &local,
+            1,
+            remote.as_ptr(),
+            remote.len() as libc::c_ulong,
+            0,
+        )
+    };
+    if got < 0 || got as usize != buf.len() {
+        return Err("a goroutine is unreadable");
+    }
+    Ok(buf)
 }
 
 /// A little-endian word of `n` (4 or 8) bytes at `addr`.
@@ -143,7 +263,11 @@ fn goroutines(pid: u32, g: &GoroutineLayout) -> Result<i64, &'static str> {
 
 /// Find the figures in a Go executable: DWARF and `.symtab` when the
 /// binary has them, else what the code of a stripped binary shows.
-pub fn layout_of(file: &object::File<'_>, table: Option<&GoTable>) -> StatsLayout {
+pub fn layout_of(
+    file: &object::File<'_>,
+    table: Option<&GoTable>,
+    version: Option<(u32, u32)>,
+) -> StatsLayout {
     let mut out = StatsLayout::default();
     let symbols: HashMap<&str, u64> = file
         .symbols()
@@ -177,15 +301,54 @@ pub fn layout_of(file: &object::File<'_>, table: Option<&GoTable>) -> StatsLayou
     }
     out.goroutines = goroutine_layout(&symbols, &member);
     if out.goroutines.is_none() {
-        out.missing.push(if symbols.is_empty() {
-            "goroutine count: the binary is stripped (no symbol table or DWARF to find \
-             runtime.sched and runtime.allp)"
-                .into()
-        } else {
-            "goroutine count: runtime.sched, runtime.allp or their members not found".into()
+        out.goroutine_scan = table.and_then(|t| goroutine_scan(file, t, version?));
+    }
+    if out.goroutines.is_none() && out.goroutine_scan.is_none() {
+        out.missing.push(match version.and_then(g_offsets) {
+            None => "goroutine count: no DWARF, and runtime.g's layout is not known for this \
+                     Go version"
+                .into(),
+            Some(_) => "goroutine count: runtime.allgs not found".into(),
         });
     }
     out
+}
+
+/// For a binary without DWARF: `runtime.allgs` from `runtime.forEachG`
+/// (its first 8-byte RIP-relative load, confirmed by the next one
+/// reading the slice's length 8 bytes on), `runtime.g`'s offsets by
+/// version, and the system goroutines' start functions from the table.
+pub fn goroutine_scan(
+    file: &object::File<'_>,
+    table: &GoTable,
+    version: (u32, u32),
+) -> Option<GoroutineScan> {
+    let (status, startpc) = g_offsets(version)?;
+    let writable = writable_ranges(file);
+    let f = table.find("runtime.forEachG")?;
+    let code = table.code(&f)?;
+    let in_data =
+        |t: u64| t.is_multiple_of(8) && writable.iter().any(|(a, b)| (*a..*b).contains(&t));
+    let allgs = rip_relative(code, f.entry, RipOp::Load64, |_, t| in_data(t))?;
+    let len = rip_relative(code, f.entry, RipOp::Load64, |_, t| {
+        t != allgs && in_data(t)
+    })?;
+    if len != allgs + 8 {
+        return None;
+    }
+    let mut system_entries: Vec<u64> = table
+        .functions()
+        .filter(|f| f.name.starts_with("runtime.") && f.name != "runtime.main")
+        .map(|f| f.entry)
+        .collect();
+    system_entries.sort_unstable();
+    Some(GoroutineScan {
+        allgs,
+        status,
+        startpc,
+        system_entries,
+        bias: 0,
+    })
 }
 
 /// What `gcount` reads, from the symbols and the DWARF members.
@@ -219,16 +382,7 @@ pub fn heap_inuse_from_code(file: &object::File<'_>, table: &GoTable) -> Option<
     let text = file.section_by_name(".text")?;
     let code = text.data().ok()?;
     let base = text.address();
-    let writable: Vec<(u64, u64)> = file
-        .sections()
-        .filter(|s| {
-            matches!(
-                s.kind(),
-                object::SectionKind::Data | object::SectionKind::UninitializedData
-            )
-        })
-        .map(|s| (s.address(), s.address() + s.size()))
-        .collect();
+    let writable = writable_ranges(file);
     let in_retained = |pc: u64| {
         table
             .frames(pc)
@@ -247,6 +401,19 @@ pub fn heap_inuse_from_code(file: &object::File<'_>, table: &GoTable) -> Option<
                     && in_retained(pc)
             })
         })
+}
+
+/// Address ranges of the writable sections (where Go variables live).
+fn writable_ranges(file: &object::File<'_>) -> Vec<(u64, u64)> {
+    file.sections()
+        .filter(|s| {
+            matches!(
+                s.kind(),
+                object::SectionKind::Data | object::SectionKind::UninitializedData
+            )
+        })
+        .map(|s| (s.address(), s.address() + s.size()))
+        .collect()
 }
 
 /// `runtime.heapRetained` and functions that inline it (1.19-1.27:
@@ -318,6 +485,11 @@ const WANTED: &[&str] = &[
 /// The struct types of the binary's `.debug_info` that [`WANTED`] names,
 /// and the unnamed ones (`struct { ... }`) their members use.
 fn struct_types(file: &object::File<'_>) -> Result<StructTypes, String> {
+    struct_types_of(file, WANTED)
+}
+
+/// As [`struct_types`], for the named structs `wanted`.
+fn struct_types_of(file: &object::File<'_>, wanted: &[&str]) -> Result<StructTypes, String> {
     if file.section_by_name(".debug_info").is_none() {
         return Err("no DWARF (.debug_info): built with -ldflags=-w or stripped".into());
     }
@@ -379,7 +551,7 @@ fn struct_types(file: &object::File<'_>) -> Result<StructTypes, String> {
             let name = attr_string(&dwarf, &unit, entry.attr_value(gimli::DW_AT_name));
             let wanted = name
                 .as_deref()
-                .is_none_or(|n| WANTED.contains(&n) || n.starts_with("struct {"));
+                .is_none_or(|n| wanted.contains(&n) || n.starts_with("struct {"));
             if let (true, Some(off)) = (wanted, entry.offset().to_debug_info_offset(&unit.header)) {
                 current = Some((name, off.0, depth));
             }
@@ -392,6 +564,13 @@ fn struct_types(file: &object::File<'_>) -> Result<StructTypes, String> {
         return Err("the DWARF names none of the runtime's structs".into());
     }
     Ok(types)
+}
+
+/// Offset of the member at `path` in the DWARF struct type `ty` (for
+/// tests that check the per-version tables against DWARF).
+#[cfg(test)]
+pub(crate) fn dwarf_offset(file: &object::File<'_>, ty: &str, path: &[&str]) -> Option<u64> {
+    struct_types_of(file, &[ty]).ok()?.offset(ty, path)
 }
 
 /// The `.debug_info` offset a `DW_AT_type` refers to.
