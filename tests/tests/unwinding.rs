@@ -459,6 +459,13 @@ fn render_leaktrace(f: &Value) -> String {
 /// gdb's frames above the allocator (1..) against leaktrace's native frames
 /// (0..), all of them, past `main` down to `_start`.
 fn assert_matches_gdb(what: &str, stack: &Value, gdb: &GdbStop) {
+    if let Some(diff) = gdb_diff(what, stack, gdb) {
+        panic!("{diff}");
+    }
+}
+
+/// Why `stack` is not gdb's backtrace, or `None` when it is.
+fn gdb_diff(what: &str, stack: &Value, gdb: &GdbStop) -> Option<String> {
     // Python frames replace the eval loop's native frame in leaktrace's
     // stacks; gdb shows the native one.
     let has_python = frames(stack).iter().any(|f| f["kind"] == "python");
@@ -482,13 +489,14 @@ fn assert_matches_gdb(what: &str, stack: &Value, gdb: &GdbStop) {
                 format!("{mark} {i:2}  gdb: {g}\n        leaktrace: {l}")
             })
             .collect();
-        panic!(
+        return Some(format!(
             "{what}: leaktrace's stack differs from gdb's backtrace\n{}\n\
              --- gdb output ---\n{}\n--- leaktrace stack ---\n{stack:#}",
             rows.join("\n"),
             gdb.output
-        );
+        ));
     }
+    None
 }
 
 // ---------------------------------------------------------------------------
@@ -864,7 +872,9 @@ fn distro_nginx_worker_stack_reaches_main() {
             .expect("locate nginx"),
     )
     .expect("canonical nginx path");
-    let mut request_pool = None;
+    // Request pools: the half request's, and the keep-alive connection's
+    // next request's when nginx made one (a path through another handler).
+    let mut request_pools = Vec::new();
     for s in &through_http {
         let names = functions(s);
         let at = in_order(
@@ -896,12 +906,14 @@ fn distro_nginx_worker_stack_reaches_main() {
             && names.iter().any(|n| n == "ngx_http_create_request")
             && s["outstanding_bytes"].as_u64() == Some(NGINX_REQUEST_POOL_BYTES)
         {
-            request_pool = Some(*s);
+            request_pools.push(*s);
         }
     }
-    let request_pool = request_pool.unwrap_or_else(|| {
-        panic!("{test}: the half request's pool (ngx_create_pool from ngx_http_create_request) is not outstanding: {r:#}")
-    });
+    assert!(
+        !request_pools.is_empty(),
+        "{test}: the half request's pool (ngx_create_pool from ngx_http_create_request) is not \
+         outstanding: {r:#}"
+    );
 
     // gdb on a twin nginx that leaktrace never traced: a process that once
     // had uprobes keeps MMF_HAS_UPROBES, and then the kernel takes gdb's
@@ -921,6 +933,12 @@ fn distro_nginx_worker_stack_reaches_main() {
         "{test}: gdb stopped somewhere else:\n{}",
         gdb.output
     );
-    assert_matches_gdb(test, request_pool, &gdb);
+    // gdb caught a new connection's first request, as the half request
+    // is: one of the pools must be that stack, frame by frame.
+    let diffs: Vec<String> = request_pools
+        .iter()
+        .filter_map(|s| gdb_diff(test, s, &gdb))
+        .collect();
+    assert!(diffs.len() < request_pools.len(), "{}", diffs.join("\n\n"));
     drop((half, second, keep_alive));
 }
