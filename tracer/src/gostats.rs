@@ -164,17 +164,18 @@ pub fn scan_goroutines(pid: u32, g: &GoroutineScan) -> Result<i64, &'static str>
     if len > MAX_GOROUTINES {
         return Err("implausible len(runtime.allgs)");
     }
-    let gs = read_mem(pid, ptr, len as usize * 8)?;
-    let gs: Vec<u64> = gs
-        .chunks_exact(8)
-        .filter_map(|c| c.try_into().ok().map(u64::from_le_bytes))
-        .collect();
     // One span per g covering both fields.
     let lo = g.status.min(g.startpc);
     let span = (g.status.max(g.startpc) + 8 - lo) as usize;
     let mut n = 0i64;
-    for chunk in gs.chunks(512) {
-        let bytes = read_spans(pid, chunk, lo, span)?;
+    for first in (0..len).step_by(512) {
+        let count = (len - first).min(512);
+        let ptrs = read_mem(pid, ptr + first * 8, count as usize * 8)?;
+        let chunk: Vec<u64> = ptrs
+            .chunks_exact(8)
+            .filter_map(|c| c.try_into().ok().map(u64::from_le_bytes))
+            .collect();
+        let bytes = read_spans(pid, &chunk, lo, span)?;
         for b in bytes.chunks_exact(span) {
             let at = |off: u64, w: usize| -> Option<u64> {
                 let o = (off - lo) as usize;
