@@ -468,7 +468,11 @@ impl Probes {
             ("runtime.mProf_Free", "go_mprof_free", info.mprof_free),
         ] {
             let Some(offset) = offset else { continue };
-            self.attach_one(program, offset, open_path, pid)
+            // Past the stack check, at the emulated `PUSHQ BP` (Go 1.21+):
+            // no single-step per sampled object.
+            let skip = go_code(open_path, offset)
+                .map_or(0, |code| crate::prologue::go_probe_offset(&code));
+            self.attach_one(program, offset + skip, open_path, pid)
                 .map_err(|e| ProbeError::Attach {
                     pid: pid.get(),
                     function: function.to_string(),
@@ -477,7 +481,7 @@ impl Probes {
                 })?;
             done.push(AttachedFunction {
                 name: function.to_string(),
-                offset: 0,
+                offset: skip,
             });
         }
         let pid = pid.get();
@@ -914,6 +918,17 @@ impl Probes {
             .push((program, link));
         Ok(())
     }
+}
+
+/// The first 16 bytes of the function at file offset `offset` of `path`.
+fn go_code(path: &Path, offset: u64) -> Option<[u8; 16]> {
+    use std::os::unix::fs::FileExt as _;
+    let mut code = [0u8; 16];
+    std::fs::File::open(path)
+        .ok()?
+        .read_exact_at(&mut code, offset)
+        .ok()?;
+    Some(code)
 }
 
 fn attach_raw_tp(ebpf: &mut Ebpf, prog: &str, tp: &str) -> Result<(), String> {
