@@ -317,6 +317,21 @@ fn go_stacks(r: &Value) -> Vec<&Value> {
         .collect()
 }
 
+/// leaktrace's bytes for `main.newSummary` (`ours`) are the program's
+/// own heap profile's (`theirs`) within 15%.
+fn assert_within_15_percent(what: &str, ours: f64, theirs: f64) {
+    let diff = (ours - theirs).abs() / theirs;
+    eprintln!(
+        "{what}: leaktrace {ours} B, go tool pprof {theirs} B ({:.2}%)",
+        diff * 100.0
+    );
+    assert!(
+        theirs > 0.0 && diff <= 0.15,
+        "{what}: leaktrace says {ours} B for main.newSummary, the program's own heap \
+         profile {theirs} B"
+    );
+}
+
 /// `main.newSummary`'s in-use bytes in the fixture's own heap profile.
 fn pprof_flat_bytes(go: &Go, bin: &Path, profile: &Path, function: &str) -> f64 {
     let out = go
@@ -502,15 +517,7 @@ fn go_program_unharmed_by_long_trace_detach_and_reattach() {
         let r = out.json();
         let ours = sum(&stacks_from(&r, "main.newSummary"), "outstanding_bytes") as f64;
         let theirs = pprof_flat_bytes(&Go::installed(), &bin, &profile, "main.newSummary");
-        let diff = (ours - theirs).abs() / theirs;
-        eprintln!(
-            "{test}: round {round}: leaktrace {ours} B, go tool pprof {theirs} B ({:.2}%)",
-            diff * 100.0
-        );
-        assert!(
-            theirs > 0.0 && diff <= 0.15,
-            "{test}: round {round}: leaktrace says {ours} B, the program's profile {theirs} B"
-        );
+        assert_within_15_percent(&format!("{test}: round {round}"), ours, theirs);
     }
     // After both detaches the program still runs its recursion right.
     fx.send("stress 1");
@@ -545,20 +552,15 @@ fn go_objects_allocated_before_attach_are_counted() {
     assert_eq!(functions(leak[0])[1], "main.lookupMetric", "{test}");
     let ours = sum(&leak, "outstanding_bytes") as f64;
     let theirs = pprof_flat_bytes(&Go::installed(), &bin, &profile, "main.newSummary");
-    let diff = (ours - theirs).abs() / theirs;
-    eprintln!(
-        "{test}: leaktrace {ours} B, go tool pprof {theirs} B ({:.2}%)",
-        diff * 100.0
-    );
     // 8000 summaries of 5 x 4096 bytes: about 156 MiB.
     assert!(
         theirs > 120.0 * 1048576.0,
         "{test}: the fixture's profile holds less than both rounds: {theirs} B"
     );
-    assert!(
-        diff <= 0.15,
-        "{test}: leaktrace says {ours} B for main.newSummary, the program's own heap \
-         profile {theirs} B (objects from before attach missing?)"
+    assert_within_15_percent(
+        &format!("{test} (objects from before attach)"),
+        ours,
+        theirs,
     );
 }
 
@@ -638,16 +640,7 @@ fn leak_named_and_matches_pprof(
             "{test}: the fixture's profile holds less than both rounds: {theirs} B"
         );
     }
-    let diff = (ours - theirs).abs() / theirs;
-    eprintln!(
-        "{test}: leaktrace {ours} B, go tool pprof {theirs} B ({:.2}%)",
-        diff * 100.0
-    );
-    assert!(
-        diff <= 0.15,
-        "{test}: leaktrace says {ours} B for main.newSummary, the program's own heap \
-         profile {theirs} B"
-    );
+    assert_within_15_percent(test, ours, theirs);
     // The churn is freed: it never shows as a large stack.
     let churn = sum(&stacks_from(&r, "main.handleRequest"), "outstanding_bytes") as f64;
     assert!(

@@ -1854,37 +1854,7 @@ fn measure_python(ctx: &Ctx, depth: u32, kind: &Kind, iters: u64) -> Result<Micr
         true,
     )?;
     target.wait_line(|l| l == "ready", Duration::from_secs(10))?;
-    let json = ctx.dir.join("pyalloc.json");
-    let _ = fs::remove_file(&json);
-    let mut tracer = match kind {
-        Kind::Untraced => None,
-        Kind::Leaktrace { extra } => Some(Tracer::leaktrace(ctx, target.pid(), &json, extra)?),
-        _ => bail!("not a Python configuration"),
-    };
-    let timeout = Duration::from_secs(60) + Duration::from_micros(iters * 300);
-    target.phase(iters, timeout)?;
-    let (mut wall, mut cpu) = (Vec::new(), Vec::new());
-    for _ in 0..ctx.reps {
-        let (w, c) = target.phase(iters, timeout)?;
-        wall.push(w);
-        cpu.push(c);
-    }
-    let mut usage = None;
-    if let Some(t) = tracer.as_mut() {
-        let (u, _) = t.stop(Duration::from_secs(120))?;
-        usage = Some(u);
-    }
-    let report = matches!(kind, Kind::Leaktrace { .. })
-        .then(|| read_report(&json))
-        .transpose()?;
-    target.finish(Duration::from_secs(10))?;
-    Ok(Micro::from_phases(
-        wall,
-        cpu,
-        iters * ctx.reps as u64,
-        usage,
-        report,
-    ))
+    run_phases(ctx, target, "pyalloc.json", kind, iters, 300)
 }
 
 fn render_python(s: &mut String, rows: &[PyRow], reps: usize) -> Result<()> {
@@ -1991,14 +1961,29 @@ fn measure_go(ctx: &Ctx, toolchain: usize, rate: u64, kind: &Kind, iters: u64) -
         .map_err(|e| anyhow!("{}", one_line(e)))?;
     let mut target = Proc::spawn("goalloc", Command::new(bin).arg(rate.to_string()), true)?;
     target.wait_line(|l| l == "ready", Duration::from_secs(10))?;
-    let json = ctx.dir.join("goalloc.json");
+    run_phases(ctx, target, "goalloc.json", kind, iters, 40)
+}
+
+/// The phases of a program speaking mallocbench's protocol (already
+/// `ready`), under `kind` (untraced, or leaktrace writing `json` in the
+/// bench directory): one warm-up and `ctx.reps` measured phases of
+/// `iters` iterations, each allowed a minute plus `us_per_iter`.
+fn run_phases(
+    ctx: &Ctx,
+    mut target: Proc,
+    json: &str,
+    kind: &Kind,
+    iters: u64,
+    us_per_iter: u64,
+) -> Result<Micro> {
+    let json = ctx.dir.join(json);
     let _ = fs::remove_file(&json);
     let mut tracer = match kind {
         Kind::Untraced => None,
         Kind::Leaktrace { extra } => Some(Tracer::leaktrace(ctx, target.pid(), &json, extra)?),
-        _ => bail!("not a Go configuration"),
+        _ => bail!("not a configuration for this program"),
     };
-    let timeout = Duration::from_secs(60) + Duration::from_micros(iters * 40);
+    let timeout = Duration::from_secs(60) + Duration::from_micros(iters * us_per_iter);
     target.phase(iters, timeout)?;
     let (mut wall, mut cpu) = (Vec::new(), Vec::new());
     for _ in 0..ctx.reps {
