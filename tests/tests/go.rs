@@ -386,6 +386,37 @@ fn go_stripped_binary_named_and_matches_pprof() {
     assert_go_file_lines(test, &top);
 }
 
+/// Position-independent (`-buildmode=pie`, as distributions build Go
+/// packages), stripped and not, with the newest official toolchain: the
+/// executable loads at a random base, so every address leaktrace reads or
+/// probes (functions, runtime variables, the runtime's figures) is
+/// rebased.
+#[test]
+fn go_pie_binary_named_and_matches_pprof() {
+    let test = "go_pie_binary_named_and_matches_pprof";
+    if !require_bpf(test) {
+        return;
+    }
+    let go = Go::official(GO_MATRIX[GO_MATRIX.len() - 1]);
+    for (tag, flags) in [
+        ("pie", &["-buildmode=pie"][..]),
+        ("pie-stripped", &["-buildmode=pie", "-ldflags=-s -w"][..]),
+    ] {
+        let (dir, bin) = build_with(&go, tag, true, flags);
+        let header = Command::new("readelf")
+            .arg("-h")
+            .arg(&bin)
+            .output()
+            .expect("run readelf");
+        assert!(
+            String::from_utf8_lossy(&header.stdout).contains("DYN"),
+            "{test}: {tag} is not position-independent"
+        );
+        let top = leak_named_and_matches_pprof(&format!("{test} ({tag})"), &go, &dir, &bin, true);
+        assert_go_file_lines(test, &top);
+    }
+}
+
 /// `bin`'s section headers, as `readelf -S` prints them.
 fn sections(bin: &Path) -> String {
     let out = Command::new("readelf")
