@@ -883,6 +883,9 @@ func main() {
                 );
                 let info = inspect_object(bin).expect("a Go binary");
                 assert!(info.stats.heap_inuse.is_some(), "{v}: {:?}", info.stats);
+                // Both figures found one way or the other: nothing to report
+                // as unavailable (no DWARF is not itself a gap).
+                assert!(info.stats.missing.is_empty(), "{v}: {:?}", info.stats.missing);
                 if !is_stripped {
                     // The code pattern used for stripped binaries finds
                     // what DWARF says.

@@ -281,14 +281,14 @@ pub fn layout_of(
             )
         })
         .collect();
-    let types = match struct_types(file) {
-        Ok(t) => Some(t),
-        Err(why) => {
-            out.missing.push(why);
-            None
-        }
+    // Without DWARF the figures are looked for in the code instead; its
+    // absence is a reason only for a figure found neither way.
+    let types = struct_types(file);
+    let member = |ty: &str, path: &[&str]| types.as_ref().ok().and_then(|t| t.offset(ty, path));
+    let dwarf = |what: &str| match &types {
+        Ok(_) => what.to_string(),
+        Err(why) => format!("{why}, and {what}"),
     };
-    let member = |ty: &str, path: &[&str]| types.as_ref().and_then(|t| t.offset(ty, path));
     out.heap_inuse = symbols
         .get("runtime.gcController")
         .zip(member("runtime.gcControllerState", &["heapInUse"]))
@@ -297,20 +297,21 @@ pub fn layout_of(
         out.heap_inuse = table.and_then(|t| heap_inuse_from_code(file, t));
     }
     if out.heap_inuse.is_none() {
-        out.missing
-            .push("heap in use: runtime.gcController.heapInUse not found".into());
+        out.missing.push(format!(
+            "heap in use: {}",
+            dwarf("runtime.gcController.heapInUse not found in the code")
+        ));
     }
     out.goroutines = goroutine_layout(&symbols, &member);
     if out.goroutines.is_none() {
         out.goroutine_scan = table.and_then(|t| goroutine_scan(file, t, version?));
     }
     if out.goroutines.is_none() && out.goroutine_scan.is_none() {
-        out.missing.push(match version.and_then(g_offsets) {
-            None => "goroutine count: no DWARF, and runtime.g's layout is not known for this \
-                     Go version"
-                .into(),
-            Some(_) => "goroutine count: runtime.allgs not found".into(),
-        });
+        let why = match version.and_then(g_offsets) {
+            None => "runtime.g's layout is not known for this Go version",
+            Some(_) => "runtime.allgs not found in the code",
+        };
+        out.missing.push(format!("goroutine count: {}", dwarf(why)));
     }
     out
 }
