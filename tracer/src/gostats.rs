@@ -381,9 +381,6 @@ fn goroutine_layout(
 /// `runtime.heapRetained` (inlined or not), whose body is
 /// `gcController.heapInUse.load() + gcController.heapFree.load()`.
 pub fn heap_inuse_from_code(file: &object::File<'_>, table: &GoTable) -> Option<u64> {
-    let text = file.section_by_name(".text")?;
-    let code = text.data().ok()?;
-    let base = text.address();
     let writable = writable_ranges(file);
     let in_retained = |pc: u64| {
         table
@@ -395,9 +392,7 @@ pub fn heap_inuse_from_code(file: &object::File<'_>, table: &GoTable) -> Option<
         .iter()
         .filter_map(|n| table.find(n))
         .find_map(|f| {
-            let lo = usize::try_from(f.entry.checked_sub(base)?).ok()?;
-            let hi = usize::try_from(f.end.checked_sub(base)?).ok()?;
-            rip_relative(code.get(lo..hi)?, f.entry, RipOp::Load64, |pc, t| {
+            rip_relative(table.code(&f)?, f.entry, RipOp::Load64, |pc, t| {
                 t.is_multiple_of(8)
                     && writable.iter().any(|(a, b)| (*a..*b).contains(&t))
                     && in_retained(pc)
