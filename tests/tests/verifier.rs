@@ -1,15 +1,38 @@
 //! The kernel verifies each eBPF program by walking its paths, up to one
-//! million instructions. The unwinder runs inside `alloc_exit` and
-//! `sys_exit`; a change that multiplies the verifier's states (one branch
-//! too many on registers that reach the walk) fails every load at once.
-//! `sys_exit` once stood at 977,434. This keeps a margin and says which
-//! program is close, before the limit is hit.
+//! million instructions, and the same object can cost twice as much on
+//! another build of the same kernel release (alloc_exit: 498k on one
+//! 6.18.44 build, over the limit on another). So every program must stay
+//! under a quarter of the limit, on every kernel it is run on (the VM
+//! matrix runs this test too). Each program's figure is printed.
 
 use leaktrace_tests::{require_bpf, Fixture, Tracer};
 
 const LIMIT: u64 = 1_000_000;
 /// Fail when a program uses more than this share of the limit.
-const BUDGET: u64 = 700_000;
+const BUDGET: u64 = LIMIT / 4;
+
+/// Every program of the object, by the name the kernel keeps (15 bytes).
+const PROGRAMS: &[&str] = &[
+    "malloc_enter",
+    "calloc_enter",
+    "realloc_enter",
+    "reallocarray_enter",
+    "memalign_enter",
+    "posix_memalign_enter",
+    "valloc_enter",
+    "free_enter",
+    "alloc_exit",
+    "native_alloc",
+    "python_alloc",
+    "finish_alloc",
+    "sys_exit",
+    "native_syscall",
+    "python_syscall",
+    "finish_syscall",
+    "oom_mark_victim",
+    "go_setprofilebucket",
+    "go_mprof_free",
+];
 
 const BPF_PROG_GET_NEXT_ID: libc::c_long = 11;
 const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
@@ -70,7 +93,10 @@ fn unwinding_programs_keep_a_verifier_margin() {
     let tracer = Tracer::attach(&["-p", &pid, "-i", "0", "--format", "json"]);
     let programs = loaded_programs();
     drop(tracer.interrupt());
-    for name in ["alloc_exit", "sys_exit"] {
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut over = Vec::new();
+    for full in PROGRAMS {
+        let name = &full[..full.len().min(15)];
         let seen: Vec<u64> = programs
             .iter()
             .filter(|(n, _)| n == name)
@@ -78,15 +104,21 @@ fn unwinding_programs_keep_a_verifier_margin() {
             .collect();
         assert!(
             !seen.is_empty(),
-            "{name} is not loaded (or this kernel does not report verified_insns): {programs:?}"
+            "{full} is not loaded (or this kernel does not report verified_insns): {programs:?}"
         );
-        for insns in seen {
-            assert!(
-                insns > 0 && insns <= BUDGET,
-                "{name}: the verifier processed {insns} instructions, over the budget of \
-                 {BUDGET} (limit {LIMIT}); look for branches on values that reach the unwinder"
-            );
-            eprintln!("{name}: {insns} instructions verified (budget {BUDGET}, limit {LIMIT})");
+        let insns = seen.iter().copied().max().unwrap_or(0);
+        eprintln!(
+            "verifier: {full:<22} {insns:>8} instructions on Linux {} (budget {BUDGET}, limit {LIMIT})",
+            kernel.trim()
+        );
+        if insns == 0 || insns > BUDGET {
+            over.push(format!("{full}: {insns}"));
         }
     }
+    assert!(
+        over.is_empty(),
+        "over the verifier budget of {BUDGET} instructions (limit {LIMIT}): {}; look for \
+         branches on values that reach a loop, or split the stage",
+        over.join(", ")
+    );
 }

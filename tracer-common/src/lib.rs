@@ -40,8 +40,11 @@ pub mod maps {
     /// One `u32` bumped by user space whenever `PROC_MAPS` changes: the
     /// unwinder's per-CPU cache of unwind rules is valid for one value.
     pub const UNWIND_EPOCH: &str = "UNWIND_EPOCH";
-    /// Per-CPU scratch [`crate::StackBuf`] for the unwinder.
-    pub const SCRATCH: &str = "SCRATCH";
+    /// Program array of the allocation chain (kprobe-type programs), indexed
+    /// by [`crate::chain`] stage.
+    pub const CHAIN_ALLOC: &str = "CHAIN_ALLOC";
+    /// Program array of the syscall chain (raw-tracepoint programs).
+    pub const CHAIN_SYSCALL: &str = "CHAIN_SYSCALL";
     /// Thread id -> [`crate::PendingCall`]: an allocator call between entry and return.
     pub const PENDING: &str = "PENDING";
     /// Per-CPU array of `u64` counters indexed by [`crate::Counter`].
@@ -59,6 +62,35 @@ pub mod maps {
     /// sampled heap objects per profile bucket, raw (not yet scaled by the
     /// sampling rate).
     pub const GO_BUCKETS: &str = "GO_BUCKETS";
+}
+
+/// The stages a stack is recorded in: each stage is its own small program,
+/// reached by a tail call through a program array, so the verifier checks
+/// each once, whatever the caller's state and whatever the stack's depth.
+/// `alloc_exit` starts the allocation chain, `sys_exit` the syscall chain;
+/// both run the same stages, compiled once per program type.
+pub mod chain {
+    /// Walks up to a fixed number of native frames, then calls itself
+    /// again or moves on to [`PYTHON`].
+    pub const NATIVE: u32 = 0;
+    /// Walks a Python process's interpreter frames (a few per call).
+    pub const PYTHON: u32 = 1;
+    /// Stores the stack and records the allocation or sends the event.
+    pub const FINISH: u32 = 2;
+    /// Slots of each program array.
+    pub const SLOTS: u32 = 4;
+    /// `(stage, program)` of the allocation chain.
+    pub const ALLOC_PROGRAMS: [(u32, &str); 3] = [
+        (NATIVE, "native_alloc"),
+        (PYTHON, "python_alloc"),
+        (FINISH, "finish_alloc"),
+    ];
+    /// `(stage, program)` of the syscall chain.
+    pub const SYSCALL_PROGRAMS: [(u32, &str); 3] = [
+        (NATIVE, "native_syscall"),
+        (PYTHON, "python_syscall"),
+        (FINISH, "finish_syscall"),
+    ];
 }
 
 /// Syscalls leaktrace accounts (x86-64 numbers).
@@ -175,13 +207,15 @@ pub struct PendingCall {
     pub size_bytes: u64,
     /// For `realloc`: the block being resized (0 for none).
     pub old_addr: u64,
-    /// Stack pointer at entry: tells a nested call (same or lower) from a
-    /// stale record whose return was never seen (higher).
+    /// Stack pointer at entry. The call's own return comes back with the
+    /// stack pointer 8 above it; a nested call's entry and return are
+    /// lower, a stale record's (its return never came) are higher.
     pub entry_sp: u64,
     /// One of [`AllocKind`] as `u32`.
     pub kind: u32,
-    /// Allocator calls nested inside this one (calloc -> malloc, ...): they
-    /// are not counted again.
+    /// Probed calls chained to this one by a tail call (`jmp` from one
+    /// allocator function to another, on the same stack pointer): their
+    /// returns come first and are not counted.
     pub depth: u32,
     /// Bytes the new block will stand for (its size, or its sampling
     /// weight); 0 when byte sampling skipped it.
@@ -191,11 +225,17 @@ pub struct PendingCall {
     /// The thread whose call this is; 0 for a free slot (`PENDING` is
     /// indexed by thread id modulo its size, see [`PENDING_SLOTS`]).
     pub tid: u32,
+    /// The return address at entry (`[entry_sp]`): the call's own return
+    /// comes back to it. A call entered on the same stack pointer with
+    /// another word there is chained to this one (its return address is
+    /// already the kernel's return trampoline); with the same word it is a
+    /// new call from the same site, and this record is stale.
+    pub ret_addr: u64,
     /// Pads a slot to two cache lines, so threads with consecutive ids
     /// (a pool started together) never share a line: with 48-byte slots
     /// two threads allocating at full speed spent ~90 ns per call
     /// bouncing one.
-    pub _pad: [u64; 10],
+    pub _pad: [u64; 9],
 }
 const _: () = assert!(size_of::<PendingCall>() == 128);
 
@@ -269,13 +309,16 @@ pub enum Counter {
     StaleReplaced = 12,
     /// Lost: the syscall ring buffer was full.
     EventsLost = 13,
+    /// Lost: a stack's recording chain was cut (a tail call failed, or
+    /// another task took this CPU's slot while the chain ran).
+    UnwindAborted = 14,
 }
 
 /// Number of slots in `COUNTERS`.
 pub const COUNTER_SLOTS: u32 = 16;
 
 impl Counter {
-    pub const ALL: [Counter; 14] = [
+    pub const ALL: [Counter; 15] = [
         Counter::Allocs,
         Counter::Frees,
         Counter::FreesUnknown,
@@ -290,6 +333,7 @@ impl Counter {
         Counter::MissingReturn,
         Counter::StaleReplaced,
         Counter::EventsLost,
+        Counter::UnwindAborted,
     ];
 
     /// Name used in reports (`snake_case`).
@@ -309,6 +353,7 @@ impl Counter {
             Counter::MissingReturn => "missing_return",
             Counter::StaleReplaced => "stale_replaced",
             Counter::EventsLost => "syscall_events_lost",
+            Counter::UnwindAborted => "unwind_aborted",
         }
     }
 
@@ -325,6 +370,7 @@ impl Counter {
                 | Counter::MissingReturn
                 | Counter::StaleReplaced
                 | Counter::EventsLost
+                | Counter::UnwindAborted
         )
     }
 }

@@ -17,7 +17,7 @@ use aya_ebpf::{
 };
 use tracer_common::{Counter, GoBucketKey, StackTotals, GO_BUCKET_SIZE_OFFSET};
 
-use crate::probes::{add_totals, count};
+use crate::{counters::count, probes::add_totals};
 
 #[map]
 static GO_BUCKETS: HashMap<GoBucketKey, StackTotals> = HashMap::with_max_entries(1 << 14, 0);

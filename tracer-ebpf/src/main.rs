@@ -16,11 +16,17 @@
 #![cfg_attr(target_arch = "bpf", allow(internal_features))]
 
 #[cfg(target_arch = "bpf")]
+mod chain;
+#[cfg(target_arch = "bpf")]
+mod counters;
+#[cfg(target_arch = "bpf")]
 mod go;
 #[cfg(target_arch = "bpf")]
 mod probes;
 #[cfg(target_arch = "bpf")]
 mod python;
+#[cfg(target_arch = "bpf")]
+mod syscalls;
 #[cfg(target_arch = "bpf")]
 mod unwind;
 

@@ -5,19 +5,22 @@ use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_probe_read_kernel,
-        bpf_probe_read_user,
+        bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_probe_read_user,
     },
-    macros::{map, raw_tracepoint, uprobe, uretprobe},
-    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::{ProbeContext, RawTracePointContext, RetProbeContext},
+    macros::{map, uprobe, uretprobe},
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
+    programs::{ProbeContext, RetProbeContext},
 };
 use tracer_common::{
-    sys, AllocInfo, AllocKey, AllocKind, Counter, PendingCall, StackId, StackKey, StackTotals,
-    SyscallEvent, COUNTER_SLOTS, PENDING_SLOTS, STACK_LOST, SYSCALL_IN_ALLOCATOR,
+    AllocInfo, AllocKey, AllocKind, Counter, PendingCall, StackId, StackKey, StackTotals,
+    PENDING_SLOTS, STACK_LOST,
 };
 
-use crate::unwind::{record_stack, Regs};
+use crate::{
+    chain::{self as stages, AllocRecord},
+    counters::count,
+    unwind::{begin, store_stack, Regs},
+};
 
 #[map]
 static ALLOCS: HashMap<AllocKey, AllocInfo> = HashMap::with_max_entries(1 << 20, 0);
@@ -37,22 +40,11 @@ static PENDING: Array<PendingCall> = Array::with_max_entries(PENDING_SLOTS, 0);
 
 /// The pending-call slot of thread `tid`.
 #[inline(always)]
-fn pending_slot(tid: u32) -> Option<&'static mut PendingCall> {
+pub(crate) fn pending_slot(tid: u32) -> Option<&'static mut PendingCall> {
     let p = PENDING.get_ptr_mut(tid & (PENDING_SLOTS - 1))?;
     // SAFETY: an array value; only threads sharing the slot touch it, and
     // its `tid` says whose it is.
     Some(unsafe { &mut *p })
-}
-
-#[map]
-static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
-
-#[inline(always)]
-pub(crate) fn count(c: Counter) {
-    if let Some(p) = COUNTERS.get_ptr_mut(c as u32) {
-        // SAFETY: per-CPU slot, programs do not migrate while running.
-        unsafe { *p += 1 };
-    }
 }
 
 #[inline(always)]
@@ -67,19 +59,28 @@ fn sp_of(regs: *mut aya_ebpf::bindings::pt_regs) -> u64 {
 fn enter(ctx: &ProbeContext, kind: AllocKind, size_bytes: u64, old_addr: u64) -> u32 {
     let tid = bpf_get_current_pid_tgid() as u32;
     let entry_sp = sp_of(ctx.regs);
+    // SAFETY: bpf_probe_read_user checks the user address.
+    let ret_addr = unsafe { bpf_probe_read_user(entry_sp as *const u64) }.unwrap_or(0);
     let Some(slot) = pending_slot(tid) else {
         return 0;
     };
     if slot.tid == tid {
-        if entry_sp <= slot.entry_sp {
-            // Called from inside a probed allocator call (calloc -> malloc,
-            // reallocarray -> realloc): the outer call is the one counted.
+        if entry_sp < slot.entry_sp {
+            // Called from inside a probed allocator call (calloc -> malloc):
+            // the outer call is the one counted.
+            count(Counter::Nested);
+            return 0;
+        }
+        if entry_sp == slot.entry_sp && ret_addr != slot.ret_addr {
+            // Jumped to from a probed allocator function (a tail call):
+            // the outer call's return probe already took the return
+            // address, and this call's return comes first.
             slot.depth += 1;
             count(Counter::Nested);
             return 0;
         }
-        // The earlier call's return never came (longjmp, a thread cancelled
-        // inside malloc): drop it.
+        // A new call where the earlier one was: that one's return never
+        // came (longjmp, a return probe attached while it ran): drop it.
         count(Counter::MissingReturn);
         slot.tid = 0;
     } else if slot.tid != 0 {
@@ -98,6 +99,7 @@ fn enter(ctx: &ProbeContext, kind: AllocKind, size_bytes: u64, old_addr: u64) ->
     slot.size_bytes = size_bytes;
     slot.old_addr = old_addr;
     slot.entry_sp = entry_sp;
+    slot.ret_addr = ret_addr;
     slot.kind = kind as u32;
     slot.depth = 0;
     slot.weight_bytes = weight_bytes;
@@ -182,7 +184,24 @@ pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
         count(Counter::MissingEntry);
         return 0;
     }
+    // SAFETY: the context of a uretprobe is the task's pt_regs, with the
+    // stack pointer just past the return address and the instruction
+    // pointer at the call site's next instruction.
+    let (ip, sp, bp) = unsafe { ((*ctx.regs).rip, (*ctx.regs).rsp, (*ctx.regs).rbp) };
+    let own_sp = pending.entry_sp.wrapping_add(8);
+    if sp < own_sp {
+        // The return of a nested call.
+        return 0;
+    }
+    if sp > own_sp || (pending.ret_addr != 0 && ip != pending.ret_addr) {
+        // Returning past the pending call, or another call at its depth:
+        // its own return was never seen.
+        count(Counter::MissingReturn);
+        pending.tid = 0;
+        return 0;
+    }
     if pending.depth > 0 {
+        // A chained call's return (see `enter`); the outer one follows.
         pending.depth -= 1;
         return 0;
     }
@@ -238,14 +257,35 @@ pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
         // Not sampled (a realloc kept only to release its old block).
         return 0;
     }
-    record(
-        &ctx,
-        tgid,
+    let alloc = AllocRecord {
         addr,
-        call.weight_bytes,
-        call.weight_count,
-        call.kind,
-    );
+        weight_bytes: call.weight_bytes,
+        weight_count: call.weight_count,
+        kind: call.kind,
+    };
+    // The stack is recorded by the chain, which ends in `finish_alloc`. At
+    // the return the registers are the caller's: the walk starts at the
+    // call site, so the immediate caller is never missing.
+    if let Some(job) = stages::claim(stages::ALLOC) {
+        begin(job, pid_tgid, Regs { ip, sp, bp });
+        job.alloc = alloc;
+        stages::start(&ctx, stages::ALLOC);
+    }
+    // The chain could not run: keep the block, without its stack.
+    record(tgid, &alloc, STACK_LOST);
+    0
+}
+
+/// Stage `FINISH` of the allocation chain: store the stack, record the
+/// block.
+#[uprobe]
+pub fn finish_alloc(_ctx: ProbeContext) -> u32 {
+    let Some(job) = stages::job(stages::ALLOC) else {
+        return 0;
+    };
+    let stack_id = store_stack(job);
+    let alloc = job.alloc;
+    record(job.tgid, &alloc, stack_id);
     0
 }
 
@@ -308,37 +348,18 @@ fn sample(size: u64) -> Option<(u64, u32)> {
 }
 
 #[inline(always)]
-fn record(
-    ctx: &RetProbeContext,
-    tgid: u32,
-    addr: u64,
-    weighted_bytes: u64,
-    weighted_count: u32,
-    kind: u32,
-) {
-    // At the return the registers are the caller's: the walk starts at the
-    // call site, so the immediate caller is never missing.
-    // SAFETY: the context of a uretprobe is the task's pt_regs.
-    let regs = unsafe { &*ctx.regs };
-    let stack_id = record_stack(
-        tgid,
-        Regs {
-            ip: regs.rip,
-            sp: regs.rsp,
-            bp: regs.rbp,
-        },
-    );
+fn record(tgid: u32, alloc: &AllocRecord, stack_id: StackId) {
     let key = AllocKey {
-        addr,
+        addr: alloc.addr,
         tgid,
         _pad: 0,
     };
     let info = AllocInfo {
-        size_bytes: weighted_bytes,
+        size_bytes: alloc.weight_bytes,
         ts_ns: unsafe { bpf_ktime_get_ns() },
         stack_id,
-        kind,
-        count: weighted_count,
+        kind: alloc.kind,
+        count: alloc.weight_count,
     };
     // BPF_NOEXIST: one map operation in the common case.
     match ALLOCS.insert(key, info, 1) {
@@ -363,7 +384,7 @@ fn record(
         }
     }
     count(Counter::Allocs);
-    credit(tgid, stack_id, weighted_bytes, weighted_count);
+    credit(tgid, stack_id, alloc.weight_bytes, alloc.weight_count);
 }
 
 #[inline(always)]
@@ -470,168 +491,5 @@ pub fn free_enter(ctx: ProbeContext) -> u32 {
     }
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     release(tgid, addr, true);
-    0
-}
-
-// ---- memory syscalls -----------------------------------------------------
-
-#[map]
-static TARGETS: HashMap<u32, u32> = HashMap::with_max_entries(1 << 14, 0);
-
-#[map]
-static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
-
-/// Offsets in x86-64 `struct pt_regs`.
-const PT_REGS_DI: usize = 112;
-const PT_REGS_SI: usize = 104;
-const PT_REGS_DX: usize = 96;
-const PT_REGS_R10: usize = 56;
-const PT_REGS_BP: usize = 32;
-const PT_REGS_ORIG_AX: usize = 120;
-const PT_REGS_IP: usize = 128;
-const PT_REGS_SP: usize = 152;
-
-#[inline(always)]
-fn reg(regs: *const u8, off: usize) -> u64 {
-    let mut v: u64 = 0;
-    // SAFETY: bpf_probe_read_kernel checks the kernel address and zeroes
-    // the destination on failure. The result is ignored on purpose: a
-    // branch per register made two verifier states (0 and unknown) of
-    // every register reaching the unwinder, which then was verified twice.
-    unsafe {
-        aya_ebpf::helpers::generated::bpf_probe_read_kernel(
-            (&raw mut v).cast(),
-            8,
-            regs.add(off).cast(),
-        )
-    };
-    v
-}
-
-/// `sys_exit(struct pt_regs *regs, long ret)`, every syscall of every task:
-/// keep successful memory syscalls of traced processes made outside the
-/// allocator (brk inside it too, so the break's position is known).
-///
-/// Everything is read at the exit: the syscall number (`orig_ax`) and the
-/// arguments are still in the saved user registers. One program instead of
-/// an entry and an exit program matters because every uretprobe return is
-/// a syscall (`uretprobe`, Linux 6.11+) that would run both.
-#[raw_tracepoint(tracepoint = "sys_exit")]
-pub fn sys_exit(ctx: RawTracePointContext) -> u32 {
-    let regs: u64 = ctx.arg(0);
-    let regs = regs as *const u8;
-    let nr = reg(regs, PT_REGS_ORIG_AX) as u32;
-    if nr != sys::MMAP && nr != sys::MUNMAP && nr != sys::MREMAP && nr != sys::BRK {
-        return 0;
-    }
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let tgid = (pid_tgid >> 32) as u32;
-    let tid = pid_tgid as u32;
-    // SAFETY: read-only lookup.
-    if unsafe { TARGETS.get(&tgid) }.is_none() {
-        return 0;
-    }
-    let ret: i64 = ctx.arg(1);
-    if ret < 0 && ret > -4096 {
-        return 0;
-    }
-    // Inside malloc & co: the block is counted by the allocator probes.
-    // Only the break's new position is still wanted.
-    let in_allocator = pending_slot(tid).is_some_and(|p| p.tid == tid);
-    if in_allocator && nr != sys::BRK {
-        return 0;
-    }
-    // A file mapping is not an allocation: only anonymous mmaps count.
-    if nr == sys::MMAP && reg(regs, PT_REGS_R10) & sys::MAP_ANONYMOUS == 0 {
-        return 0;
-    }
-    // The stack before the arguments: with one `args` array per syscall
-    // kind the verifier saw distinct states and walked the unwinder once
-    // per kind (twice the instructions of alloc_exit, near its limit).
-    let (flags, stack_id) = if in_allocator {
-        (SYSCALL_IN_ALLOCATOR, STACK_LOST)
-    } else {
-        // The syscall's pt_regs are the user registers at the `syscall`.
-        let stack_id = record_stack(
-            tgid,
-            Regs {
-                ip: reg(regs, PT_REGS_IP),
-                sp: reg(regs, PT_REGS_SP),
-                bp: reg(regs, PT_REGS_BP),
-            },
-        );
-        (0, stack_id)
-    };
-    let args = match nr {
-        sys::MMAP => [reg(regs, PT_REGS_SI), reg(regs, PT_REGS_R10), 0],
-        sys::MUNMAP => [reg(regs, PT_REGS_DI), reg(regs, PT_REGS_SI), 0],
-        sys::MREMAP => [
-            reg(regs, PT_REGS_DI),
-            reg(regs, PT_REGS_SI),
-            reg(regs, PT_REGS_DX),
-        ],
-        _ => [reg(regs, PT_REGS_DI), 0, 0],
-    };
-    let event = SyscallEvent {
-        ts_ns: unsafe { bpf_ktime_get_ns() },
-        tgid,
-        nr,
-        ret: ret as u64,
-        args,
-        stack_id,
-        flags,
-        _pad: 0,
-    };
-    if EVENTS.output::<SyscallEvent>(&event, 0).is_err() {
-        count(Counter::EventsLost);
-    }
-    0
-}
-
-// ---- OOM black box -------------------------------------------------------
-
-/// Byte offset of `tgid` in `struct task_struct`, set from kernel BTF.
-#[unsafe(no_mangle)]
-static TASK_TGID_OFFSET: u32 = 0;
-
-/// 1: report every OOM victim, not only traced processes.
-#[unsafe(no_mangle)]
-static OOM_ANY: u32 = 0;
-
-/// `mark_victim(struct task_struct *task, uid_t uid)`: the OOM killer chose
-/// `task`. Tell user space at once so it can freeze the victim's view
-/// before the process is gone.
-#[raw_tracepoint(tracepoint = "mark_victim")]
-pub fn oom_mark_victim(ctx: RawTracePointContext) -> u32 {
-    // SAFETY: globals are plain reads of constants patched at load.
-    let off = unsafe { core::ptr::read_volatile(&raw const TASK_TGID_OFFSET) };
-    let any = unsafe { core::ptr::read_volatile(&raw const OOM_ANY) };
-    if off == 0 {
-        return 0;
-    }
-    let task: u64 = ctx.arg(0);
-    // SAFETY: bpf_probe_read_kernel checks the kernel address.
-    let Ok(tgid) =
-        (unsafe { bpf_probe_read_kernel((task as *const u8).add(off as usize).cast::<u32>()) })
-    else {
-        return 0;
-    };
-    // SAFETY: read-only lookup.
-    if any == 0 && unsafe { TARGETS.get(&tgid) }.is_none() {
-        return 0;
-    }
-    let event = SyscallEvent {
-        ts_ns: unsafe { bpf_ktime_get_ns() },
-        tgid,
-        nr: sys::OOM_VICTIM,
-        ret: 0,
-        args: [0; 3],
-        stack_id: STACK_LOST,
-        flags: 0,
-        _pad: 0,
-    };
-    if EVENTS.output::<SyscallEvent>(&event, 0).is_err() {
-        count(Counter::EventsLost);
-    }
     0
 }

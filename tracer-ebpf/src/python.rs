@@ -13,8 +13,9 @@
 //! own eval call), `_PyInterpreterFrame`s reached through a `_PyCFrame`
 //! (3.11, 3.12) or straight from the thread state (3.13), entry frames
 //! marked by `is_entry` (3.11) or by the C-stack shim frames the eval loop
-//! pushes (3.12+, skipped). The loop is a `bpf_loop` of at most
-//! `2 * MAX_PY_FRAMES + 1` steps, a few user reads each.
+//! pushes (3.12+, skipped). The walk is stage `chain::PYTHON` of the
+//! recording chain (`chain.rs`): `STEPS_PER_RUN` frames per program run, at
+//! most `2 * MAX_PY_FRAMES + 1` in all, a few user reads each.
 //!
 //! The thread state is the allocating thread's own or none: the GIL
 //! holder (`gilstate.tstate_current`, up to 3.11) when it is this thread, else the
@@ -22,14 +23,16 @@
 //! this thread (`thread_id == fsbase`), so another thread's stack is never
 //! recorded; a mismatch records no Python frames.
 
-use core::ffi::c_void;
-
 use aya_ebpf::{
-    helpers::{bpf_get_current_task, bpf_loop, bpf_probe_read_kernel, bpf_probe_read_user},
-    macros::map,
+    helpers::{bpf_get_current_task, bpf_probe_read_kernel, bpf_probe_read_user},
+    macros::{map, raw_tracepoint, uprobe},
     maps::{Array, HashMap},
+    programs::{ProbeContext, RawTracePointContext},
+    EbpfContext,
 };
-use tracer_common::{py_flags, py_stop, PyProc, MAX_PY_FRAMES};
+use tracer_common::{chain, py_flags, py_stop, PyProc, MAX_PY_FRAMES};
+
+use crate::chain::{self as stages, Job};
 
 #[map]
 pub static PY_PROCS: HashMap<u32, PyProc> = HashMap::with_max_entries(1 << 11, 0);
@@ -90,24 +93,11 @@ fn thread_state(p: &PyProc) -> Option<u64> {
     None
 }
 
-/// State of a Python walk, shared with the per-frame callback.
-#[repr(C)]
-struct PyWalk {
-    frame: u64,
-    len: u32,
-    why: u32,
-    entry_mask: u32,
-    flags: u32,
-    code: u32,
-    previous: u32,
-    prev_instr: u32,
-    is_entry: u32,
-    bytecode: u32,
-}
-
-/// Iterations of the frame loop: every recorded frame can be preceded by a
+/// Iterations of the frame walk: every recorded frame can be preceded by a
 /// C-stack shim (3.12+), which takes an iteration but no slot.
 const PY_WALK_STEPS: u32 = 2 * MAX_PY_FRAMES as u32 + 1;
+/// Iterations per run of the Python stage.
+const STEPS_PER_RUN: u32 = 8;
 
 #[inline(always)]
 fn read_u8(addr: u64) -> u8 {
@@ -116,134 +106,127 @@ fn read_u8(addr: u64) -> u8 {
 }
 
 /// One Python frame: record it (or skip a C-stack shim), then follow
-/// `previous`. Returns 1 to stop.
-#[inline(never)]
-extern "C" fn walk_py_frame(_index: u64, ctx: *mut c_void) -> i64 {
-    // SAFETY: `ctx` is the `PyWalk` on record_python's stack.
-    let w = unsafe { &mut *(ctx as *mut PyWalk) };
-    let frame = w.frame;
+/// `previous`. Returns `Some(why)` when the walk is over.
+#[inline(always)]
+fn walk_one(job: &mut Job) -> Option<u32> {
+    let frame = job.py_frame;
     if frame == 0 {
-        w.why = py_stop::COMPLETE;
-        return 1;
+        return Some(py_stop::COMPLETE);
     }
-    let i = w.len as usize;
+    let i = job.buf.py_len as usize;
     if i >= MAX_PY_FRAMES {
-        w.why = py_stop::DEPTH;
-        return 1;
+        return Some(py_stop::DEPTH);
     }
+    let p = &job.py;
     let (Some(code), Some(prev)) = (
-        read_u64(frame + w.code as u64),
-        read_u64(frame + w.previous as u64),
+        read_u64(frame + p.frame_code as u64),
+        read_u64(frame + p.frame_previous as u64),
     ) else {
-        w.why = py_stop::UNREADABLE;
-        return 1;
+        return Some(py_stop::UNREADABLE);
     };
-    let entry = if w.flags & py_flags::ENTRY_EVERY_FRAME != 0 {
+    let entry = if p.flags & py_flags::ENTRY_EVERY_FRAME != 0 {
         true
-    } else if w.flags & py_flags::ENTRY_OWNER_SHIM != 0 {
-        if read_u8(frame + w.is_entry as u64) == py_flags::FRAME_OWNED_BY_CSTACK {
+    } else if p.flags & py_flags::ENTRY_OWNER_SHIM != 0 {
+        if read_u8(frame + p.frame_is_entry as u64) == py_flags::FRAME_OWNED_BY_CSTACK {
             // The eval loop was entered from C here: the frame recorded
             // last ran first in that call.
             if i > 0 {
-                w.entry_mask |= 1 << ((i as u32 - 1) & 31);
+                job.buf.py_entry_mask |= 1 << ((i as u32 - 1) & 31);
             }
-            w.frame = prev;
-            return 0;
+            job.py_frame = prev;
+            return None;
         }
         false
     } else {
-        read_u8(frame + w.is_entry as u64) != 0
+        read_u8(frame + p.frame_is_entry as u64) != 0
     };
-    let instr = if w.flags & py_flags::INSTR_LASTI != 0 {
+    let instr = if p.flags & py_flags::INSTR_LASTI != 0 {
         // SAFETY: bpf_probe_read_user checks the user address.
-        match unsafe { bpf_probe_read_user((frame + w.prev_instr as u64) as *const u32) } {
+        match unsafe { bpf_probe_read_user((frame + p.frame_prev_instr as u64) as *const u32) } {
             Ok(lasti) => lasti,
-            Err(_) => {
-                w.why = py_stop::UNREADABLE;
-                return 1;
-            }
+            Err(_) => return Some(py_stop::UNREADABLE),
         }
     } else {
-        let Some(p) = read_u64(frame + w.prev_instr as u64) else {
-            w.why = py_stop::UNREADABLE;
-            return 1;
+        let Some(ptr) = read_u64(frame + p.frame_prev_instr as u64) else {
+            return Some(py_stop::UNREADABLE);
         };
-        p.wrapping_sub(code.wrapping_add(w.bytecode as u64)) as u32
+        ptr.wrapping_sub(code.wrapping_add(p.code_bytecode as u64)) as u32
     };
-    let Some(buf) = crate::unwind::scratch() else {
-        return 1;
-    };
-    buf.py_code[i] = code;
-    buf.py_instr[i] = instr;
+    let i = i & (MAX_PY_FRAMES - 1);
+    job.buf.py_code[i] = code;
+    job.buf.py_instr[i] = instr;
     if entry {
-        w.entry_mask |= 1 << (i as u32 & 31);
+        job.buf.py_entry_mask |= 1 << (i as u32 & 31);
     }
-    w.len = i as u32 + 1;
-    w.frame = prev;
+    job.buf.py_len = i as u32 + 1;
+    job.py_frame = prev;
+    None
+}
+
+/// The frame the walk starts from, for a process in `PY_PROCS`; `Err` is
+/// the `py_stop` reason to record instead (`NONE` for other processes).
+#[inline(always)]
+fn first_frame(job: &mut Job) -> Result<u64, u32> {
+    // No Python process registered yet (native tracing): no lookup.
+    if PY_ANY.get(0).copied().unwrap_or(0) == 0 {
+        return Err(py_stop::NONE);
+    }
+    // SAFETY: read-only lookup, copied out.
+    let Some(p) = (unsafe { PY_PROCS.get(&job.tgid) }).copied() else {
+        return Err(py_stop::NONE);
+    };
+    job.py = p;
+    let tstate = thread_state(&p).ok_or(py_stop::NO_THREAD)?;
+    let top = read_u64(tstate + p.tstate_cframe as u64).ok_or(py_stop::UNREADABLE)?;
+    if p.flags & py_flags::FRAME_IN_TSTATE != 0 || top == 0 {
+        return Ok(top);
+    }
+    read_u64(top + p.cframe_current_frame as u64).ok_or(py_stop::UNREADABLE)
+}
+
+/// Stage `PYTHON`: fill the Python part of the stack for a process in
+/// `PY_PROCS` (leave it empty for any other), a few frames per run.
+#[inline(always)]
+fn python_step<C: EbpfContext>(ctx: &C, slot: u32) {
+    let Some(job) = stages::job(slot) else {
+        return;
+    };
+    if job.py_started == 0 {
+        job.py_started = 1;
+        match first_frame(job) {
+            Ok(frame) => job.py_frame = frame,
+            Err(why) => {
+                job.buf.py_stop = why;
+                return stages::next(ctx, slot, chain::FINISH);
+            }
+        }
+    }
+    for _ in 0..STEPS_PER_RUN {
+        if let Some(why) = walk_one(job) {
+            job.buf.py_stop = why;
+            return stages::next(ctx, slot, chain::FINISH);
+        }
+    }
+    job.py_steps += STEPS_PER_RUN;
+    if job.py_steps >= PY_WALK_STEPS {
+        job.buf.py_stop = if job.py_frame == 0 {
+            py_stop::COMPLETE
+        } else {
+            py_stop::DEPTH
+        };
+        return stages::next(ctx, slot, chain::FINISH);
+    }
+    stages::next(ctx, slot, chain::PYTHON)
+}
+
+#[uprobe]
+pub fn python_alloc(ctx: ProbeContext) -> u32 {
+    python_step(&ctx, stages::ALLOC);
     0
 }
 
-/// Set the Python part of the scratch stack.
-#[inline(always)]
-fn finish(len: u32, why: u32, entry_mask: u32) {
-    if let Some(buf) = crate::unwind::scratch() {
-        buf.py_len = len;
-        buf.py_stop = why;
-        buf.py_entry_mask = entry_mask;
-    }
-}
-
-/// Fill the Python part of the scratch stack for a process in `PY_PROCS`
-/// (clear it for any other).
-#[inline(always)]
-pub fn record_python(tgid: u32) {
-    // No Python process registered yet (native tracing): no lookup.
-    if PY_ANY.get(0).copied().unwrap_or(0) == 0 {
-        return finish(0, py_stop::NONE, 0);
-    }
-    // SAFETY: read-only lookup, copied out.
-    let Some(p) = (unsafe { PY_PROCS.get(&tgid) }).copied() else {
-        return finish(0, py_stop::NONE, 0);
-    };
-    let Some(tstate) = thread_state(&p) else {
-        return finish(0, py_stop::NO_THREAD, 0);
-    };
-    let Some(top) = read_u64(tstate + p.tstate_cframe as u64) else {
-        return finish(0, py_stop::UNREADABLE, 0);
-    };
-    let frame = if p.flags & py_flags::FRAME_IN_TSTATE != 0 || top == 0 {
-        top
-    } else {
-        match read_u64(top + p.cframe_current_frame as u64) {
-            Some(f) => f,
-            None => return finish(0, py_stop::UNREADABLE, 0),
-        }
-    };
-    let mut w = PyWalk {
-        frame,
-        len: 0,
-        why: py_stop::DEPTH,
-        entry_mask: 0,
-        flags: p.flags,
-        code: p.frame_code,
-        previous: p.frame_previous,
-        prev_instr: p.frame_prev_instr,
-        is_entry: p.frame_is_entry,
-        bytecode: p.code_bytecode,
-    };
-    // SAFETY: the callback and its context match bpf_loop's contract.
-    unsafe {
-        bpf_loop(
-            PY_WALK_STEPS,
-            walk_py_frame as *mut c_void,
-            (&raw mut w).cast(),
-            0,
-        )
-    };
-    let why = if w.frame == 0 {
-        py_stop::COMPLETE
-    } else {
-        w.why
-    };
-    finish(w.len, why, w.entry_mask);
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn python_syscall(ctx: RawTracePointContext) -> u32 {
+    python_step(&ctx, stages::SYSCALL);
+    0
 }

@@ -10,23 +10,32 @@
 //! registered, fall back to the frame-pointer rule. The walk ends at the
 //! outermost frame, or records why it stopped. Stacks are stored once, keyed
 //! by a 64-bit hash of their frames.
-
-use core::ffi::c_void;
+//!
+//! The walk is stage `chain::NATIVE` of the recording chain (`chain.rs`):
+//! `FRAMES_PER_STEP` frames per program run, then a tail call to itself or
+//! to the next stage, so the verifier's work is that of a few frames.
 
 use aya_ebpf::{
-    helpers::{bpf_loop, bpf_probe_read_user},
-    macros::map,
+    helpers::bpf_probe_read_user,
+    macros::{map, raw_tracepoint, uprobe},
     maps::{Array, HashMap, PerCpuArray},
+    programs::{ProbeContext, RawTracePointContext},
+    EbpfContext,
 };
 use tracer_common::{
-    stop, ProcMaps, StackBuf, StackId, UnwindRow, CFA_END_OF_STACK, CFA_PLT, CFA_RBP, CFA_RSP,
-    CFA_STACK_SWITCH, MAX_FRAMES, MAX_PROC_MAPS, MAX_PY_FRAMES, RBP_AT_CFA_OFFSET, RBP_SAME,
-    STACK_LOST,
+    chain, stop, Counter, ProcMaps, StackBuf, StackId, UnwindRow, CFA_END_OF_STACK, CFA_PLT,
+    CFA_RBP, CFA_RSP, CFA_STACK_SWITCH, MAX_FRAMES, MAX_PROC_MAPS, MAX_PY_FRAMES,
+    RBP_AT_CFA_OFFSET, RBP_SAME, STACK_LOST,
 };
 
-use tracer_common::Counter;
+use crate::{
+    chain::{self as stages, Job},
+    counters::count,
+};
 
-use crate::{probes::count, python::record_python};
+/// Native frames walked per run of the native stage.
+const FRAMES_PER_STEP: usize = 8;
+const _: () = assert!(MAX_FRAMES.is_power_of_two() && MAX_FRAMES / FRAMES_PER_STEP <= 64);
 
 #[map]
 pub static UNWIND_ROWS: Array<UnwindRow> = Array::with_max_entries(1 << 21, 0);
@@ -36,9 +45,6 @@ pub static PROC_MAPS: HashMap<u32, ProcMaps> = HashMap::with_max_entries(1 << 11
 
 #[map]
 pub static STACKS: HashMap<StackId, StackBuf> = HashMap::with_max_entries(1 << 15, 0);
-
-#[map]
-static SCRATCH: PerCpuArray<StackBuf> = PerCpuArray::with_max_entries(1, 0);
 
 /// Stack ids this CPU stored or found in `STACKS` lately (direct-mapped).
 #[map]
@@ -78,26 +84,10 @@ fn step_slot(tgid: u32, pc: u64) -> u32 {
     (h as u32) & (STEP_CACHE_SLOTS - 1)
 }
 
-/// The per-CPU scratch stack.
-#[inline(always)]
-pub(crate) fn scratch() -> Option<&'static mut StackBuf> {
-    let p = SCRATCH.get_ptr_mut(0)?;
-    // SAFETY: per-CPU slot, exclusive while this program runs; callers
-    // never hold two references at once.
-    Some(unsafe { &mut *p })
-}
-
 /// log2 of MAX_PROC_MAPS, rounded up: iterations of the mapping search.
 const MAP_SEARCH_STEPS: usize = 8;
 /// Iterations of the row search: tables up to 2^22 rows.
 const ROW_SEARCH_STEPS: usize = 22;
-
-/// Registers at the point the stack is taken.
-pub struct Regs {
-    pub ip: u64,
-    pub sp: u64,
-    pub bp: u64,
-}
 
 #[inline(always)]
 fn read_u64(addr: u64) -> Option<u64> {
@@ -112,29 +102,46 @@ fn read_pair(addr: u64) -> Option<[u64; 2]> {
     unsafe { bpf_probe_read_user(addr as *const [u64; 2]) }.ok()
 }
 
+#[map]
+static LAUNDER: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
+/// `v`, through memory the verifier does not track: an index that went
+/// through here does not make the values it was computed from precise, so
+/// the search's branches do not multiply the states that follow.
+#[inline(always)]
+fn launder(v: u32) -> u32 {
+    match LAUNDER.get_ptr_mut(0) {
+        // SAFETY: a per-CPU slot, exclusive while this program runs.
+        Some(p) => unsafe {
+            core::ptr::write_volatile(p, v);
+            core::ptr::read_volatile(p)
+        },
+        None => 0,
+    }
+}
+
 /// The mapping holding `pc`: (bias, rows_start, rows_len).
 #[inline(always)]
 fn find_map(maps: &ProcMaps, pc: u64) -> Option<(u64, u32, u32)> {
     let mut lo: u32 = 0;
+    // User space keeps `len` at most MAX_PROC_MAPS; indexes are masked.
     let mut hi: u32 = maps.len;
-    if hi as usize > MAX_PROC_MAPS {
-        hi = MAX_PROC_MAPS as u32;
-    }
     // Largest i with maps[i].start <= pc.
     for _ in 0..MAP_SEARCH_STEPS {
         if lo >= hi {
             break;
         }
         let mid = (lo + hi) / 2;
-        let m = maps.maps.get(mid as usize)?;
+        let m = maps.maps.get(launder(mid) as usize & (MAX_PROC_MAPS - 1))?;
         if m.start <= pc {
             lo = mid + 1;
         } else {
             hi = mid;
         }
     }
-    let i = lo.checked_sub(1)? as usize;
-    let m = maps.maps.get(i)?;
+    // Laundered: the loop's exits then reach what follows as one state.
+    let i = launder(lo).checked_sub(1)?;
+    let m = maps.maps.get(i as usize & (MAX_PROC_MAPS - 1))?;
     if pc >= m.end {
         return None;
     }
@@ -158,7 +165,8 @@ fn find_row(start: u32, len: u32, rel: u32) -> Option<UnwindRow> {
             hi = mid;
         }
     }
-    let i = lo.checked_sub(1)?;
+    // Laundered: the loop's exits then reach what follows as one state.
+    let i = launder(lo).checked_sub(1)?;
     UNWIND_ROWS.get(start.wrapping_add(i)).copied()
 }
 
@@ -232,18 +240,6 @@ fn cfi_step(row: &UnwindRow, pc: u64, sp: u64, bp: u64) -> Step {
     Step::Next(ra, cfa, caller_bp)
 }
 
-/// State of a walk, shared with the per-frame callback.
-#[repr(C)]
-struct Walk {
-    tgid: u32,
-    len: u32,
-    why: u32,
-    epoch: u32,
-    pc: u64,
-    sp: u64,
-    bp: u64,
-}
-
 /// The rule for the frame at `pc`: `RULE_CFI` with its row, `RULE_FP`, or
 /// 0 when the object has CFI but none covers `pc`.
 #[inline(always)]
@@ -275,56 +271,76 @@ fn find_rule(tgid: u32, pc: u64) -> (u32, UnwindRow) {
     }
 }
 
-/// One frame: record `pc`, then step to the caller. Returns 1 to stop.
-/// Run through `bpf_loop`, so the verifier checks it once rather than
-/// once per frame.
-#[inline(never)]
-extern "C" fn walk_frame(index: u64, ctx: *mut c_void) -> i64 {
-    // SAFETY: `ctx` is the `Walk` on record_stack's stack.
-    let w = unsafe { &mut *(ctx as *mut Walk) };
-    let i = index as usize;
-    if i >= MAX_FRAMES {
-        return 1;
-    }
-    if w.pc == 0 {
-        w.why = stop::COMPLETE;
-        return 1;
-    }
-    let Some(buf) = SCRATCH.get_ptr_mut(0) else {
-        return 1;
-    };
-    // SAFETY: per-CPU scratch slot, exclusive while this program runs.
-    let buf = unsafe { &mut *buf };
-    buf.ips[i] = w.pc;
-    w.len = i as u32 + 1;
-    let (pc, sp, bp) = (w.pc, w.sp, w.bp);
-    let cached = STEP_CACHE.get_ptr_mut(step_slot(w.tgid, pc));
-    // SAFETY: per-CPU slot, exclusive while this program runs.
-    let hit = cached.and_then(|c| {
-        let c = unsafe { &*c };
-        (c.pc == pc && c.tgid == w.tgid && c.epoch == w.epoch && w.epoch != 0).then_some(*c)
-    });
-    let (rule, row) = match hit {
-        Some(c) => (c.rule, c.row),
-        None => {
-            let (rule, row) = find_rule(w.tgid, pc);
-            if rule != 0 {
-                if let Some(c) = cached {
-                    // SAFETY: as above.
-                    unsafe {
-                        *c = CachedStep {
-                            pc,
-                            tgid: w.tgid,
-                            epoch: w.epoch,
-                            row,
-                            rule,
-                        }
-                    };
-                }
-            }
-            (rule, row)
+/// Registers at the point the stack is taken.
+pub struct Regs {
+    pub ip: u64,
+    pub sp: u64,
+    pub bp: u64,
+}
+
+/// Begin a walk in `job` from `regs` (whose `ip` is a return address or a
+/// syscall's next instruction).
+#[inline(always)]
+pub fn begin(job: &mut Job, pid_tgid: u64, regs: Regs) {
+    job.pid_tgid = pid_tgid;
+    job.tgid = (pid_tgid >> 32) as u32;
+    job.epoch = UNWIND_EPOCH.get(0).copied().unwrap_or(0);
+    job.pc = regs.ip;
+    job.sp = regs.sp;
+    job.bp = regs.bp;
+    job.why = stop::DEPTH;
+    job.py_started = 0;
+    job.py_frame = 0;
+    job.py_steps = 0;
+    job.buf.len = 0;
+    job.buf.stop = stop::DEPTH;
+    job.buf.py_len = 0;
+    job.buf.py_stop = 0;
+    job.buf.py_entry_mask = 0;
+}
+
+/// The rule for `pc` in `tgid`, through this CPU's cache.
+#[inline(always)]
+fn rule_for(tgid: u32, epoch: u32, pc: u64) -> (u32, UnwindRow) {
+    let cached = STEP_CACHE.get_ptr_mut(step_slot(tgid, pc));
+    if let Some(c) = cached {
+        // SAFETY: per-CPU slot, exclusive while this program runs.
+        let c = unsafe { &mut *c };
+        if c.pc == pc && c.tgid == tgid && c.epoch == epoch && epoch != 0 {
+            return (c.rule, c.row);
         }
-    };
+        let (rule, row) = find_rule(tgid, pc);
+        if rule != 0 {
+            *c = CachedStep {
+                pc,
+                tgid,
+                epoch,
+                row,
+                rule,
+            };
+        }
+        return (rule, row);
+    }
+    find_rule(tgid, pc)
+}
+
+/// One frame: record `pc`, then step to the caller. Returns true when the
+/// walk is over (`job.why` says why).
+#[inline(always)]
+fn walk_one(job: &mut Job) -> bool {
+    let i = job.buf.len as usize;
+    if i >= MAX_FRAMES {
+        job.why = stop::DEPTH;
+        return true;
+    }
+    let (pc, sp, bp) = (job.pc, job.sp, job.bp);
+    if pc == 0 {
+        job.why = stop::COMPLETE;
+        return true;
+    }
+    job.buf.ips[i & (MAX_FRAMES - 1)] = pc;
+    job.buf.len = i as u32 + 1;
+    let (rule, row) = rule_for(job.tgid, job.epoch, pc);
     let step = match rule {
         RULE_CFI => cfi_step(&row, pc, sp, bp),
         RULE_FP => fp_step(sp, bp),
@@ -334,59 +350,60 @@ extern "C" fn walk_frame(index: u64, ctx: *mut c_void) -> i64 {
         Step::Next(ra, cfa, caller_bp) => {
             // The stack grows down: a caller's frame is above ours.
             if cfa <= sp && i > 0 {
-                w.why = stop::BAD_FRAME;
-                return 1;
+                job.why = stop::BAD_FRAME;
+                return true;
             }
-            w.pc = ra;
-            w.sp = cfa;
-            w.bp = caller_bp;
-            0
+            job.pc = ra;
+            job.sp = cfa;
+            job.bp = caller_bp;
+            false
         }
         Step::Switch(ra, cfa, caller_bp) => {
-            w.pc = ra;
-            w.sp = cfa;
-            w.bp = caller_bp;
-            0
+            job.pc = ra;
+            job.sp = cfa;
+            job.bp = caller_bp;
+            false
         }
         Step::Stop(reason) => {
-            w.why = reason;
-            1
+            job.why = reason;
+            true
         }
     }
 }
 
-/// Unwind from `regs` (whose `ip` is a return address or a syscall's next
-/// instruction) and store the stack; returns its id or `STACK_LOST`.
+/// Stage `NATIVE`: a few frames, then this stage again or the next one.
 #[inline(always)]
-pub fn record_stack(tgid: u32, regs: Regs) -> StackId {
-    let mut w = Walk {
-        tgid,
-        len: 0,
-        why: stop::DEPTH,
-        // SAFETY: a plain array slot.
-        epoch: UNWIND_EPOCH.get(0).copied().unwrap_or(0),
-        pc: regs.ip,
-        sp: regs.sp,
-        bp: regs.bp,
+fn native_step<C: EbpfContext>(ctx: &C, slot: u32) {
+    let Some(job) = stages::job(slot) else {
+        return;
     };
-    // SAFETY: the callback and its context match bpf_loop's contract.
-    unsafe {
-        bpf_loop(
-            MAX_FRAMES as u32,
-            walk_frame as *mut c_void,
-            (&raw mut w).cast(),
-            0,
-        )
-    };
-    // The interpreter's own frames, for a Python process.
-    record_python(tgid);
-    let Some(buf) = scratch() else {
-        return STACK_LOST;
-    };
-    let len = w.len;
-    let why = w.why;
-    buf.len = len;
-    buf.stop = why;
+    for _ in 0..FRAMES_PER_STEP {
+        if walk_one(job) {
+            job.buf.stop = job.why;
+            return stages::next(ctx, slot, chain::PYTHON);
+        }
+    }
+    stages::next(ctx, slot, chain::NATIVE)
+}
+
+#[uprobe]
+pub fn native_alloc(ctx: ProbeContext) -> u32 {
+    native_step(&ctx, stages::ALLOC);
+    0
+}
+
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn native_syscall(ctx: RawTracePointContext) -> u32 {
+    native_step(&ctx, stages::SYSCALL);
+    0
+}
+
+/// Store the job's stack (once per distinct stack); its id or `STACK_LOST`.
+#[inline(always)]
+pub fn store_stack(job: &Job) -> StackId {
+    let buf = &job.buf;
+    let len = buf.len;
+    let why = buf.stop;
     // FNV-1a over the frames and the stop reason.
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for i in 0..MAX_FRAMES {
@@ -417,7 +434,7 @@ pub fn record_stack(tgid: u32, regs: Regs) -> StackId {
     // SAFETY: read-only lookup.
     if unsafe { STACKS.get(&id) }.is_none() {
         // BPF_NOEXIST: another CPU may store the same stack meanwhile.
-        if let Err(e) = STACKS.insert(&id, &*buf, 1) {
+        if let Err(e) = STACKS.insert(&id, buf, 1) {
             if e != -17 {
                 count(Counter::StackLost);
                 return STACK_LOST;

@@ -1,0 +1,127 @@
+//! The chain that records a stack: small programs joined by tail calls.
+//!
+//! A program that wants a stack (`alloc_exit`, `sys_exit`) fills this CPU's
+//! [`Job`] with the registers and what to record at the end, then tail-calls
+//! stage [`chain::NATIVE`]: up to `FRAMES_PER_STEP` native frames per call,
+//! calling itself again until the walk ends; then [`chain::PYTHON`] (the
+//! interpreter's frames, for a registered Python process); then
+//! [`chain::FINISH`], which stores the stack and records the allocation or
+//! sends the event. Every stage reads its inputs from the job, so the
+//! verifier checks each program once, from one state, and its cost is
+//! bounded by the stage's own loop, not by the caller's branches nor by the
+//! stack's depth (the kernel allows 33 tail calls; a full walk takes
+//! 64 / FRAMES_PER_STEP + Python's steps + 1).
+//!
+//! Programs of different types cannot tail-call each other, so the stages
+//! exist twice: for uprobes (`CHAIN_ALLOC`) and for raw tracepoints
+//! (`CHAIN_SYSCALL`), each with its own job slot.
+//!
+//! A uprobe program can be preempted on kernels with preemptible RCU, and
+//! another task's chain may then take this CPU's slot: each stage checks
+//! that the job is still its task's and counts `UnwindAborted` otherwise.
+
+use aya_ebpf::{
+    helpers::bpf_get_current_pid_tgid,
+    macros::map,
+    maps::{PerCpuArray, ProgramArray},
+    EbpfContext,
+};
+use tracer_common::{chain, Counter, PyProc, StackBuf, SyscallEvent};
+
+use crate::counters::count;
+
+/// Job slot of the allocation chain (kprobe-type programs).
+pub const ALLOC: u32 = 0;
+/// Job slot of the syscall chain (raw-tracepoint programs).
+pub const SYSCALL: u32 = 1;
+
+#[map]
+static CHAIN_ALLOC: ProgramArray = ProgramArray::with_max_entries(chain::SLOTS, 0);
+
+#[map]
+static CHAIN_SYSCALL: ProgramArray = ProgramArray::with_max_entries(chain::SLOTS, 0);
+
+/// The allocation an allocation chain records at its end.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct AllocRecord {
+    pub addr: u64,
+    pub weight_bytes: u64,
+    pub weight_count: u32,
+    pub kind: u32,
+}
+
+/// One stack being recorded, and what to do with it.
+#[repr(C)]
+pub struct Job {
+    /// The task whose stack this is.
+    pub pid_tgid: u64,
+    pub tgid: u32,
+    /// `UNWIND_EPOCH` when the walk began.
+    pub epoch: u32,
+    /// Native walk: the frame being unwound.
+    pub pc: u64,
+    pub sp: u64,
+    pub bp: u64,
+    /// Why the native walk stopped (a `stop::*`).
+    pub why: u32,
+    /// Python walk: 1 once the thread's frame was found.
+    pub py_started: u32,
+    pub py_frame: u64,
+    /// Python walk: iterations used (shims included).
+    pub py_steps: u32,
+    pub _pad: u32,
+    pub py: PyProc,
+    pub alloc: AllocRecord,
+    pub event: SyscallEvent,
+    /// The stack itself, as stored in `STACKS`.
+    pub buf: StackBuf,
+}
+
+#[map]
+static JOBS: PerCpuArray<Job> = PerCpuArray::with_max_entries(2, 0);
+
+/// This CPU's job in `slot`, whoever holds it (for the chain's start).
+#[inline(always)]
+pub fn claim(slot: u32) -> Option<&'static mut Job> {
+    let p = JOBS.get_ptr_mut(slot)?;
+    // SAFETY: a per-CPU slot; the holder is checked by `job` at each stage.
+    Some(unsafe { &mut *p })
+}
+
+/// This CPU's job in `slot` if it is still the current task's.
+#[inline(always)]
+pub fn job(slot: u32) -> Option<&'static mut Job> {
+    let job = claim(slot)?;
+    if job.pid_tgid != bpf_get_current_pid_tgid() {
+        count(Counter::UnwindAborted);
+        return None;
+    }
+    Some(job)
+}
+
+#[inline(always)]
+fn programs(slot: u32) -> &'static ProgramArray {
+    if slot == ALLOC {
+        &CHAIN_ALLOC
+    } else {
+        &CHAIN_SYSCALL
+    }
+}
+
+/// Go on with `stage`. Returns only when the tail call failed (an empty
+/// slot, or the kernel's limit of 33), after counting the loss.
+#[inline(always)]
+pub fn next<C: EbpfContext>(ctx: &C, slot: u32, stage: u32) {
+    // SAFETY: the programs in the array take the same context type.
+    unsafe { programs(slot).tail_call(ctx, stage) };
+    count(Counter::UnwindAborted);
+}
+
+/// Start a chain whose job the caller has filled. Returns only when the
+/// first tail call failed; the loss is counted and the caller records
+/// what it can without a stack.
+#[inline(always)]
+pub fn start<C: EbpfContext>(ctx: &C, slot: u32) {
+    next(ctx, slot, chain::NATIVE)
+}
