@@ -200,8 +200,23 @@ fn nightly_llvm() -> Result<(String, String, PathBuf)> {
     Ok((major, llvm, PathBuf::from(sysroot.trim()).join("lib")))
 }
 
+/// The bpf-linker release the eBPF object is linked with. A change here is
+/// a change of the product: commit it with the verifier figures of every
+/// kernel in the matrix (docs/benchmarks.md).
+const BPF_LINKER_VERSION: &str = "0.13.0";
+/// The LLVM major of the nightly toolchain the object was last built and
+/// verified with; another one still builds, with a warning.
+const EXPECTED_LLVM_MAJOR: &str = "22";
+
 fn ensure_bpf_linker() -> Result<()> {
     let (major, full, lib_dir) = nightly_llvm()?;
+    if major != EXPECTED_LLVM_MAJOR {
+        eprintln!(
+            "xtask: warning: the nightly toolchain has LLVM {full}; leaktrace's eBPF object was \
+             verified with LLVM {EXPECTED_LLVM_MAJOR}: run `cargo xtask test` and commit the \
+             new verifier figures"
+        );
+    }
     let libllvm = fs::read_dir(&lib_dir)
         .with_context(|| format!("failed to list {}", lib_dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -211,19 +226,27 @@ fn ensure_bpf_linker() -> Result<()> {
             })
         })
         .with_context(|| format!("no libLLVM shared library in {}", lib_dir.display()))?;
-    let stamp_text = format!("llvm {full} {}\n", libllvm.display());
+    let stamp_text = format!(
+        "bpf-linker {BPF_LINKER_VERSION} llvm {full} {}\n",
+        libllvm.display()
+    );
     let prefix = cargo_home().join("leaktrace-llvm").join(&major);
     let stamp = prefix.join("stamp");
-    let works = Command::new("bpf-linker")
+    let installed = Command::new("bpf-linker")
         .arg("--version")
         .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if works && fs::read_to_string(&stamp).ok().as_deref() == Some(stamp_text.as_str()) {
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    let wanted = format!("bpf-linker {BPF_LINKER_VERSION}");
+    if installed.as_deref() == Some(wanted.as_str())
+        && fs::read_to_string(&stamp).ok().as_deref() == Some(stamp_text.as_str())
+    {
         return Ok(());
     }
     eprintln!(
-        "xtask: building bpf-linker against the nightly toolchain's LLVM {full} (about a minute)"
+        "xtask: building bpf-linker {BPF_LINKER_VERSION} against the nightly toolchain's LLVM \
+         {full} (about a minute)"
     );
     let lib = prefix.join("lib");
     fs::create_dir_all(&lib).with_context(|| format!("failed to create {}", lib.display()))?;
@@ -244,6 +267,9 @@ fn ensure_bpf_linker() -> Result<()> {
             .args([
                 "install",
                 "--force",
+                "--locked",
+                "--version",
+                &format!("={BPF_LINKER_VERSION}"),
                 "bpf-linker",
                 "--no-default-features",
                 "--features",
@@ -323,22 +349,32 @@ fn run_leaktrace(release: bool, args: &[OsString]) -> Result<()> {
     Ok(())
 }
 
+/// Every suite runs, whatever happened to the ones before, and the end
+/// says which failed: a failure never hides the state of the rest.
 fn test(filter: Option<&str>) -> Result<()> {
-    status(cargo().args(["fmt", "--all", "--", "--check"]))
-        .context("formatting differs; run `cargo fmt --all`")?;
-    status(cargo().args([
-        "clippy",
-        "--workspace",
-        "--all-targets",
-        "--",
-        "-D",
-        "warnings",
-    ]))?;
-    build(false)?;
     let mut tally = Tally::default();
+    tally.check(
+        "fmt",
+        cargo().args(["fmt", "--all", "--", "--check"]),
+        "formatting differs; run `cargo fmt --all`",
+    );
+    tally.check(
+        "clippy",
+        cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]),
+        "clippy found problems",
+    );
+    build(false)?;
     let mut unit = cargo();
     unit.args([
         "test",
+        "--no-fail-fast",
         "--package",
         "leaktrace",
         "--package",
@@ -347,42 +383,75 @@ fn test(filter: Option<&str>) -> Result<()> {
     if let Some(f) = filter {
         unit.arg(f);
     }
-    let unit_ok = tally.run(&mut unit)?;
+    tally.run(&mut unit)?;
     let mut e2e = cargo();
-    e2e.args(["test", "--package", "leaktrace-tests"])
+    e2e.args(["test", "--no-fail-fast", "--package", "leaktrace-tests"])
         .env("LEAKTRACE_BIN", leaktrace_bin(false));
     if let Some(f) = filter {
         e2e.arg(f);
     }
-    let e2e_ok = unit_ok && tally.run(&mut e2e)?;
-    println!("{} passed, {} failed", tally.passed, tally.failed);
-    if !(unit_ok && e2e_ok) || tally.failed > 0 {
-        bail!("tests failed");
-    }
-    if tally.passed == 0 {
-        bail!("no test ran");
-    }
-    Ok(())
+    tally.run(&mut e2e)?;
+    tally.finish()
 }
 
-/// Adds up cargo test's `test result:` lines while passing output through.
-#[derive(Default)]
-struct Tally {
+/// One suite's outcome.
+struct Suite {
+    name: String,
     passed: u64,
     failed: u64,
+    /// The runner itself failed (a build error, a crash, a check).
+    broken: Option<String>,
+}
+
+/// Adds up cargo test's `test result:` lines per test binary while passing
+/// output through.
+#[derive(Default)]
+struct Tally {
+    suites: Vec<Suite>,
 }
 
 impl Tally {
-    fn run(&mut self, cmd: &mut Command) -> Result<bool> {
+    /// A check that is not a test runner (fmt, clippy).
+    fn check(&mut self, name: &str, cmd: &mut Command, why: &str) {
+        let broken = match cmd.status() {
+            Ok(st) if st.success() => None,
+            Ok(st) => Some(format!("{why} ({st})")),
+            Err(e) => Some(format!("failed to start: {e}")),
+        };
+        self.suites.push(Suite {
+            name: name.to_string(),
+            passed: u64::from(broken.is_none()),
+            failed: u64::from(broken.is_some()),
+            broken,
+        });
+    }
+
+    fn run(&mut self, cmd: &mut Command) -> Result<()> {
         use std::io::{BufRead as _, BufReader};
+        // One pipe for both streams, so cargo's `Running tests/x.rs` (on
+        // stderr) comes in order with that binary's `test result:` line.
+        let (reader, writer) = std::io::pipe().context("failed to create a pipe")?;
         let mut child = cmd
-            .stdout(std::process::Stdio::piped())
+            .stdout(writer.try_clone().context("failed to clone a pipe")?)
+            .stderr(writer)
             .spawn()
             .with_context(|| format!("failed to start {cmd:?}"))?;
-        let stdout = child.stdout.take().context("no stdout")?;
-        for line in BufReader::new(stdout).lines() {
+        // The command keeps its copies of the write end: drop them, or the
+        // read end never sees the end.
+        cmd.stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        let before = self.suites.len();
+        let mut current = String::from("tests");
+        for line in BufReader::new(reader).lines() {
             let line = line?;
             println!("{line}");
+            let t = line.trim_start();
+            if let Some(rest) = t
+                .strip_prefix("Running ")
+                .or_else(|| t.strip_prefix("Doc-tests "))
+            {
+                current = suite_name(rest);
+            }
             if let Some(rest) = line.strip_prefix("test result: ") {
                 let num = |label: &str| -> u64 {
                     rest.split(';')
@@ -391,10 +460,79 @@ impl Tally {
                         .and_then(|n| n.parse().ok())
                         .unwrap_or(0)
                 };
-                self.passed += num(" passed");
-                self.failed += num(" failed");
+                self.suites.push(Suite {
+                    name: current.clone(),
+                    passed: num(" passed"),
+                    failed: num(" failed"),
+                    broken: None,
+                });
             }
         }
-        Ok(child.wait()?.success())
+        let st = child.wait()?;
+        let failed_suites = self.suites[before..].iter().any(|s| s.failed > 0);
+        if !st.success() && !failed_suites {
+            self.suites.push(Suite {
+                name: format!("{cmd:?}"),
+                passed: 0,
+                failed: 1,
+                broken: Some(format!("exited with {st} before reporting")),
+            });
+        }
+        Ok(())
     }
+
+    /// Prints one line per suite and the total; fails if anything did.
+    fn finish(self) -> Result<()> {
+        println!();
+        println!("suite summary:");
+        for s in &self.suites {
+            match &s.broken {
+                Some(why) => println!("  {:<28} FAILED: {why}", s.name),
+                None => println!(
+                    "  {:<28} {} passed, {} failed{}",
+                    s.name,
+                    s.passed,
+                    s.failed,
+                    if s.failed > 0 { "  <--" } else { "" }
+                ),
+            }
+        }
+        let passed: u64 = self.suites.iter().map(|s| s.passed).sum();
+        let failed: u64 = self.suites.iter().map(|s| s.failed).sum();
+        println!("{passed} passed, {failed} failed");
+        if failed > 0 {
+            bail!("tests failed");
+        }
+        if passed == 0 {
+            bail!("no test ran");
+        }
+        Ok(())
+    }
+}
+
+/// `tests/accounting.rs (target/debug/deps/accounting-1234)` -> `accounting`;
+/// `unittests src/lib.rs (target/debug/deps/leaktrace-1234)` -> `leaktrace (unit)`.
+fn suite_name(running: &str) -> String {
+    let (path, bin) = match running.split_once(" (") {
+        Some((p, b)) => (p.trim(), b.trim_end_matches(')')),
+        None => (running.trim(), ""),
+    };
+    let bin = Path::new(bin)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("")
+        .rsplit_once('-')
+        .map(|(n, _)| n)
+        .unwrap_or("");
+    if let Some(p) = path.strip_prefix("unittests ") {
+        return format!("{} (unit {})", bin, p.trim());
+    }
+    if bin.is_empty() {
+        return path.to_string();
+    }
+    Path::new(path)
+        .file_stem()
+        .and_then(|n| n.to_str())
+        .map(str::to_string)
+        .unwrap_or_else(|| bin.to_string())
 }
