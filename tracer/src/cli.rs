@@ -1,7 +1,10 @@
 //! Command-line flags, parsed by clap into [`Args`], then validated into a
 //! [`Config`] the daemon runs from.
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use clap::Parser;
 
@@ -89,8 +92,12 @@ pub struct Output {
 /// reports the stacks whose outstanding bytes grow. Without a target it
 /// runs a built-in demo. Exit codes: 0 done, 2 error.
 #[derive(Debug, Parser)]
-#[command(name = "leaktrace", version, about, long_about)]
+#[command(name = "leaktrace", about, long_about, disable_version_flag = true)]
 pub struct Args {
+    /// Print the version, the commit and toolchain that built leaktrace,
+    /// and the kernel features it finds.
+    #[arg(short = 'V', long)]
+    pub version: bool,
     /// Process to trace (repeatable). Its children are traced too.
     #[arg(short = 'p', long = "pid", value_name = "PID")]
     pub pids: Vec<u32>,
@@ -238,6 +245,58 @@ pub enum ConfigError {
          .folded, .growth.folded, .svg, .growth.svg or .pb.gz, or give one -o with --format"
     )]
     UnknownOutput(String),
+    #[error("cannot write {what} {path}: {why}")]
+    Unwritable {
+        what: &'static str,
+        path: String,
+        why: String,
+    },
+}
+
+/// `dir` exists (made if missing, as it would be at the end) and this
+/// process may write into it.
+fn writable_dir(dir: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| format!("cannot create directory {}: {e}", dir.display()))?;
+    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
+        .map_err(|_| "the path has a NUL byte".to_string())?;
+    // SAFETY: a NUL-terminated path.
+    if unsafe { libc::access(c.as_ptr(), libc::W_OK) } != 0 {
+        return Err(format!(
+            "directory {} is not writable: {}",
+            dir.display(),
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+impl Config {
+    /// Check, before tracing starts, that every report can be written: a
+    /// typo in `-o` must not cost the trace.
+    pub fn check_paths(&self) -> Result<(), ConfigError> {
+        for out in &self.outputs {
+            let unwritable = |why: String| ConfigError::Unwritable {
+                what: "the report to",
+                path: out.path.display().to_string(),
+                why,
+            };
+            if out.path.is_dir() {
+                return Err(unwritable("it is a directory".into()));
+            }
+            let dir = out
+                .path
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            writable_dir(dir).map_err(unwritable)?;
+        }
+        writable_dir(&self.oom_dir).map_err(|why| ConfigError::Unwritable {
+            what: "OOM reports to --oom-dir",
+            path: self.oom_dir.display().to_string(),
+            why,
+        })
+    }
 }
 
 fn secs(flag: &'static str, value: f64, min: f64) -> Result<Duration, ConfigError> {
@@ -375,6 +434,21 @@ mod tests {
         assert!(!c.demo);
         assert!(c.interval.is_none());
         assert!(c.duration.is_none());
+    }
+
+    #[test]
+    fn unwritable_outputs_are_rejected_before_tracing() {
+        let c = parse(&["-p", "1", "-o", "/proc/leaktrace-no/x.json"]).expect("valid");
+        let e = c.check_paths().expect_err("unwritable").to_string();
+        assert!(e.contains("/proc/leaktrace-no/x.json"), "{e}");
+        let dir = std::env::temp_dir();
+        let c = parse(&["-p", "1", "-o", &dir.join("r.json").to_string_lossy()]).expect("valid");
+        let mut c = c;
+        c.oom_dir = dir.clone();
+        c.check_paths().expect("writable");
+        let c = parse(&["-p", "1", "-o", &dir.to_string_lossy(), "--format", "json"]);
+        // A directory without a trailing slash is a directory output.
+        assert!(c.is_ok());
     }
 
     #[test]

@@ -25,6 +25,62 @@ impl Counters {
             .map(|c| self.get(*c))
             .sum()
     }
+
+    /// Whether allocator entries and returns fail to pair on this kernel,
+    /// in words for the report: a nested call is rare (calloc -> malloc),
+    /// and a missed return is an accident (longjmp, attach mid-call), so
+    /// either outnumbering recorded allocations many times over means the
+    /// kernel does not deliver the return probes as expected, and the
+    /// figures are wrong. `None` when pairing looks healthy.
+    pub fn pairing_problem(&self, kernel: &str) -> Option<String> {
+        let recorded = self.get(Counter::Allocs) + self.get(Counter::FailedAllocs);
+        let worst = [
+            Counter::Nested,
+            Counter::MissingReturn,
+            Counter::MissingEntry,
+        ]
+        .into_iter()
+        .map(|c| (c, self.get(c)))
+        .max_by_key(|(_, n)| *n)?;
+        let (counter, n) = worst;
+        if n < 1000 || n < 20 * (recorded + 1) {
+            return None;
+        }
+        Some(format!(
+            "WARNING: allocator calls do not pair with their returns on this kernel (Linux \
+             {kernel}): {n} {} against {recorded} allocations recorded; the figures in this \
+             report are wrong. Please report this with the output of `leaktrace --version`",
+            counter.name()
+        ))
+    }
+}
+
+/// What a loss counter means for the figures, in a few words.
+pub fn loss_meaning(c: Counter) -> &'static str {
+    match c {
+        Counter::MissingEntry => {
+            "returns whose entry was not seen (calls already running at attach, or in a \
+             process forked mid-call): those blocks are not counted"
+        }
+        Counter::MissingReturn => {
+            "calls whose return never came (longjmp, or a return probe attached while the \
+             call ran): those blocks are not counted"
+        }
+        Counter::StaleReplaced => {
+            "blocks freed by a path leaktrace does not probe, then reused: counted as freed"
+        }
+        Counter::PendingMapFull => "calls displaced from the pending-call table: not counted",
+        Counter::AllocsMapFull => {
+            "blocks not recorded: the live-block table is full (--max-allocs)"
+        }
+        Counter::StackTotalsMapFull | Counter::StackCollision => {
+            "stacks not recorded: the stack table is full (--max-stacks)"
+        }
+        Counter::StackLost => "blocks recorded without their stack",
+        Counter::EventsLost => "memory syscalls lost: the ring buffer was full",
+        Counter::UnwindAborted => "stacks cut while being recorded: those blocks are not counted",
+        _ => "",
+    }
 }
 
 /// A recorded stack as plain data.
@@ -268,5 +324,32 @@ impl Probes {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counters(pairs: &[(Counter, u64)]) -> Counters {
+        Counters(pairs.iter().map(|(c, n)| (c.name(), *n)).collect())
+    }
+
+    #[test]
+    fn broken_pairing_is_called_out() {
+        // Debian's 6.12 with the old pairing: nearly every call "nested".
+        let c = counters(&[(Counter::Allocs, 7), (Counter::Nested, 55_696)]);
+        let p = c.pairing_problem("6.12.118").expect("a problem");
+        assert!(p.contains("55696 nested_calls against 7"), "{p}");
+        // calloc -> malloc nesting and a few calls in flight at attach.
+        let c = counters(&[
+            (Counter::Allocs, 50_000),
+            (Counter::Nested, 20_000),
+            (Counter::MissingEntry, 3),
+        ]);
+        assert_eq!(c.pairing_problem("6.18"), None);
+        // Too few events to judge.
+        let c = counters(&[(Counter::MissingReturn, 300)]);
+        assert_eq!(c.pairing_problem("6.1"), None);
     }
 }

@@ -7,6 +7,7 @@
 //! take plain types and are unit-tested without root.
 
 pub mod btf;
+pub mod cgroupfs;
 pub mod cli;
 pub mod demo;
 pub mod elf;
@@ -29,3 +30,4 @@ pub mod symbolize;
 pub mod targets;
 pub mod trend;
 pub mod unwind_table;
+pub mod version;

@@ -8,6 +8,13 @@ use leaktrace::cli::Args;
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if args.version {
+        print!(
+            "{}",
+            leaktrace::version::long_version(leaktrace::probe::EBPF_OBJECT)
+        );
+        return ExitCode::SUCCESS;
+    }
     if args.demo_target {
         leaktrace::demo::target_main();
     }

@@ -3,6 +3,8 @@
 
 use std::fs;
 
+use crate::cgroupfs::Mounts;
+
 /// One line per fact, for the OOM report's notes.
 pub fn victim_facts(pid: u32) -> Vec<String> {
     let mut out = Vec::new();
@@ -18,16 +20,19 @@ pub fn victim_facts(pid: u32) -> Vec<String> {
         }
     }
     if let Ok(text) = fs::read_to_string(format!("/proc/{pid}/cgroup")) {
+        let mounts = Mounts::current();
         for line in text.lines() {
             let mut parts = line.splitn(3, ':');
             let (_, ctrl, path) = (parts.next(), parts.next(), parts.next());
             let (Some(ctrl), Some(path)) = (ctrl, path) else {
                 continue;
             };
-            if ctrl == "memory" {
-                let dir = format!("/sys/fs/cgroup/memory{path}");
+            if ctrl.split(',').any(|c| c == "memory") {
+                let Some(dir) = mounts.v1_memory_dir(path) else {
+                    continue;
+                };
                 let read = |f: &str| {
-                    fs::read_to_string(format!("{dir}/{f}"))
+                    fs::read_to_string(dir.join(f))
                         .map(|s| s.trim().to_string())
                         .unwrap_or_else(|_| "?".into())
                 };
@@ -39,16 +44,22 @@ pub fn victim_facts(pid: u32) -> Vec<String> {
                     read("memory.failcnt")
                 ));
             } else if ctrl.is_empty() {
-                let dir = format!("/sys/fs/cgroup/unified{path}");
-                if let Ok(max) = fs::read_to_string(format!("{dir}/memory.max")) {
-                    let events = fs::read_to_string(format!("{dir}/memory.events"))
+                let Some(dir) = mounts.v2_dir(path) else {
+                    out.push(format!("cgroup {path}"));
+                    continue;
+                };
+                if let Ok(max) = fs::read_to_string(dir.join("memory.max")) {
+                    let current =
+                        fs::read_to_string(dir.join("memory.current")).unwrap_or_default();
+                    let events = fs::read_to_string(dir.join("memory.events"))
                         .unwrap_or_default()
                         .split_whitespace()
                         .collect::<Vec<_>>()
                         .join(" ");
                     out.push(format!(
-                        "cgroup {path}: memory.max {}, events: {events}",
-                        max.trim()
+                        "cgroup {path}: memory.max {}, memory.current {}, events: {events}",
+                        max.trim(),
+                        current.trim()
                     ));
                 } else {
                     out.push(format!("cgroup {path}"));

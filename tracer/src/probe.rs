@@ -13,7 +13,7 @@ use std::{
 };
 
 use aya::{
-    maps::{Array, HashMap as BpfHashMap, MapData, RingBuf},
+    maps::{Array, HashMap as BpfHashMap, MapData, ProgramArray, RingBuf},
     programs::{
         uprobe::{UProbeAttachLocation, UProbeLinkId, UProbeScope},
         Program, ProgramError, RawTracePoint, UProbe,
@@ -129,6 +129,16 @@ pub struct Attachment {
 pub enum ProbeError {
     #[error("failed to load leaktrace's eBPF programs: {0}; {1}")]
     Load(String, &'static str),
+    #[error(
+        "the kernel's verifier rejected {program} as too complex ({processed} instructions \
+         processed on Linux {kernel}, limit 1,000,000); please report this with the output \
+         of `leaktrace --version`"
+    )]
+    TooComplex {
+        program: String,
+        processed: String,
+        kernel: String,
+    },
     #[error("process {pid} does not exist (or exited); check the pid with `ps -p {pid}`")]
     NoProcess { pid: u32 },
     #[error("failed to read the memory map of process {pid}: {source}; run leaktrace as root")]
@@ -160,6 +170,10 @@ pub struct Probes {
     /// Syscall events, taken out of `ebpf` so they can be drained while the
     /// other maps are read.
     pub(crate) events: Option<RingBuf<MapData>>,
+    /// The recording chains' program arrays, held so the kernel keeps
+    /// their entries (a program array is emptied when user space closes
+    /// its last descriptor).
+    _chains: Vec<ProgramArray<MapData>>,
     /// Links per traced process, detached when it exits.
     links: HashMap<u32, Vec<(&'static str, UProbeLinkId)>>,
     /// Objects already attached per process, by (device, inode).
@@ -273,13 +287,20 @@ impl Probes {
                 Program::RawTracePoint(p) => p.load(),
                 _ => continue,
             };
-            res.map_err(|e| {
-                ProbeError::Load(
-                    format!("{name} was rejected: {}", error_chain(&e)),
-                    load_hint(&e),
-                )
-            })?;
+            res.map_err(|e| rejected(&name, &e))?;
         }
+        let chains = vec![
+            fill_chain(
+                &mut ebpf,
+                maps::CHAIN_ALLOC,
+                &tracer_common::chain::ALLOC_PROGRAMS,
+            )?,
+            fill_chain(
+                &mut ebpf,
+                maps::CHAIN_SYSCALL,
+                &tracer_common::chain::SYSCALL_PROGRAMS,
+            )?,
+        ];
         let events = match ebpf.take_map(maps::EVENTS) {
             Some(m) => Some(
                 RingBuf::try_from(m)
@@ -312,6 +333,7 @@ impl Probes {
             ebpf,
             options,
             events,
+            _chains: chains,
             links: HashMap::new(),
             attached_objects: HashMap::new(),
             elf_cache: HashMap::new(),
@@ -950,6 +972,51 @@ impl Probes {
     }
 }
 
+/// Why the kernel refused program `name`, in words a user can act on.
+fn rejected(name: &str, e: &ProgramError) -> ProbeError {
+    let chain = error_chain(e);
+    if io_error_in(e).and_then(io::Error::raw_os_error) == Some(libc::E2BIG) {
+        // "processed 1000001 insns (limit 1000000)" in the verifier's log.
+        let processed = chain
+            .split("processed ")
+            .skip(1)
+            .find_map(|rest| {
+                let n = rest.split_whitespace().next()?;
+                (rest[n.len()..].trim_start().starts_with("insns")).then(|| n.to_string())
+            })
+            .unwrap_or_else(|| "over 1,000,000".to_string());
+        return ProbeError::TooComplex {
+            program: name.to_string(),
+            processed,
+            kernel: crate::procfs::kernel_release(),
+        };
+    }
+    ProbeError::Load(format!("{name} was rejected: {chain}"), load_hint(e))
+}
+
+/// Put each stage of a recording chain in its program array.
+fn fill_chain(
+    ebpf: &mut Ebpf,
+    map: &'static str,
+    stages: &[(u32, &str)],
+) -> Result<ProgramArray<MapData>, ProbeError> {
+    let broken = |what: String| ProbeError::Load(format!("recording chain {map}: {what}"), "");
+    let mut array = ebpf
+        .take_map(map)
+        .ok_or_else(|| broken("the map is missing".into()))
+        .and_then(|m| ProgramArray::try_from(m).map_err(|e| broken(e.to_string())))?;
+    for &(stage, name) in stages {
+        let prog = ebpf
+            .program(name)
+            .ok_or_else(|| broken(format!("program {name} is missing")))?;
+        let fd = prog.fd().map_err(|e| broken(format!("{name}: {e}")))?;
+        array
+            .set(stage, fd, 0)
+            .map_err(|e| broken(format!("{name}: {e}")))?;
+    }
+    Ok(array)
+}
+
 /// The first `io::Error` in an error's source chain.
 fn io_error_in<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a io::Error> {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
@@ -978,7 +1045,11 @@ fn load_hint(e: &(dyn std::error::Error + 'static)) -> &'static str {
         Some(libc::EPERM) | Some(libc::EACCES) => {
             "run as root, or grant CAP_BPF, CAP_PERFMON and CAP_SYS_PTRACE"
         }
-        _ => "this kernel may lack BPF support for uprobes (CONFIG_BPF_EVENTS)",
+        Some(libc::EINVAL) | Some(libc::ENOENT) | Some(libc::EOPNOTSUPP) => {
+            "this kernel may lack a BPF feature leaktrace needs (see `leaktrace --version` for \
+             what it found; Linux 5.15 or newer with BTF is required)"
+        }
+        _ => "see `leaktrace --version` for the kernel features leaktrace found",
     }
 }
 

@@ -168,6 +168,13 @@ pub fn all_pids() -> Vec<u32> {
         .collect()
 }
 
+/// The running kernel's release (`uname -r`), or `unknown`.
+pub fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -86,6 +86,8 @@ struct Session {
     /// The Go runtime's own figures per process at the latest sample
     /// (those at attach are the target's).
     go_figures: HashMap<u32, (Instant, GoFigures)>,
+    /// Whether the pairing self-check has already warned on stderr.
+    pairing_warned: bool,
 }
 
 impl Session {
@@ -382,6 +384,12 @@ impl Session {
         self.ledger
             .ingest(self.started.elapsed().as_secs_f64(), &rows);
         self.counters = reading.counters;
+        if !self.pairing_warned {
+            if let Some(problem) = self.counters.pairing_problem(&procfs::kernel_release()) {
+                eprintln!("leaktrace: {problem}");
+                self.pairing_warned = true;
+            }
+        }
         Ok(())
     }
 
@@ -572,13 +580,23 @@ impl Session {
 
     fn report_top(&mut self, cfg: &Config, top: usize) -> Report {
         let mut notes = Vec::new();
+        if let Some(problem) = self.counters.pairing_problem(&procfs::kernel_release()) {
+            notes.push(problem);
+        }
         let lost: Vec<String> = Counter::ALL
             .iter()
             .filter(|c| c.is_loss() && self.counters.get(**c) > 0)
-            .map(|c| format!("{} {}", self.counters.get(*c), c.name()))
+            .map(|c| {
+                format!(
+                    "{} {} ({})",
+                    self.counters.get(*c),
+                    c.name(),
+                    crate::events::loss_meaning(*c)
+                )
+            })
             .collect();
         if !lost.is_empty() {
-            notes.push(format!("events lost: {}", lost.join(", ")));
+            notes.push(format!("events lost: {}", lost.join("; ")));
         }
         if self.regions.dropped() > 0 {
             notes.push(format!(
@@ -741,6 +759,14 @@ fn raise_fd_limit() {
 }
 
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    // What needs no privilege first: a typo must not wait for a trace.
+    cfg.check_paths()?;
+    let mut pids = Vec::new();
+    for &pid in &cfg.pids {
+        // A thread id names its process.
+        let tgid = procfs::tgid(pid).ok_or(ProbeError::NoProcess { pid })?;
+        pids.push(tgid);
+    }
     preflight::check()?;
     // Handlers first: once "attached" is printed, Ctrl-C must give a report.
     let mut sigterm = signal(SignalKind::terminate()).context("failed to handle SIGTERM")?;
@@ -749,11 +775,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 
     let mut demo = if cfg.demo { Some(spawn_demo()?) } else { None };
     let selector = Selector::new(&cfg.comms, &cfg.cgroups);
-    let mut pids = Vec::new();
-    for &pid in &cfg.pids {
-        // A thread id names its process.
-        let tgid = procfs::tgid(pid).ok_or(ProbeError::NoProcess { pid })?;
-        pids.push(tgid);
+    for missing in selector.missing_cgroups() {
+        eprintln!(
+            "leaktrace: cgroup {missing} does not exist under any cgroup mount; waiting for it \
+             to appear"
+        );
     }
     if let Some(d) = &demo {
         pids.push(d.0.id());
@@ -819,6 +845,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         go_buckets: HashMap::new(),
         allocator_stacks: HashMap::new(),
         go_figures: HashMap::new(),
+        pairing_warned: false,
     };
     let mut first_err = None;
     for &pid in &pids {

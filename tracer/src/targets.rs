@@ -4,6 +4,8 @@
 
 use std::fs;
 
+use crate::cgroupfs::Mounts;
+
 /// What the user asked to trace.
 #[derive(Clone, Debug, Default)]
 pub struct Selector {
@@ -17,12 +19,26 @@ const TASK_COMM_LEN: usize = 15;
 
 impl Selector {
     /// Build from `--comm` and `--cgroup` values. Cgroup arguments may be
-    /// mount paths (`/sys/fs/cgroup/memory/app`) or hierarchy paths (`/app`).
+    /// directories under any cgroup mount (`/sys/fs/cgroup/memory/app`,
+    /// `/sys/fs/cgroup/app` on a v2 root) or hierarchy paths (`/app`).
     pub fn new(comms: &[String], cgroups: &[String]) -> Self {
+        let mounts = Mounts::current();
         Self {
             comms: comms.to_vec(),
-            cgroups: cgroups.iter().map(|c| cgroup_relative(c)).collect(),
+            cgroups: cgroups.iter().map(|c| mounts.relative(c)).collect(),
         }
+    }
+
+    /// The `--cgroup` paths that do not exist (yet) under any cgroup mount:
+    /// traced when they appear, but worth a word, since a typo traces
+    /// nothing.
+    pub fn missing_cgroups(&self) -> Vec<String> {
+        let mounts = Mounts::current();
+        self.cgroups
+            .iter()
+            .filter(|c| !mounts.exists(c))
+            .cloned()
+            .collect()
     }
 
     /// Whether the selector names anything beyond explicit pids: then the
@@ -62,30 +78,6 @@ pub fn comm_matches(wanted: &str, comm: &str) -> bool {
     w == comm.as_bytes()
 }
 
-/// Strip a cgroup mount prefix: `/sys/fs/cgroup/memory/app` -> `/app`,
-/// `/sys/fs/cgroup/unified/app` -> `/app`, `/sys/fs/cgroup/app` -> `/app`.
-pub fn cgroup_relative(path: &str) -> String {
-    let p = path.trim_end_matches('/');
-    let rel = if let Some(rest) = p.strip_prefix("/sys/fs/cgroup") {
-        let rest = rest.trim_start_matches('/');
-        // v1 controllers and the v2 "unified" mount sit one level down.
-        let first = rest.split('/').next().unwrap_or("");
-        let is_mount = std::path::Path::new("/sys/fs/cgroup")
-            .join(first)
-            .join("cgroup.procs")
-            .exists()
-            && !std::path::Path::new("/sys/fs/cgroup/cgroup.procs").exists();
-        if is_mount || matches!(first, "memory" | "cpu" | "pids" | "unified" | "systemd") {
-            rest.split_once('/').map(|(_, r)| r).unwrap_or("")
-        } else {
-            rest
-        }
-    } else {
-        p.trim_start_matches('/')
-    };
-    format!("/{rel}")
-}
-
 /// Paths from `/proc/PID/cgroup` (`ID:controllers:path` per line).
 pub fn parse_proc_cgroup(text: &str) -> Vec<String> {
     text.lines()
@@ -110,14 +102,6 @@ mod tests {
         assert!(comm_matches("nginx", "nginx"));
         assert!(comm_matches("very-long-worker-name", "very-long-worke"));
         assert!(!comm_matches("nginx", "nginx2"));
-    }
-
-    #[test]
-    fn cgroup_paths_normalise() {
-        assert_eq!(cgroup_relative("/sys/fs/cgroup/memory/app/"), "/app");
-        assert_eq!(cgroup_relative("/sys/fs/cgroup/unified/a/b"), "/a/b");
-        assert_eq!(cgroup_relative("/app"), "/app");
-        assert_eq!(cgroup_relative("app"), "/app");
     }
 
     #[test]
