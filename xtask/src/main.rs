@@ -9,6 +9,8 @@
 //!   when needed). Without `-p`, leaktrace runs its built-in demo.
 //! - `test`: formatting, clippy, unit tests, then the privileged end-to-end
 //!   suite against real processes.
+//! - `vm --kernel 6.1|6.12|all -- CMD`: run CMD under Debian's stock
+//!   kernels in QEMU over the host's root filesystem (see `vm.rs`).
 
 use std::{
     env,
@@ -22,6 +24,7 @@ use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod vm;
 
 #[derive(Parser)]
 #[command(name = "xtask")]
@@ -58,6 +61,9 @@ enum Cmd {
         #[arg(long, default_value_t = 5)]
         reps: usize,
     },
+    /// Run a command under Debian's stock kernels in QEMU (TCG), over the
+    /// host's root filesystem; prints one line per kernel.
+    Vm(vm::VmArgs),
 }
 
 /// Debian packages the end-to-end suite needs.
@@ -101,6 +107,7 @@ fn run(cli: Cli) -> Result<()> {
             test(filter.as_deref())
         }
         Cmd::Bench { reps } => bench::bench(reps),
+        Cmd::Vm(args) => vm::main(&args),
     }
 }
 
