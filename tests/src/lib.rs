@@ -595,3 +595,82 @@ impl Drop for GoDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// A fresh memory cgroup for a test, removed on drop (once its processes
+/// are gone): under the v1 memory controller where one is mounted (hybrid
+/// hosts), else under the cgroup v2 root (modern distributions, the VM
+/// matrix), with the memory controller enabled for its children.
+pub struct TestCgroup {
+    pub dir: PathBuf,
+    pub v2: bool,
+}
+
+/// Mount points of the v1 memory controller and of cgroup v2.
+fn cgroup_mounts() -> (Option<PathBuf>, Option<PathBuf>) {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let (mut v1, mut v2) = (None, None);
+    for line in info.lines() {
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        let point = left.split_whitespace().nth(4).map(PathBuf::from);
+        let mut r = right.split_whitespace();
+        let (fstype, opts) = (r.next(), r.nth(1).unwrap_or(""));
+        match fstype {
+            Some("cgroup") if opts.split(',').any(|o| o == "memory") => v1 = v1.or(point),
+            Some("cgroup2") => v2 = v2.or(point),
+            _ => {}
+        }
+    }
+    (v1, v2)
+}
+
+impl TestCgroup {
+    /// A cgroup named `name`, limited to `limit` bytes when given.
+    pub fn new(name: &str, limit: Option<u64>) -> Self {
+        let (v1, v2) = cgroup_mounts();
+        let (root, is_v2) = match (v1, v2) {
+            (Some(v1), _) => (v1, false),
+            (None, Some(v2)) => (v2, true),
+            (None, None) => panic!("no memory cgroup hierarchy is mounted"),
+        };
+        if is_v2 {
+            // Children of the root get a memory controller only if asked.
+            let _ = std::fs::write(root.join("cgroup.subtree_control"), "+memory");
+        }
+        let dir = root.join(name);
+        std::fs::create_dir_all(&dir)
+            .unwrap_or_else(|e| panic!("failed to create cgroup {}: {e}", dir.display()));
+        if let Some(limit) = limit {
+            let (file, swap) = if is_v2 {
+                ("memory.max", "memory.swap.max")
+            } else {
+                ("memory.limit_in_bytes", "memory.swappiness")
+            };
+            std::fs::write(dir.join(file), limit.to_string())
+                .unwrap_or_else(|e| panic!("failed to limit {}: {e}", dir.display()));
+            // No swap, so the kill is deterministic.
+            let _ = std::fs::write(dir.join(swap), "0");
+        }
+        Self { dir, v2: is_v2 }
+    }
+
+    pub fn add(&self, pid: u32) {
+        std::fs::write(self.dir.join("cgroup.procs"), pid.to_string())
+            .unwrap_or_else(|e| panic!("failed to move {pid} into {}: {e}", self.dir.display()));
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        // Processes may take a moment to leave (workers die with their
+        // master a moment later).
+        for _ in 0..100 {
+            if std::fs::remove_dir(&self.dir).is_ok() || !self.dir.exists() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        eprintln!("warning: could not remove cgroup {}", self.dir.display());
+    }
+}

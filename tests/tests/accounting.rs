@@ -23,7 +23,6 @@
 
 use std::{
     collections::BTreeMap,
-    path::PathBuf,
     process::Command,
     sync::{OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard},
     time::Duration,
@@ -31,7 +30,7 @@ use std::{
 
 use leaktrace_tests::{
     fixture, functions, leaktrace_bin, require_bpf, stacks_from, stacks_through, sum, Fixture,
-    Guard, Tracer,
+    Guard, TestCgroup, Tracer,
 };
 use serde_json::Value;
 
@@ -284,36 +283,6 @@ enum Select {
     Cgroup,
 }
 
-/// A fresh v1 memory cgroup, removed on drop (once its processes are gone).
-struct TestCgroup(PathBuf);
-
-impl TestCgroup {
-    fn new(name: &str) -> Self {
-        let dir = PathBuf::from("/sys/fs/cgroup/memory").join(name);
-        std::fs::create_dir_all(&dir)
-            .unwrap_or_else(|e| panic!("failed to create cgroup {}: {e}", dir.display()));
-        Self(dir)
-    }
-
-    fn add(&self, pid: u32) {
-        std::fs::write(self.0.join("cgroup.procs"), pid.to_string())
-            .unwrap_or_else(|e| panic!("failed to move {pid} into {}: {e}", self.0.display()));
-    }
-}
-
-impl Drop for TestCgroup {
-    fn drop(&mut self) {
-        // Workers die with their master (PR_SET_PDEATHSIG), a moment later.
-        for _ in 0..100 {
-            if std::fs::remove_dir(&self.0).is_ok() || !self.0.exists() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        eprintln!("warning: could not remove cgroup {}", self.0.display());
-    }
-}
-
 /// "worker PID SLOT forked" -> (pid, slot).
 fn forked(line: &str) -> (u32, usize) {
     let w: Vec<&str> = line.split_whitespace().collect();
@@ -404,15 +373,19 @@ fn workers_are_followed(select: Select) {
         Select::Cgroup => "lt-wk-cgroup",
     };
     // Declared before the fixture, so it is removed after the processes.
-    let cgroup = (select == Select::Cgroup)
-        .then(|| TestCgroup::new(&format!("leaktrace-test-workers-{}", std::process::id())));
+    let cgroup = (select == Select::Cgroup).then(|| {
+        TestCgroup::new(
+            &format!("leaktrace-test-workers-{}", std::process::id()),
+            None,
+        )
+    });
     let mut fx = Fixture::start(&fixture("forking_master"), &[name]);
     let master = fx.pid();
     let master_s = master.to_string();
     let common = ["-i", "0", "--format", "json", "-n", "1000"];
     let cgroup_path = cgroup
         .as_ref()
-        .map(|c| c.0.display().to_string())
+        .map(|c| c.dir.display().to_string())
         .unwrap_or_default();
     if let Some(c) = &cgroup {
         c.add(master);

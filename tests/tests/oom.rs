@@ -4,33 +4,9 @@
 
 use std::path::PathBuf;
 
-use leaktrace_tests::{compile_c_fixture, functions, require_bpf, Fixture, Tracer};
+use leaktrace_tests::{compile_c_fixture, functions, require_bpf, Fixture, TestCgroup, Tracer};
 
 const LIMIT: u64 = 64 << 20;
-
-/// A v1 memory cgroup with a limit, removed on drop.
-struct Cgroup(PathBuf);
-
-impl Cgroup {
-    fn new(name: &str) -> Option<Self> {
-        let dir = PathBuf::from("/sys/fs/cgroup/memory").join(name);
-        std::fs::create_dir_all(&dir).ok()?;
-        std::fs::write(dir.join("memory.limit_in_bytes"), LIMIT.to_string()).ok()?;
-        // No swap here, but keep the kill deterministic where there is.
-        let _ = std::fs::write(dir.join("memory.swappiness"), "0");
-        Some(Self(dir))
-    }
-
-    fn add(&self, pid: u32) {
-        std::fs::write(self.0.join("cgroup.procs"), pid.to_string()).expect("join cgroup");
-    }
-}
-
-impl Drop for Cgroup {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir(&self.0);
-    }
-}
 
 #[test]
 fn oom_kill_leaves_a_report_naming_the_leak() {
@@ -41,8 +17,10 @@ fn oom_kill_leaves_a_report_naming_the_leak() {
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).expect("tmp dir");
     let bin = compile_c_fixture("oom_hoard", &tmp);
-    let cg = Cgroup::new(&format!("leaktrace-test-oom-{}", std::process::id()))
-        .expect("a v1 memory cgroup (/sys/fs/cgroup/memory)");
+    let cg = TestCgroup::new(
+        &format!("leaktrace-test-oom-{}", std::process::id()),
+        Some(LIMIT),
+    );
     let mut fx = Fixture::start(&bin, &[]);
     cg.add(fx.pid());
     let pid = fx.pid().to_string();
@@ -83,7 +61,8 @@ fn oom_kill_leaves_a_report_naming_the_leak() {
     assert_eq!(r["targets"][0]["pid"].as_u64(), Some(fx.pid() as u64));
     assert_eq!(r["targets"][0]["status"], "oom-killed");
     let notes = r["notes"].to_string();
-    assert!(notes.contains("memory cgroup"), "no cgroup facts: {notes}");
+    let facts = if cg.v2 { "memory.max" } else { "memory cgroup" };
+    assert!(notes.contains(facts), "no cgroup facts: {notes}");
     let top = &r["stacks"][0];
     assert!(
         functions(top).iter().any(|f| f == "hoard_sessions"),

@@ -125,3 +125,15 @@ pub fn next<C: EbpfContext>(ctx: &C, slot: u32, stage: u32) {
 pub fn start<C: EbpfContext>(ctx: &C, slot: u32) {
     next(ctx, slot, chain::NATIVE)
 }
+
+/// The array slot a length field names, masked where it is used: `*len &
+/// (capacity - 1)` (capacity a power of two), read so LLVM cannot prove
+/// the mask redundant after the caller's own bounds check and drop it.
+/// Linux 6.1's verifier loses that check when the index is spilled to the
+/// stack before it and reloaded after (newer ones carry it through).
+#[inline(always)]
+pub fn slot(len: &u32, capacity: usize) -> usize {
+    // SAFETY: a plain read of a field the caller holds a reference to.
+    let v = unsafe { core::ptr::read_volatile(len) };
+    v as usize & (capacity - 1)
+}

@@ -32,7 +32,8 @@ use aya_ebpf::{
 };
 use tracer_common::{chain, py_flags, py_stop, PyProc, MAX_PY_FRAMES};
 
-use crate::chain::{self as stages, Job};
+use crate::chain::{self as stages, slot, Job};
+const _: () = assert!(MAX_PY_FRAMES.is_power_of_two());
 
 #[map]
 pub static PY_PROCS: HashMap<u32, PyProc> = HashMap::with_max_entries(1 << 11, 0);
@@ -152,7 +153,7 @@ fn walk_one(job: &mut Job) -> Option<u32> {
         };
         ptr.wrapping_sub(code.wrapping_add(p.code_bytecode as u64)) as u32
     };
-    let i = i & (MAX_PY_FRAMES - 1);
+    let i = slot(&job.buf.py_len, MAX_PY_FRAMES);
     job.buf.py_code[i] = code;
     job.buf.py_instr[i] = instr;
     if entry {

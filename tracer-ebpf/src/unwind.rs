@@ -29,13 +29,13 @@ use tracer_common::{
 };
 
 use crate::{
-    chain::{self as stages, Job},
+    chain::{self as stages, slot, Job},
     counters::count,
 };
 
 /// Native frames walked per run of the native stage.
 const FRAMES_PER_STEP: usize = 8;
-const _: () = assert!(MAX_FRAMES.is_power_of_two() && MAX_FRAMES / FRAMES_PER_STEP <= 64);
+const _: () = assert!(MAX_FRAMES.is_power_of_two() && MAX_FRAMES / FRAMES_PER_STEP <= 16);
 
 #[map]
 pub static UNWIND_ROWS: Array<UnwindRow> = Array::with_max_entries(1 << 21, 0);
@@ -141,7 +141,9 @@ fn find_map(maps: &ProcMaps, pc: u64) -> Option<(u64, u32, u32)> {
     }
     // Laundered: the loop's exits then reach what follows as one state.
     let i = launder(lo).checked_sub(1)?;
-    let m = maps.maps.get(i as usize & (MAX_PROC_MAPS - 1))?;
+    // Laundered again: the mask must stay where the index is used (see
+    // `slot`).
+    let m = maps.maps.get(launder(i) as usize & (MAX_PROC_MAPS - 1))?;
     if pc >= m.end {
         return None;
     }
@@ -338,7 +340,7 @@ fn walk_one(job: &mut Job) -> bool {
         job.why = stop::COMPLETE;
         return true;
     }
-    job.buf.ips[i & (MAX_FRAMES - 1)] = pc;
+    job.buf.ips[slot(&job.buf.len, MAX_FRAMES)] = pc;
     job.buf.len = i as u32 + 1;
     let (rule, row) = rule_for(job.tgid, job.epoch, pc);
     let step = match rule {
@@ -374,10 +376,17 @@ fn walk_one(job: &mut Job) -> bool {
 /// Stage `NATIVE`: a few frames, then this stage again or the next one.
 #[inline(always)]
 fn native_step<C: EbpfContext>(ctx: &C, slot: u32) {
-    let Some(job) = stages::job(slot) else {
+    if stages::job(slot).is_none() {
         return;
-    };
+    }
     for _ in 0..FRAMES_PER_STEP {
+        // Looked up again for every frame: nothing of the frame before
+        // stays in a register, so each frame starts from the same
+        // verifier state and the cost adds up instead of multiplying
+        // (Linux 6.1 went over the limit with 8 frames otherwise).
+        let Some(job) = stages::claim(slot) else {
+            return;
+        };
         if walk_one(job) {
             job.buf.stop = job.why;
             return stages::next(ctx, slot, chain::PYTHON);

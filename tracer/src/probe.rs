@@ -139,6 +139,16 @@ pub enum ProbeError {
         processed: String,
         kernel: String,
     },
+    #[error(
+        "the kernel's verifier rejected {program} on Linux {kernel}: {why}; please report \
+         this with the output of `leaktrace --version` (LEAKTRACE_LOG=debug shows the \
+         verifier's whole log)"
+    )]
+    Rejected {
+        program: String,
+        kernel: String,
+        why: String,
+    },
     #[error("process {pid} does not exist (or exited); check the pid with `ps -p {pid}`")]
     NoProcess { pid: u32 },
     #[error("failed to read the memory map of process {pid}: {source}; run leaktrace as root")]
@@ -991,6 +1001,23 @@ fn rejected(name: &str, e: &ProgramError) -> ProbeError {
             kernel: crate::procfs::kernel_release(),
         };
     }
+    if let Some((_, log)) = chain.split_once("Verifier output:") {
+        log::debug!("verifier log of {name}:\n{log}");
+        // The verifier's reason is the last line before its statistics.
+        let why = log
+            .lines()
+            .map(str::trim)
+            .take_while(|l| !l.starts_with("verification time"))
+            .filter(|l| !l.is_empty())
+            .last()
+            .unwrap_or("no reason given")
+            .to_string();
+        return ProbeError::Rejected {
+            program: name.to_string(),
+            kernel: crate::procfs::kernel_release(),
+            why,
+        };
+    }
     ProbeError::Load(format!("{name} was rejected: {chain}"), load_hint(e))
 }
 
@@ -1047,7 +1074,7 @@ fn load_hint(e: &(dyn std::error::Error + 'static)) -> &'static str {
         }
         Some(libc::EINVAL) | Some(libc::ENOENT) | Some(libc::EOPNOTSUPP) => {
             "this kernel may lack a BPF feature leaktrace needs (see `leaktrace --version` for \
-             what it found; Linux 5.15 or newer with BTF is required)"
+             what it found; Linux 5.8 or newer with BTF is required)"
         }
         _ => "see `leaktrace --version` for the kernel features leaktrace found",
     }

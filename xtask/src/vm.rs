@@ -496,6 +496,10 @@ fn ensure_kernel(spec: &KernelSpec) -> Result<KernelImage> {
     prepare_kernel(&package, &version, &staged)?;
     if read_ready(&dir).is_none() {
         let _ = fs::remove_dir_all(&dir);
+        if let Some(parent) = dir.parent() {
+            fs::create_dir_all(parent)
+                .with_context(|| format!("failed to create {}", parent.display()))?;
+        }
         // Losing a race to another run is fine: its copy is as good.
         let _ = fs::rename(&staged, &dir);
     }
