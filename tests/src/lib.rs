@@ -530,8 +530,8 @@ impl Go {
     /// Build the one-file program `src` as `name` in a fresh temporary
     /// directory (own GOPATH; no network), with extra `go build` flags
     /// (`-ldflags=-s -w` strips the symbol table and DWARF) and with or
-    /// without cgo. A downloaded toolchain keeps its build cache next to
-    /// it, so its standard library is compiled once per version.
+    /// without cgo. Each toolchain keeps its build cache under
+    /// `target/go-toolchains`, so its standard library is compiled once.
     pub fn build(
         &self,
         tag: &str,
@@ -548,9 +548,12 @@ impl Go {
         std::fs::write(dir.0.join("go.mod"), format!("module {name}\n\ngo 1.19\n"))
             .expect("write go.mod");
         let bin = dir.0.join(name);
+        // The distribution's Go caches beside the downloaded ones: a later
+        // run (and the VM matrix, over the host's files) finds its
+        // standard library compiled.
         let gocache = match &self.goroot {
             Some(root) => root.with_file_name("gocache"),
-            None => dir.0.join("gocache"),
+            None => target_dir().join("go-toolchains/installed/gocache"),
         };
         let out = self
             .command()

@@ -24,6 +24,7 @@ use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod matrix;
 mod vm;
 
 #[derive(Parser)]
@@ -53,6 +54,10 @@ enum Cmd {
     Test {
         /// Only run tests whose name contains this.
         filter: Option<String>,
+        /// Skip the kernel matrix (the subset run again under Debian's
+        /// 6.1 and 6.12 kernels in VMs).
+        #[arg(long)]
+        no_vm: bool,
     },
     /// Measure what tracing costs (microbenchmark, nginx, bcc memleak,
     /// footprint); prints a table and writes docs/benchmarks.md.
@@ -102,9 +107,9 @@ fn run(cli: Cli) -> Result<()> {
             build(release)?;
             run_leaktrace(release, &args)
         }
-        Cmd::Test { filter } => {
+        Cmd::Test { filter, no_vm } => {
             setup(true)?;
-            test(filter.as_deref())
+            test(filter.as_deref(), !no_vm)
         }
         Cmd::Bench { reps } => bench::bench(reps),
         Cmd::Vm(args) => vm::main(&args),
@@ -358,7 +363,7 @@ fn run_leaktrace(release: bool, args: &[OsString]) -> Result<()> {
 
 /// Every suite runs, whatever happened to the ones before, and the end
 /// says which failed: a failure never hides the state of the rest.
-fn test(filter: Option<&str>) -> Result<()> {
+fn test(filter: Option<&str>, vms: bool) -> Result<()> {
     let mut tally = Tally::default();
     tally.check(
         "fmt",
@@ -398,6 +403,16 @@ fn test(filter: Option<&str>) -> Result<()> {
         e2e.arg(f);
     }
     tally.run(&mut e2e)?;
+    if vms {
+        match matrix::commands(&leaktrace_bin(false), filter) {
+            Ok(commands) => {
+                for mut c in commands {
+                    tally.run(&mut c)?;
+                }
+            }
+            Err(e) => tally.broken("kernel matrix", format!("{e:#}")),
+        }
+    }
     tally.finish()
 }
 
@@ -433,6 +448,15 @@ impl Tally {
         });
     }
 
+    fn broken(&mut self, name: &str, why: String) {
+        self.suites.push(Suite {
+            name: name.to_string(),
+            passed: 0,
+            failed: 1,
+            broken: Some(why),
+        });
+    }
+
     fn run(&mut self, cmd: &mut Command) -> Result<()> {
         use std::io::{BufRead as _, BufReader};
         // One pipe for both streams, so cargo's `Running tests/x.rs` (on
@@ -452,6 +476,8 @@ impl Tally {
         for line in BufReader::new(reader).lines() {
             let line = line?;
             println!("{line}");
+            // A VM's serial console ends its lines with "\r\n".
+            let line = line.trim_end_matches('\r');
             let t = line.trim_start();
             if let Some(rest) = t
                 .strip_prefix("Running ")
@@ -494,9 +520,9 @@ impl Tally {
         println!("suite summary:");
         for s in &self.suites {
             match &s.broken {
-                Some(why) => println!("  {:<28} FAILED: {why}", s.name),
+                Some(why) => println!("  {:<34} FAILED: {why}", s.name),
                 None => println!(
-                    "  {:<28} {} passed, {} failed{}",
+                    "  {:<34} {} passed, {} failed{}",
                     s.name,
                     s.passed,
                     s.failed,
@@ -520,6 +546,15 @@ impl Tally {
 /// `tests/accounting.rs (target/debug/deps/accounting-1234)` -> `accounting`;
 /// `unittests src/lib.rs (target/debug/deps/leaktrace-1234)` -> `leaktrace (unit)`.
 fn suite_name(running: &str) -> String {
+    // The kernel matrix labels its suites itself (`vm-6.1/native`).
+    if running.starts_with("vm-") {
+        return running
+            .split_once(" (")
+            .map(|(p, _)| p)
+            .unwrap_or(running)
+            .trim()
+            .to_string();
+    }
     let (path, bin) = match running.split_once(" (") {
         Some((p, b)) => (p.trim(), b.trim_end_matches(')')),
         None => (running.trim(), ""),
@@ -542,4 +577,25 @@ fn suite_name(running: &str) -> String {
         .and_then(|n| n.to_str())
         .map(str::to_string)
         .unwrap_or_else(|| bin.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::suite_name;
+
+    #[test]
+    fn suites_are_named_by_their_binary() {
+        assert_eq!(
+            suite_name("tests/accounting.rs (target/debug/deps/accounting-eb8d0dd2088341fe)"),
+            "accounting"
+        );
+        assert_eq!(
+            suite_name("unittests src/lib.rs (target/debug/deps/leaktrace-1234)"),
+            "leaktrace (unit src/lib.rs)"
+        );
+        assert_eq!(
+            suite_name("vm-6.1/native (/w/target/debug/deps/native-1234)"),
+            "vm-6.1/native"
+        );
+    }
 }
