@@ -44,6 +44,74 @@ fn nonexistent_pid() {
     assert_error(&out, &format!("process {pid} does not exist"));
 }
 
+/// A bad pid is named before anything needs root, so this runs as anyone.
+#[test]
+fn nonexistent_pid_needs_no_privilege() {
+    let pid = unused_pid().to_string();
+    // As root, as CI runs, drop to nobody without capabilities first.
+    // SAFETY: geteuid has no preconditions.
+    let out = if unsafe { libc::geteuid() } == 0 {
+        Tracer::spawn_cmd(
+            Command::new("setpriv")
+                .args([
+                    "--reuid=65534",
+                    "--regid=65534",
+                    "--clear-groups",
+                    "--inh-caps=-all",
+                    "--bounding-set=-all",
+                ])
+                .arg(leaktrace_bin())
+                .args(["-p", &pid]),
+        )
+        .finish()
+    } else {
+        Tracer::spawn(&["-p", &pid]).finish()
+    };
+    assert_error(&out, &format!("process {pid} does not exist"));
+}
+
+/// An output that cannot be written is refused before tracing starts, not
+/// after the whole trace.
+#[test]
+fn unwritable_output_is_refused_before_tracing() {
+    if !require_bpf("unwritable_output_is_refused_before_tracing") {
+        return;
+    }
+    let fx = Fixture::start(&fixture("leaky"), &[]);
+    let out = Tracer::spawn(&[
+        "-p",
+        &fx.pid().to_string(),
+        "-d",
+        "30",
+        "-o",
+        "/proc/leaktrace-nowhere/report.json",
+    ])
+    .finish();
+    assert_error(&out, "/proc/leaktrace-nowhere/report.json");
+    assert!(
+        !out.stderr.contains("attached to"),
+        "traced before refusing: {out:?}"
+    );
+}
+
+/// A `--cgroup` that does not exist is named (a typo would trace nothing),
+/// and leaktrace waits for it.
+#[test]
+fn missing_cgroup_is_named() {
+    if !require_bpf("missing_cgroup_is_named") {
+        return;
+    }
+    let mut t = Tracer::spawn(&["--cgroup", "/leaktrace-no-such-cgroup", "-d", "2"]);
+    let line = t.wait_stderr("does not exist", std::time::Duration::from_secs(30));
+    assert!(
+        line.as_deref()
+            .is_some_and(|l| l.contains("/leaktrace-no-such-cgroup") && l.contains("waiting")),
+        "{line:?}"
+    );
+    let out = t.finish();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+}
+
 #[test]
 fn not_root() {
     if !require_bpf("not_root") {

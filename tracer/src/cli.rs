@@ -291,6 +291,11 @@ impl Config {
                 .unwrap_or(Path::new("."));
             writable_dir(dir).map_err(unwritable)?;
         }
+        // The default (the working directory) is only a default: an OOM
+        // report that cannot be written there is said when it happens.
+        if self.oom_dir == Path::new(".") {
+            return Ok(());
+        }
         writable_dir(&self.oom_dir).map_err(|why| ConfigError::Unwritable {
             what: "OOM reports to --oom-dir",
             path: self.oom_dir.display().to_string(),

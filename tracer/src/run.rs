@@ -759,8 +759,8 @@ fn raise_fd_limit() {
 }
 
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
-    // What needs no privilege first: a typo must not wait for a trace.
-    cfg.check_paths()?;
+    // A bad pid is named whoever runs leaktrace; then the privilege; then
+    // the outputs, before tracing starts: a typo must not cost the trace.
     let mut pids = Vec::new();
     for &pid in &cfg.pids {
         // A thread id names its process.
@@ -768,6 +768,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         pids.push(tgid);
     }
     preflight::check()?;
+    cfg.check_paths()?;
     // Handlers first: once "attached" is printed, Ctrl-C must give a report.
     let mut sigterm = signal(SignalKind::terminate()).context("failed to handle SIGTERM")?;
     let mut sigint = signal(SignalKind::interrupt()).context("failed to handle SIGINT")?;

@@ -86,6 +86,18 @@ const TEST_PACKAGES: &[&str] = &[
 ];
 
 fn main() -> ExitCode {
+    // `cargo install` puts bpf-linker in CARGO_HOME/bin, which a fresh
+    // CARGO_HOME leaves off PATH: the eBPF build and the checks here must
+    // find it there.
+    let bin = cargo_home().join("bin");
+    let path = env::var_os("PATH").unwrap_or_default();
+    if !env::split_paths(&path).any(|p| p == bin) {
+        let joined = env::join_paths(std::iter::once(bin).chain(env::split_paths(&path)));
+        if let Ok(joined) = joined {
+            // SAFETY: single-threaded here, before anything else runs.
+            unsafe { env::set_var("PATH", joined) };
+        }
+    }
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

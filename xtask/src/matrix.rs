@@ -80,9 +80,15 @@ fn script(line: &str, bins: &[(String, PathBuf)], filter: Option<&str>) -> Resul
             .find(|(n, _)| n == bin)
             .map(|(_, e)| e)
             .with_context(|| format!("no test binary {bin}"))?;
+        // The verifier test prints each program's figure on this kernel.
+        let show = if *bin == "verifier" {
+            " --nocapture"
+        } else {
+            ""
+        };
         s.push_str(&format!(
             "echo '     Running vm-{line}/{bin} ({})'\n\
-             {} {test} --exact --test-threads=1 || rc=1\n",
+             {} {test} --exact --test-threads=1{show} || rc=1\n",
             exe.display(),
             exe.display()
         ));
