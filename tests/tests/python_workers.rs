@@ -47,7 +47,8 @@ fn stacks_at<'a>(r: &'a Value, function: &str, line: u64) -> Vec<&'a Value> {
 }
 
 fn summary(r: &Value) -> String {
-    r["stacks"]
+    let head = format!("counters {}\nnotes {}\n", r["counters"], r["notes"]);
+    head + &r["stacks"]
         .as_array()
         .expect("stacks")
         .iter()
@@ -61,7 +62,7 @@ fn summary(r: &Value) -> String {
                 functions(s).iter().take(8).collect::<Vec<_>>()
             )
         })
-        .collect()
+        .collect::<String>()
 }
 
 fn check_pool(test: &str, python: &str) {
@@ -107,6 +108,10 @@ fn check_pool(test: &str, python: &str) {
     assert!(out.status.success(), "{test}: leaktrace failed: {out:?}");
     let r = out.json();
     let all = summary(&r);
+    eprintln!(
+        "{test}: {}",
+        all.lines().take(2).collect::<Vec<_>>().join("; ")
+    );
 
     // The leak: the top stack, one row for the four workers.
     let leak_line = line_of("# LEAK");

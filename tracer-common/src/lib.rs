@@ -231,11 +231,21 @@ pub struct PendingCall {
     /// already the kernel's return trampoline); with the same word it is a
     /// new call from the same site, and this record is stale.
     pub ret_addr: u64,
+    /// The last call recorded from this slot: its thread, and the stack
+    /// pointer and address its return came back with. Some kernels (6.1
+    /// and 6.12 do, 6.18 does not) run every return consumer of a uprobe for every return (one
+    /// per traced process sharing the object), so the same return comes
+    /// again once per other traced process; those runs are told from a
+    /// return whose entry was never seen.
+    pub done_sp: u64,
+    pub done_ip: u64,
+    pub done_tid: u32,
+    pub _pad0: u32,
     /// Pads a slot to two cache lines, so threads with consecutive ids
     /// (a pool started together) never share a line: with 48-byte slots
     /// two threads allocating at full speed spent ~90 ns per call
     /// bouncing one.
-    pub _pad: [u64; 9],
+    pub _pad: [u64; 6],
 }
 const _: () = assert!(size_of::<PendingCall>() == 128);
 
@@ -312,13 +322,16 @@ pub enum Counter {
     /// Lost: a stack's recording chain was cut (a tail call failed, or
     /// another task took this CPU's slot while the chain ran).
     UnwindAborted = 14,
+    /// Not a loss: a return seen again by another traced process's return
+    /// probe (kernels that run every return consumer; see `PendingCall`).
+    RepeatedReturns = 15,
 }
 
 /// Number of slots in `COUNTERS`.
 pub const COUNTER_SLOTS: u32 = 16;
 
 impl Counter {
-    pub const ALL: [Counter; 15] = [
+    pub const ALL: [Counter; 16] = [
         Counter::Allocs,
         Counter::Frees,
         Counter::FreesUnknown,
@@ -334,6 +347,7 @@ impl Counter {
         Counter::StaleReplaced,
         Counter::EventsLost,
         Counter::UnwindAborted,
+        Counter::RepeatedReturns,
     ];
 
     /// Name used in reports (`snake_case`).
@@ -354,6 +368,7 @@ impl Counter {
             Counter::StaleReplaced => "stale_replaced",
             Counter::EventsLost => "syscall_events_lost",
             Counter::UnwindAborted => "unwind_aborted",
+            Counter::RepeatedReturns => "repeated_returns",
         }
     }
 

@@ -180,14 +180,20 @@ pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
     let Some(pending) = pending_slot(tid) else {
         return 0;
     };
-    if pending.tid != tid {
-        count(Counter::MissingEntry);
-        return 0;
-    }
     // SAFETY: the context of a uretprobe is the task's pt_regs, with the
     // stack pointer just past the return address and the instruction
     // pointer at the call site's next instruction.
     let (ip, sp, bp) = unsafe { ((*ctx.regs).rip, (*ctx.regs).rsp, (*ctx.regs).rbp) };
+    if pending.tid != tid {
+        if pending.done_tid == tid && pending.done_sp == sp && pending.done_ip == ip {
+            // The return just recorded, run again for another traced
+            // process's return probe.
+            count(Counter::RepeatedReturns);
+        } else {
+            count(Counter::MissingEntry);
+        }
+        return 0;
+    }
     let own_sp = pending.entry_sp.wrapping_add(8);
     if sp < own_sp {
         // The return of a nested call.
@@ -213,6 +219,9 @@ pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
         weight_count: pending.weight_count,
     };
     pending.tid = 0;
+    pending.done_tid = tid;
+    pending.done_sp = sp;
+    pending.done_ip = ip;
 
     let ret: u64 = ctx.ret();
     let addr = match AllocKind::from_u32(call.kind) {

@@ -583,6 +583,15 @@ impl Session {
         if let Some(problem) = self.counters.pairing_problem(&procfs::kernel_release()) {
             notes.push(problem);
         }
+        let repeated = self.counters.get(Counter::RepeatedReturns);
+        if repeated > 0 {
+            notes.push(format!(
+                "this kernel runs the return probe of every traced process that maps an \
+                 allocator for each return ({repeated} repeated runs, not losses): tracing many \
+                 processes that share a library costs more per allocation here than on newer \
+                 kernels (Linux 6.18 runs only the process's own)"
+            ));
+        }
         let lost: Vec<String> = Counter::ALL
             .iter()
             .filter(|c| c.is_loss() && self.counters.get(**c) > 0)
