@@ -81,3 +81,69 @@ pub enum ElfError {
     #[error("failed to parse ELF object {path}: {reason}")]
     Parse { path: String, reason: String },
 }
+
+/// The `PT_LOAD` segments of a parsed object.
+pub fn segments_of(file: &object::File<'_>) -> Vec<Segment> {
+    use object::{Object as _, ObjectSegment as _};
+    file.segments()
+        .map(|segment| {
+            let (file_offset, file_size) = segment.file_range();
+            let executable = match segment.flags() {
+                object::SegmentFlags::Elf { p_flags } => p_flags & object::elf::PF_X != 0,
+                _ => false,
+            };
+            Segment {
+                file_offset,
+                vaddr: segment.address(),
+                file_size,
+                executable,
+            }
+        })
+        .collect()
+}
+
+/// One `PT_LOAD` program header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Segment {
+    pub file_offset: u64,
+    pub vaddr: u64,
+    pub file_size: u64,
+    pub executable: bool,
+}
+
+/// The `PT_LOAD` program headers of the object at `path`, in file order.
+pub fn load_segments(path: &Path) -> Result<Vec<Segment>, ElfError> {
+    let data = fs::read(path).map_err(|source| ElfError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let file = object::File::parse(&*data).map_err(|e| ElfError::Parse {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    Ok(segments_of(&file))
+}
+
+/// The ELF virtual address that `file_offset` is loaded at, so that a
+/// mapping's load bias is `map.start - vaddr_of_file_offset(map.offset)`.
+///
+/// A segment whose `p_offset` is not page-aligned is mapped from the page
+/// below it (4 KiB pages, as on x86-64), so an offset in that page belongs
+/// to it too, unless the previous segment's bytes hold it.
+pub fn vaddr_of_file_offset(segments: &[Segment], file_offset: u64) -> Option<u64> {
+    const PAGE_MASK: u64 = !0xfff;
+    let translate = |s: &Segment| {
+        s.vaddr
+            .wrapping_add(file_offset.wrapping_sub(s.file_offset))
+    };
+    let end = |s: &Segment| s.file_offset.saturating_add(s.file_size);
+    segments
+        .iter()
+        .find(|s| s.file_offset <= file_offset && file_offset < end(s))
+        .or_else(|| {
+            segments
+                .iter()
+                .find(|s| s.file_offset & PAGE_MASK <= file_offset && file_offset < end(s))
+        })
+        .map(translate)
+}

@@ -28,10 +28,10 @@ use std::{fs, path::Path};
 use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
 
 use crate::{
+    elf::{vaddr_of_file_offset, Segment},
     gopclntab::{rip_relative, GoTable, RipOp},
+    procfs::read_mem,
     procfs::MapEntry,
-    python::read_mem,
-    unwind_table::{vaddr_of_file_offset, Segment},
 };
 
 /// Byte offset of `nstk` in `runtime.bucket` (Go 1.17-1.27).
@@ -235,7 +235,7 @@ pub fn inspect_object(path: &Path) -> Option<GoObjectInfo> {
         });
     }
     info.version = version.unwrap_or_else(|| "unknown".into());
-    info.segments = crate::unwind_table::segments_of(&file);
+    info.segments = crate::elf::segments_of(&file);
     // Without DWARF (stripped, or `-ldflags=-w`) the runtime's figures
     // are found from the code, which needs the table.
     let table = if info.stripped || file.section_by_name(".debug_info").is_none() {
@@ -510,58 +510,6 @@ pub fn read_bucket(pid: u32, b: u64) -> Result<Bucket, &'static str> {
         .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
         .collect();
     Ok(Bucket { size_bytes, pcs })
-}
-
-/// Return addresses in a Go executable (`data`, its bytes) where the
-/// caller's frame is on another stack, which no CFI describes; the
-/// unwinder crosses there by one frame-pointer step:
-/// - `runtime.asmcgocall`'s call into C on the system stack: `CALL AX`
-///   followed by `MOVQ 0x30(SP), DI` (reloading the saved g); %rbp is
-///   still `runtime.cgocall`'s frame pointer on the goroutine stack;
-/// - `runtime.systemstack`'s call of its function on g0 (`CALL DI`, the
-///   only one in it): %rbp is still the goroutine's frame pointer (from
-///   1.21 systemstack's own frame, pushed before the switch, whose return
-///   address is in its caller; before, its caller's, which loses that
-///   caller's own frame). Without it every stack of runtime work done on
-///   g0 (heap growth, span allocation) ends at `runtime.systemstack`.
-///
-/// Checked on Go 1.19 and 1.21-1.27 (asm_amd64.s); a runtime whose code
-/// differs gets no rule and its walks end there.
-pub fn stack_switch_return_pcs(data: &[u8]) -> Vec<u64> {
-    const CGO_CALL: [u8; 7] = [0xff, 0xd0, 0x48, 0x8b, 0x7c, 0x24, 0x30];
-    const CALL_DI: [u8; 2] = [0xff, 0xd7];
-    let Ok(file) = object::File::parse(data) else {
-        return Vec::new();
-    };
-    if file.section_by_name(".gopclntab").is_none()
-        && file.section_by_name(".data.rel.ro.gopclntab").is_none()
-    {
-        return Vec::new();
-    }
-    let Ok(table) = GoTable::from_elf(data) else {
-        return Vec::new();
-    };
-    let one = |code: &[u8], pattern: &[u8]| -> Option<usize> {
-        let mut hits = code
-            .windows(pattern.len())
-            .enumerate()
-            .filter(|(_, w)| *w == pattern)
-            .map(|(i, _)| i);
-        let first = hits.next()?;
-        hits.next().is_none().then_some(first)
-    };
-    table
-        .functions()
-        .filter_map(|f| {
-            let pattern: &[u8] = match f.name.as_str() {
-                "runtime.asmcgocall" | "runtime.asmcgocall.abi0" => &CGO_CALL,
-                "runtime.systemstack" | "runtime.systemstack.abi0" => &CALL_DI,
-                _ => return None,
-            };
-            let at = one(table.code(&f)?, pattern)?;
-            Some(f.entry + at as u64 + 2)
-        })
-        .collect()
 }
 
 /// One bucket as walked from `runtime.mbuckets`: its stack, object size
@@ -923,7 +871,7 @@ func main() {
                 let ours = crate::gostats::read(pid, &target.stats);
                 let scanned = scan.map(|s| {
                     let bias = m.start.wrapping_sub(
-                        crate::unwind_table::vaddr_of_file_offset(&info.segments, m.offset)
+                        crate::elf::vaddr_of_file_offset(&info.segments, m.offset)
                             .expect("the mapping's address"),
                     );
                     let layout = crate::gostats::StatsLayout {

@@ -33,7 +33,7 @@ use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
 
 use crate::{
     gopclntab::{rip_relative, GoTable, RipOp},
-    python::read_mem,
+    procfs::read_mem,
 };
 
 /// More Ps than any machine runs (`GOMAXPROCS` is capped at 1024 by the

@@ -229,7 +229,7 @@ pub struct Probes {
 struct UnwindObject {
     rows_start: u32,
     rows_len: u32,
-    segments: Vec<unwind_table::Segment>,
+    segments: Vec<crate::elf::Segment>,
 }
 
 /// Objects whose unwind tables could not be loaded.
@@ -651,14 +651,14 @@ impl Probes {
             // A file page can belong to two segments (the end of the
             // read-only one and the start of the text): an executable
             // mapping is the text's.
-            let text: Vec<unwind_table::Segment> = obj
+            let text: Vec<crate::elf::Segment> = obj
                 .segments
                 .iter()
                 .filter(|s| s.executable)
                 .copied()
                 .collect();
-            let Some(vaddr) = unwind_table::vaddr_of_file_offset(&text, m.offset)
-                .or_else(|| unwind_table::vaddr_of_file_offset(&obj.segments, m.offset))
+            let Some(vaddr) = crate::elf::vaddr_of_file_offset(&text, m.offset)
+                .or_else(|| crate::elf::vaddr_of_file_offset(&obj.segments, m.offset))
             else {
                 continue;
             };
@@ -697,7 +697,7 @@ impl Probes {
         let Some(open) = m.open_path(pid) else {
             return UnwindObject::default();
         };
-        let segments = match unwind_table::load_segments(&open) {
+        let segments = match crate::elf::load_segments(&open) {
             Ok(s) => s,
             Err(e) => {
                 self.unwind_notes.unreadable.push(format!("{path}: {e}"));

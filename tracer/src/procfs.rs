@@ -168,6 +168,26 @@ pub fn all_pids() -> Vec<u32> {
         .collect()
 }
 
+/// `len` bytes of process `pid` at `addr`.
+pub fn read_mem(pid: u32, addr: u64, len: usize) -> Result<Vec<u8>, &'static str> {
+    let mut buf = vec![0u8; len];
+    let local = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: len,
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut libc::c_void,
+        iov_len: len,
+    };
+    // SAFETY: both iovecs describe valid memory of the stated length (the
+    // remote one is checked by the kernel).
+    let n = unsafe { libc::process_vm_readv(pid as libc::pid_t, &local, 1, &remote, 1, 0) };
+    if n < 0 || n as usize != len {
+        return Err("process memory unreadable");
+    }
+    Ok(buf)
+}
+
 /// The running kernel's release (`uname -r`), or `unknown`.
 pub fn kernel_release() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")

@@ -30,8 +30,8 @@ use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
 use tracer_common::{py_flags, PyProc};
 
 use crate::{
-    procfs::MapEntry,
-    unwind_table::{vaddr_of_file_offset, Segment},
+    elf::{vaddr_of_file_offset, Segment},
+    procfs::{read_mem, MapEntry},
 };
 
 /// How a version maps instructions to lines.
@@ -427,7 +427,7 @@ pub fn inspect_object(path: &Path, name: &str) -> Option<PyObjectInfo> {
         .or_else(|| soname(&file).and_then(|n| version_from_name(&n)));
     let debug_offsets =
         read_at(runtime, DEBUG_OFFSETS_SIZE_3_13 as u64).and_then(DebugOffsets::parse);
-    let segments = crate::unwind_table::segments_of(&file);
+    let segments = crate::elf::segments_of(&file);
     Some(PyObjectInfo {
         hex_version,
         runtime_vaddr: runtime,
@@ -611,26 +611,6 @@ pub fn detect(
 }
 
 // ---- reading the target ------------------------------------------------
-
-/// `len` bytes of process `pid` at `addr`.
-pub fn read_mem(pid: u32, addr: u64, len: usize) -> Result<Vec<u8>, &'static str> {
-    let mut buf = vec![0u8; len];
-    let local = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: len,
-    };
-    let remote = libc::iovec {
-        iov_base: addr as *mut libc::c_void,
-        iov_len: len,
-    };
-    // SAFETY: both iovecs describe valid memory of the stated length (the
-    // remote one is checked by the kernel).
-    let n = unsafe { libc::process_vm_readv(pid as libc::pid_t, &local, 1, &remote, 1, 0) };
-    if n < 0 || n as usize != len {
-        return Err("process memory unreadable");
-    }
-    Ok(buf)
-}
 
 fn u64_in(b: &[u8], off: u64) -> Option<u64> {
     Some(u64::from_le_bytes(

@@ -325,7 +325,7 @@ pub struct Symbolizer {
 /// arrive as file offsets, the table speaks virtual addresses).
 struct StrippedGo {
     table: crate::gopclntab::GoTable,
-    segments: Vec<crate::unwind_table::Segment>,
+    segments: Vec<crate::elf::Segment>,
 }
 
 impl StrippedGo {
@@ -342,7 +342,7 @@ impl StrippedGo {
         match crate::gopclntab::GoTable::from_elf(&data) {
             Ok(table) => Some(Self {
                 table,
-                segments: crate::unwind_table::segments_of(&file),
+                segments: crate::elf::segments_of(&file),
             }),
             Err(crate::gopclntab::PclnError::NoSection) => None,
             Err(e) => {
@@ -361,7 +361,7 @@ impl StrippedGo {
             .copied()
             .filter(|s| s.executable)
             .collect();
-        let vaddr = crate::unwind_table::vaddr_of_file_offset(&text, file_offset)?;
+        let vaddr = crate::elf::vaddr_of_file_offset(&text, file_offset)?;
         let frames = self.table.frames(vaddr.checked_sub(1)?);
         if frames.is_empty() {
             return None;

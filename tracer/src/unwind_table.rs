@@ -80,35 +80,6 @@ impl UnwindTable {
     }
 }
 
-/// The `PT_LOAD` segments of a parsed object.
-pub fn segments_of(file: &object::File<'_>) -> Vec<Segment> {
-    use object::{Object as _, ObjectSegment as _};
-    file.segments()
-        .map(|segment| {
-            let (file_offset, file_size) = segment.file_range();
-            let executable = match segment.flags() {
-                object::SegmentFlags::Elf { p_flags } => p_flags & object::elf::PF_X != 0,
-                _ => false,
-            };
-            Segment {
-                file_offset,
-                vaddr: segment.address(),
-                file_size,
-                executable,
-            }
-        })
-        .collect()
-}
-
-/// One `PT_LOAD` program header.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Segment {
-    pub file_offset: u64,
-    pub vaddr: u64,
-    pub file_size: u64,
-    pub executable: bool,
-}
-
 /// Errors of [`build`] and [`load_segments`]. Each names the file.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -379,7 +350,7 @@ pub fn build(path: &Path) -> Result<UnwindTable, UnwindTableError> {
     // the goroutine's, which the CFI does not describe. %rbp there is
     // still a frame pointer on the goroutine stack: the walk crosses over
     // by it (earlier ranges win). See `go::stack_switch_return_pcs`.
-    for ret in crate::go::stack_switch_return_pcs(&data) {
+    for ret in crate::gopclntab::stack_switch_return_pcs(&data) {
         ranges.push(CfiRange {
             start: ret - 1,
             end: ret,
@@ -542,46 +513,10 @@ fn collect_ranges<'a, S: UnwindSection<Reader<'a>>>(
     Ok(())
 }
 
-/// The `PT_LOAD` program headers of the object at `path`, in file order.
-pub fn load_segments(path: &Path) -> Result<Vec<Segment>, UnwindTableError> {
-    let data = fs::read(path).map_err(|source| UnwindTableError::Read {
-        path: path.display().to_string(),
-        source,
-    })?;
-    let file = object::File::parse(&*data).map_err(|e| UnwindTableError::Parse {
-        path: path.display().to_string(),
-        reason: e.to_string(),
-    })?;
-    Ok(segments_of(&file))
-}
-
-/// The ELF virtual address that `file_offset` is loaded at, so that a
-/// mapping's load bias is `map.start - vaddr_of_file_offset(map.offset)`.
-///
-/// A segment whose `p_offset` is not page-aligned is mapped from the page
-/// below it (4 KiB pages, as on x86-64), so an offset in that page belongs
-/// to it too, unless the previous segment's bytes hold it.
-pub fn vaddr_of_file_offset(segments: &[Segment], file_offset: u64) -> Option<u64> {
-    const PAGE_MASK: u64 = !0xfff;
-    let translate = |s: &Segment| {
-        s.vaddr
-            .wrapping_add(file_offset.wrapping_sub(s.file_offset))
-    };
-    let end = |s: &Segment| s.file_offset.saturating_add(s.file_size);
-    segments
-        .iter()
-        .find(|s| s.file_offset <= file_offset && file_offset < end(s))
-        .or_else(|| {
-            segments
-                .iter()
-                .find(|s| s.file_offset & PAGE_MASK <= file_offset && file_offset < end(s))
-        })
-        .map(translate)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::elf::{load_segments, vaddr_of_file_offset, Segment};
     use std::{
         path::PathBuf,
         process::Command,
