@@ -12,8 +12,9 @@ use core::mem::size_of;
 /// Deepest user stack the kernel records, in frames.
 pub const MAX_FRAMES: usize = 64;
 
-/// Deepest Python stack recorded next to the native one, in frames.
-pub const MAX_PY_FRAMES: usize = 32;
+/// Deepest interpreter stack (Python, Lua, ...) recorded next to the
+/// native one, in frames.
+pub const MAX_INTERP_FRAMES: usize = 32;
 
 /// Most executable mappings per process the unwinder knows; addresses in
 /// further mappings unwind by frame pointer.
@@ -56,8 +57,12 @@ pub mod maps {
     /// tgid -> [`crate::PyProc`]: processes running a CPython whose frame
     /// layout leaktrace knows.
     pub const PY_PROCS: &str = "PY_PROCS";
-    /// One `u32`: 1 once any process was registered in `PY_PROCS`.
-    pub const PY_ANY: &str = "PY_ANY";
+    /// tgid -> one of [`crate::runtime`]: processes whose interpreter's
+    /// frames are walked, and by which runtime's walker.
+    pub const RUNTIMES: &str = "RUNTIMES";
+    /// One `u32`: 1 once any process was registered in `RUNTIMES` (native
+    /// tracing skips the lookup until then).
+    pub const RUNTIME_ANY: &str = "RUNTIME_ANY";
     /// [`crate::GoBucketKey`] -> [`crate::StackTotals`]: the Go runtime's
     /// sampled heap objects per profile bucket, raw (not yet scaled by the
     /// sampling rate).
@@ -71,25 +76,28 @@ pub mod maps {
 /// both run the same stages, compiled once per program type.
 pub mod chain {
     /// Walks up to a fixed number of native frames, then calls itself
-    /// again or moves on to [`PYTHON`].
+    /// again, or the walker of the process's runtime, or [`FINISH`].
     pub const NATIVE: u32 = 0;
-    /// Walks a Python process's interpreter frames (a few per call).
-    pub const PYTHON: u32 = 1;
     /// Stores the stack and records the allocation or sends the event.
-    pub const FINISH: u32 = 2;
+    pub const FINISH: u32 = 1;
+    /// The stage of runtime `r`'s interpreter walker (`crate::runtime`):
+    /// it walks a few frames per call, then calls itself or [`FINISH`].
+    pub const fn runtime_stage(r: u32) -> u32 {
+        FINISH + r
+    }
     /// Slots of each program array.
-    pub const SLOTS: u32 = 4;
+    pub const SLOTS: u32 = runtime_stage(crate::runtime::MAX) + 1;
     /// `(stage, program)` of the allocation chain.
     pub const ALLOC_PROGRAMS: [(u32, &str); 3] = [
         (NATIVE, "native_alloc"),
-        (PYTHON, "python_alloc"),
         (FINISH, "finish_alloc"),
+        (runtime_stage(crate::runtime::PYTHON), "python_alloc"),
     ];
     /// `(stage, program)` of the syscall chain.
     pub const SYSCALL_PROGRAMS: [(u32, &str); 3] = [
         (NATIVE, "native_syscall"),
-        (PYTHON, "python_syscall"),
         (FINISH, "finish_syscall"),
+        (runtime_stage(crate::runtime::PYTHON), "python_syscall"),
     ];
 }
 
@@ -391,10 +399,8 @@ impl Counter {
 }
 
 /// A stack as the unwinder recorded it: return addresses, innermost
-/// first, and why the walk stopped; for a Python process also the
-/// interpreter's frames (code object and instruction offset, innermost
-/// first), which user space resolves to names and lines and merges in
-/// place of the interpreter's native eval frames.
+/// first, and why the walk stopped; for a process running an interpreter
+/// leaktrace knows, also that interpreter's frames ([`InterpFrames`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StackBuf {
@@ -402,26 +408,50 @@ pub struct StackBuf {
     /// One of the `stop::*` reasons.
     pub stop: u32,
     pub ips: [u64; MAX_FRAMES],
-    /// Python frames recorded (0 for a process without a known interpreter).
-    pub py_len: u32,
-    /// One of the `py_stop::*` reasons.
-    pub py_stop: u32,
-    /// Bit `i`: Python frame `i` is the first frame of a C-level call of
-    /// the eval loop (`is_entry` 3.11, just inside a C-stack shim 3.12+,
-    /// every frame 3.8-3.10), so frames `0..=i`
-    /// since the previous entry ran in one `_PyEval_EvalFrameDefault`.
-    pub py_entry_mask: u32,
-    pub _pad: u32,
-    /// `PyCodeObject *` of each Python frame.
-    pub py_code: [u64; MAX_PY_FRAMES],
-    /// Where each frame is in its bytecode, as `i32` (negative: not started
-    /// yet): the byte offset of the last instruction started from the start
-    /// of the bytecode (3.11+), or `f_lasti` as the frame holds it (3.8-3.10).
-    pub py_instr: [u32; MAX_PY_FRAMES],
+    pub interp: InterpFrames,
 }
-const _: () = assert!(
-    size_of::<StackBuf>() == 8 + 8 * MAX_FRAMES + 16 + 8 * MAX_PY_FRAMES + 4 * MAX_PY_FRAMES
-);
+const _: () = assert!(size_of::<StackBuf>() == 8 + 8 * MAX_FRAMES + size_of::<InterpFrames>());
+
+/// The interpreter frames of one stack, as one runtime's walker recorded
+/// them: which runtime, and per frame an object and a position in it that
+/// the runtime's user-space side resolves to a name and a line (a
+/// `PyCodeObject *` and a bytecode offset for Python), innermost first.
+/// User space splices them in place of the interpreter's native frames.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InterpFrames {
+    /// One of [`runtime`]; [`runtime::NONE`] for a native-only stack.
+    pub runtime: u32,
+    /// Frames recorded.
+    pub len: u32,
+    /// Why the walk ended: one of the runtime's reasons ([`py_stop`] for
+    /// Python; 0 always means "no walk").
+    pub stop: u32,
+    /// Bit `i`: frame `i` is the first of a C-level call of the
+    /// interpreter (Python: `is_entry` 3.11, just inside a C-stack shim
+    /// 3.12+, every frame 3.8-3.10), so frames `0..=i` since the previous
+    /// entry ran in one native call of the interpreter loop.
+    pub entry_mask: u32,
+    /// The runtime's object of each frame (Python: `PyCodeObject *`).
+    pub code: [u64; MAX_INTERP_FRAMES],
+    /// Where each frame is in it, as `i32` (negative: not started yet).
+    /// Python: the byte offset of the last instruction started from the
+    /// start of the bytecode (3.11+), or `f_lasti` (3.8-3.10).
+    pub pos: [u32; MAX_INTERP_FRAMES],
+}
+const _: () = assert!(size_of::<InterpFrames>() == 16 + 12 * MAX_INTERP_FRAMES);
+
+/// The interpreters whose frames the kernel walks, as tagged in
+/// [`InterpFrames::runtime`] and registered in `RUNTIMES`. Each has its
+/// walker at chain stage [`chain::runtime_stage`].
+pub mod runtime {
+    /// No interpreter frames.
+    pub const NONE: u32 = 0;
+    /// CPython 3.8-3.13 (`PY_PROCS` has the layout).
+    pub const PYTHON: u32 = 1;
+    /// Highest id a walker stage is reserved for.
+    pub const MAX: u32 = 5;
+}
 
 /// Why a Python stack walk ended (or did not start).
 pub mod py_stop {
@@ -429,7 +459,7 @@ pub mod py_stop {
     pub const NONE: u32 = 0;
     /// Reached the thread's outermost Python frame.
     pub const COMPLETE: u32 = 1;
-    /// Hit `MAX_PY_FRAMES`.
+    /// Hit `MAX_INTERP_FRAMES`.
     pub const DEPTH: u32 = 2;
     /// The allocating thread has no Python thread state it can be matched
     /// with (a C thread, or one not holding the GIL).

@@ -3,10 +3,12 @@
 //! A program that wants a stack (`alloc_exit`, `sys_exit`) fills this CPU's
 //! [`Job`] with the registers and what to record at the end, then tail-calls
 //! stage [`chain::NATIVE`]: up to `FRAMES_PER_STEP` native frames per call,
-//! calling itself again until the walk ends; then [`chain::PYTHON`] (the
-//! interpreter's frames, for a registered Python process); then
-//! [`chain::FINISH`], which stores the stack and records the allocation or
-//! sends the event. Every stage reads its inputs from the job, so the
+//! calling itself again until the walk ends; then, for a process registered
+//! in `RUNTIMES`, the walker of its interpreter
+//! ([`chain::runtime_stage`]: one program per runtime, which fills
+//! `InterpFrames`); then [`chain::FINISH`], which stores the stack and
+//! records the allocation or sends the event. Adding a runtime's walker is
+//! adding its stage program and a line in `tracer_common::chain`'s tables. Every stage reads its inputs from the job, so the
 //! verifier checks each program once, from one state, and its cost is
 //! bounded by the stage's own loop, not by the caller's branches nor by the
 //! stack's depth (the kernel allows 33 tail calls; a full walk takes
@@ -23,10 +25,10 @@
 use aya_ebpf::{
     helpers::bpf_get_current_pid_tgid,
     macros::map,
-    maps::{PerCpuArray, ProgramArray},
+    maps::{Array, HashMap, PerCpuArray, ProgramArray},
     EbpfContext,
 };
-use tracer_common::{chain, Counter, PyProc, StackBuf, SyscallEvent};
+use tracer_common::{chain, runtime, Counter, PyProc, StackBuf, SyscallEvent};
 
 use crate::counters::count;
 
@@ -65,12 +67,14 @@ pub struct Job {
     pub bp: u64,
     /// Why the native walk stopped (a `stop::*`).
     pub why: u32,
-    /// Python walk: 1 once the thread's frame was found.
-    pub py_started: u32,
-    pub py_frame: u64,
-    /// Python walk: iterations used (shims included).
-    pub py_steps: u32,
+    /// Interpreter walk: 1 once the thread's innermost frame was found.
+    pub interp_started: u32,
+    /// Interpreter walk: the frame being walked.
+    pub interp_frame: u64,
+    /// Interpreter walk: iterations used (Python's shims included).
+    pub interp_steps: u32,
     pub _pad: u32,
+    /// The Python layout of the process, copied from `PY_PROCS`.
     pub py: PyProc,
     pub alloc: AllocRecord,
     pub event: SyscallEvent,
@@ -136,4 +140,28 @@ pub fn slot(len: &u32, capacity: usize) -> usize {
     // SAFETY: a plain read of a field the caller holds a reference to.
     let v = unsafe { core::ptr::read_volatile(len) };
     v as usize & (capacity - 1)
+}
+
+/// tgid -> the runtime whose walker runs after the native walk.
+#[map]
+static RUNTIMES: HashMap<u32, u32> = HashMap::with_max_entries(1 << 11, 0);
+
+/// Slot 0 is 1 once any process is in `RUNTIMES`, so native-only tracing
+/// skips the lookup on every allocation.
+#[map]
+static RUNTIME_ANY: Array<u32> = Array::with_max_entries(1, 0);
+
+/// After the native walk: the walker of the process's runtime, or the end.
+#[inline(always)]
+pub fn after_native<C: EbpfContext>(ctx: &C, slot: u32, tgid: u32) {
+    if RUNTIME_ANY.get(0).copied().unwrap_or(0) != 0 {
+        // SAFETY: read-only lookup, copied out.
+        let r = unsafe { RUNTIMES.get(&tgid) }
+            .copied()
+            .unwrap_or(runtime::NONE);
+        if r != runtime::NONE && r <= runtime::MAX {
+            return next(ctx, slot, chain::runtime_stage(r));
+        }
+    }
+    next(ctx, slot, chain::FINISH)
 }

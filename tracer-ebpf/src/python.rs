@@ -2,7 +2,7 @@
 //!
 //! Input: `PY_PROCS` (tgid -> where `_PyRuntime` is and the field offsets
 //! of the interpreter's version, set by `tracer/src/python.rs`) and the
-//! current task's fsbase. Output: up to `MAX_PY_FRAMES` `(code object,
+//! current task's fsbase. Output: up to `MAX_INTERP_FRAMES` `(code object,
 //! instruction offset)` pairs in the per-CPU scratch stack, innermost
 //! first, which frames start a C-level call of the eval loop, and why the
 //! walk ended. Names and lines are user space's job (it reads the code
@@ -13,9 +13,9 @@
 //! own eval call), `_PyInterpreterFrame`s reached through a `_PyCFrame`
 //! (3.11, 3.12) or straight from the thread state (3.13), entry frames
 //! marked by `is_entry` (3.11) or by the C-stack shim frames the eval loop
-//! pushes (3.12+, skipped). The walk is stage `chain::PYTHON` of the
+//! pushes (3.12+, skipped). The walk is the Python runtime stage of the
 //! recording chain (`chain.rs`): `STEPS_PER_RUN` frames per program run, at
-//! most `2 * MAX_PY_FRAMES + 1` in all, a few user reads each.
+//! most `2 * MAX_INTERP_FRAMES + 1` in all, a few user reads each.
 //!
 //! The thread state is the allocating thread's own or none: the GIL
 //! holder (`gilstate.tstate_current`, up to 3.11) when it is this thread, else the
@@ -26,22 +26,17 @@
 use aya_ebpf::{
     helpers::{bpf_get_current_task, bpf_probe_read_kernel, bpf_probe_read_user},
     macros::{map, raw_tracepoint, uprobe},
-    maps::{Array, HashMap},
+    maps::HashMap,
     programs::{ProbeContext, RawTracePointContext},
     EbpfContext,
 };
-use tracer_common::{chain, py_flags, py_stop, PyProc, MAX_PY_FRAMES};
+use tracer_common::{chain, py_flags, py_stop, runtime, PyProc, MAX_INTERP_FRAMES};
 
 use crate::chain::{self as stages, slot, Job};
-const _: () = assert!(MAX_PY_FRAMES.is_power_of_two());
+const _: () = assert!(MAX_INTERP_FRAMES.is_power_of_two());
 
 #[map]
 pub static PY_PROCS: HashMap<u32, PyProc> = HashMap::with_max_entries(1 << 11, 0);
-
-/// Slot 0 is set to 1 by user space once any process is in `PY_PROCS`, so
-/// native-only tracing skips the lookup on every allocation.
-#[map]
-pub static PY_ANY: Array<u32> = Array::with_max_entries(1, 0);
 
 /// Byte offset of `thread.fsbase` in `struct task_struct`, from kernel BTF.
 #[unsafe(no_mangle)]
@@ -96,7 +91,7 @@ fn thread_state(p: &PyProc) -> Option<u64> {
 
 /// Iterations of the frame walk: every recorded frame can be preceded by a
 /// C-stack shim (3.12+), which takes an iteration but no slot.
-const PY_WALK_STEPS: u32 = 2 * MAX_PY_FRAMES as u32 + 1;
+const PY_WALK_STEPS: u32 = 2 * MAX_INTERP_FRAMES as u32 + 1;
 /// Iterations per run of the Python stage.
 const STEPS_PER_RUN: u32 = 8;
 
@@ -110,12 +105,12 @@ fn read_u8(addr: u64) -> u8 {
 /// `previous`. Returns `Some(why)` when the walk is over.
 #[inline(always)]
 fn walk_one(job: &mut Job) -> Option<u32> {
-    let frame = job.py_frame;
+    let frame = job.interp_frame;
     if frame == 0 {
         return Some(py_stop::COMPLETE);
     }
-    let i = job.buf.py_len as usize;
-    if i >= MAX_PY_FRAMES {
+    let i = job.buf.interp.len as usize;
+    if i >= MAX_INTERP_FRAMES {
         return Some(py_stop::DEPTH);
     }
     let p = &job.py;
@@ -132,9 +127,9 @@ fn walk_one(job: &mut Job) -> Option<u32> {
             // The eval loop was entered from C here: the frame recorded
             // last ran first in that call.
             if i > 0 {
-                job.buf.py_entry_mask |= 1 << ((i as u32 - 1) & 31);
+                job.buf.interp.entry_mask |= 1 << ((i as u32 - 1) & 31);
             }
-            job.py_frame = prev;
+            job.interp_frame = prev;
             return None;
         }
         false
@@ -153,14 +148,14 @@ fn walk_one(job: &mut Job) -> Option<u32> {
         };
         ptr.wrapping_sub(code.wrapping_add(p.code_bytecode as u64)) as u32
     };
-    let i = slot(&job.buf.py_len, MAX_PY_FRAMES);
-    job.buf.py_code[i] = code;
-    job.buf.py_instr[i] = instr;
+    let i = slot(&job.buf.interp.len, MAX_INTERP_FRAMES);
+    job.buf.interp.code[i] = code;
+    job.buf.interp.pos[i] = instr;
     if entry {
-        job.buf.py_entry_mask |= 1 << (i as u32 & 31);
+        job.buf.interp.entry_mask |= 1 << (i as u32 & 31);
     }
-    job.buf.py_len = i as u32 + 1;
-    job.py_frame = prev;
+    job.buf.interp.len = i as u32 + 1;
+    job.interp_frame = prev;
     None
 }
 
@@ -168,10 +163,6 @@ fn walk_one(job: &mut Job) -> Option<u32> {
 /// the `py_stop` reason to record instead (`NONE` for other processes).
 #[inline(always)]
 fn first_frame(job: &mut Job) -> Result<u64, u32> {
-    // No Python process registered yet (native tracing): no lookup.
-    if PY_ANY.get(0).copied().unwrap_or(0) == 0 {
-        return Err(py_stop::NONE);
-    }
     // SAFETY: read-only lookup, copied out.
     let Some(p) = (unsafe { PY_PROCS.get(&job.tgid) }).copied() else {
         return Err(py_stop::NONE);
@@ -192,32 +183,33 @@ fn python_step<C: EbpfContext>(ctx: &C, slot: u32) {
     let Some(job) = stages::job(slot) else {
         return;
     };
-    if job.py_started == 0 {
-        job.py_started = 1;
+    if job.interp_started == 0 {
+        job.interp_started = 1;
+        job.buf.interp.runtime = runtime::PYTHON;
         match first_frame(job) {
-            Ok(frame) => job.py_frame = frame,
+            Ok(frame) => job.interp_frame = frame,
             Err(why) => {
-                job.buf.py_stop = why;
+                job.buf.interp.stop = why;
                 return stages::next(ctx, slot, chain::FINISH);
             }
         }
     }
     for _ in 0..STEPS_PER_RUN {
         if let Some(why) = walk_one(job) {
-            job.buf.py_stop = why;
+            job.buf.interp.stop = why;
             return stages::next(ctx, slot, chain::FINISH);
         }
     }
-    job.py_steps += STEPS_PER_RUN;
-    if job.py_steps >= PY_WALK_STEPS {
-        job.buf.py_stop = if job.py_frame == 0 {
+    job.interp_steps += STEPS_PER_RUN;
+    if job.interp_steps >= PY_WALK_STEPS {
+        job.buf.interp.stop = if job.interp_frame == 0 {
             py_stop::COMPLETE
         } else {
             py_stop::DEPTH
         };
         return stages::next(ctx, slot, chain::FINISH);
     }
-    stages::next(ctx, slot, chain::PYTHON)
+    stages::next(ctx, slot, chain::runtime_stage(runtime::PYTHON))
 }
 
 #[uprobe]

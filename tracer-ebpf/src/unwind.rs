@@ -23,8 +23,8 @@ use aya_ebpf::{
     EbpfContext,
 };
 use tracer_common::{
-    chain, stop, Counter, ProcMaps, StackBuf, StackId, UnwindRow, CFA_END_OF_STACK, CFA_PLT,
-    CFA_RBP, CFA_RSP, CFA_STACK_SWITCH, MAX_FRAMES, MAX_PROC_MAPS, MAX_PY_FRAMES,
+    runtime, stop, Counter, ProcMaps, StackBuf, StackId, UnwindRow, CFA_END_OF_STACK, CFA_PLT,
+    CFA_RBP, CFA_RSP, CFA_STACK_SWITCH, MAX_FRAMES, MAX_INTERP_FRAMES, MAX_PROC_MAPS,
     RBP_AT_CFA_OFFSET, RBP_SAME, STACK_LOST,
 };
 
@@ -291,14 +291,15 @@ pub fn begin(job: &mut Job, pid_tgid: u64, regs: Regs) {
     job.sp = regs.sp;
     job.bp = regs.bp;
     job.why = stop::DEPTH;
-    job.py_started = 0;
-    job.py_frame = 0;
-    job.py_steps = 0;
+    job.interp_started = 0;
+    job.interp_frame = 0;
+    job.interp_steps = 0;
     job.buf.len = 0;
     job.buf.stop = stop::DEPTH;
-    job.buf.py_len = 0;
-    job.buf.py_stop = 0;
-    job.buf.py_entry_mask = 0;
+    job.buf.interp.runtime = runtime::NONE;
+    job.buf.interp.len = 0;
+    job.buf.interp.stop = 0;
+    job.buf.interp.entry_mask = 0;
 }
 
 /// The rule for `pc` in `tgid`, through this CPU's cache.
@@ -389,10 +390,10 @@ fn native_step<C: EbpfContext>(ctx: &C, slot: u32) {
         };
         if walk_one(job) {
             job.buf.stop = job.why;
-            return stages::next(ctx, slot, chain::PYTHON);
+            return stages::after_native(ctx, slot, job.tgid);
         }
     }
-    stages::next(ctx, slot, chain::NATIVE)
+    stages::next(ctx, slot, tracer_common::chain::NATIVE)
 }
 
 #[uprobe]
@@ -422,16 +423,18 @@ pub fn store_stack(job: &Job) -> StackId {
         h = (h ^ buf.ips[i]).wrapping_mul(0x0100_0000_01b3);
     }
     h = (h ^ why as u64).wrapping_mul(0x0100_0000_01b3);
-    let py_len = buf.py_len;
-    for i in 0..MAX_PY_FRAMES {
-        if i as u32 >= py_len {
+    let interp = &buf.interp;
+    let interp_len = interp.len;
+    for i in 0..MAX_INTERP_FRAMES {
+        if i as u32 >= interp_len {
             break;
         }
-        h = (h ^ buf.py_code[i]).wrapping_mul(0x0100_0000_01b3);
-        h = (h ^ buf.py_instr[i] as u64).wrapping_mul(0x0100_0000_01b3);
+        h = (h ^ interp.code[i]).wrapping_mul(0x0100_0000_01b3);
+        h = (h ^ interp.pos[i] as u64).wrapping_mul(0x0100_0000_01b3);
     }
-    let py_tail = ((buf.py_stop as u64) << 32) | buf.py_entry_mask as u64;
-    h = (h ^ py_tail).wrapping_mul(0x0100_0000_01b3);
+    let tail = ((interp.stop as u64) << 32) | interp.entry_mask as u64;
+    h = (h ^ tail).wrapping_mul(0x0100_0000_01b3);
+    h = (h ^ interp.runtime as u64).wrapping_mul(0x0100_0000_01b3);
     let id = h | 1;
     // Stacks stored are never removed, so an id this CPU has stored or
     // found recently needs no lookup.

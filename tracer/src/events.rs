@@ -90,41 +90,53 @@ pub struct RawStack {
     pub ips: Vec<u64>,
     /// One of `tracer_common::stop`.
     pub stop: u32,
-    /// Interpreter frames, innermost first (empty unless the process runs
-    /// a Python leaktrace knows).
-    pub python: Vec<RawPyFrame>,
-    /// One of `tracer_common::py_stop`.
-    pub py_stop: u32,
+    /// The interpreter's frames, for a process whose runtime's walker ran.
+    pub interp: RawInterp,
 }
 
-/// One Python frame as the kernel saw it.
+/// Interpreter frames as one runtime's kernel walker recorded them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RawInterp {
+    /// One of `tracer_common::runtime` (`NONE`: no walk).
+    pub runtime: u32,
+    /// Innermost first.
+    pub frames: Vec<RawInterpFrame>,
+    /// Why the walk ended, in the runtime's terms (`py_stop` for Python).
+    pub stop: u32,
+}
+
+/// One interpreter frame as the kernel saw it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RawPyFrame {
-    /// Address of the `PyCodeObject`.
+pub struct RawInterpFrame {
+    /// The runtime's object of the frame (Python: the `PyCodeObject`).
     pub code: u64,
-    /// Where the frame is in its bytecode (negative: the frame has not
-    /// started): a byte offset (3.11+) or `f_lasti` (3.8-3.10); see
+    /// Where the frame is in it (negative: not started). Python: a
+    /// bytecode byte offset (3.11+) or `f_lasti` (3.8-3.10); see
     /// `python::LineFormat`.
-    pub instr: i32,
-    /// The first frame of a C-level call of the eval loop.
+    pub pos: i32,
+    /// The first frame of a C-level call of the interpreter loop.
     pub entry: bool,
 }
 
 impl RawStack {
     pub fn from_buf(buf: &StackBuf) -> Self {
         let len = (buf.len as usize).min(buf.ips.len());
-        let py_len = (buf.py_len as usize).min(buf.py_code.len());
+        let it = &buf.interp;
+        let n = (it.len as usize).min(it.code.len());
         Self {
             ips: buf.ips[..len].to_vec(),
             stop: buf.stop,
-            python: (0..py_len)
-                .map(|i| RawPyFrame {
-                    code: buf.py_code[i],
-                    instr: buf.py_instr[i] as i32,
-                    entry: buf.py_entry_mask & (1 << i) != 0,
-                })
-                .collect(),
-            py_stop: buf.py_stop,
+            interp: RawInterp {
+                runtime: it.runtime,
+                frames: (0..n)
+                    .map(|i| RawInterpFrame {
+                        code: it.code[i],
+                        pos: it.pos[i] as i32,
+                        entry: it.entry_mask & (1 << i) != 0,
+                    })
+                    .collect(),
+                stop: it.stop,
+            },
         }
     }
 }

@@ -283,6 +283,7 @@ impl Probes {
             .map_max_entries(maps::UNWIND_ROWS, sizes.max_unwind_rows)
             .map_max_entries(maps::PROC_MAPS, sizes.max_processes)
             .map_max_entries(maps::PY_PROCS, sizes.max_processes)
+            .map_max_entries(maps::RUNTIMES, sizes.max_processes)
             .map_max_entries(maps::GO_BUCKETS, sizes.max_stacks);
         let mut ebpf = loader
             .load(EBPF_OBJECT)
@@ -613,18 +614,31 @@ impl Probes {
                     }
                 }
             }
-            // The kernel skips the Python lookup until a process is here.
+            // The native walk hands this process to the Python walker.
             if registered {
-                if let Some(Ok(mut any)) = self
-                    .ebpf
-                    .map_mut(maps::PY_ANY)
-                    .map(Array::<&mut MapData, u32>::try_from)
-                {
-                    let _ = any.set(0, 1, 0);
-                }
+                self.register_runtime(pid, tracer_common::runtime::PYTHON);
             }
         }
         self.python.insert(pid, target);
+    }
+
+    /// Tell the kernel that `pid`'s stacks continue in `runtime`'s walker
+    /// (`tracer_common::runtime`), and that some process now has one.
+    fn register_runtime(&mut self, pid: u32, runtime: u32) {
+        if let Some(Ok(mut rt)) = self
+            .ebpf
+            .map_mut(maps::RUNTIMES)
+            .map(BpfHashMap::<&mut MapData, u32, u32>::try_from)
+        {
+            let _ = rt.insert(pid, runtime, 0);
+        }
+        if let Some(Ok(mut any)) = self
+            .ebpf
+            .map_mut(maps::RUNTIME_ANY)
+            .map(Array::<&mut MapData, u32>::try_from)
+        {
+            let _ = any.set(0, 1, 0);
+        }
     }
 
     /// Give the unwinder this process's executable mappings, loading each
@@ -794,6 +808,13 @@ impl Probes {
                     let _ = pp.remove(&pid);
                 }
             }
+        }
+        if let Some(Ok(mut rt)) = self
+            .ebpf
+            .map_mut(maps::RUNTIMES)
+            .map(BpfHashMap::<&mut MapData, u32, u32>::try_from)
+        {
+            let _ = rt.remove(&pid);
         }
         if let Some(map) = self.ebpf.map_mut(maps::PROC_MAPS) {
             if let Ok(mut pm) = BpfHashMap::<&mut MapData, u32, ProcMaps>::try_from(map) {

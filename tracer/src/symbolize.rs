@@ -124,8 +124,8 @@ impl Normalizer {
                 log::trace!(
                     "stack {stack_id:#x} of {tgid}: stop {why}, ips {:x?}, python {:x?} (stop {})",
                     raw.ips,
-                    raw.python,
-                    raw.py_stop
+                    raw.interp.frames,
+                    raw.interp.stop
                 );
                 let mut frames = self.normalize(tgid, &raw.ips);
                 let ended_in_anon = matches!(frames.last(), Some(NormFrame::Anonymous { .. }));
@@ -188,12 +188,15 @@ impl Normalizer {
     /// Python frames go after the native ones (the symbolizer puts them in
     /// place), resolved now because the code objects live in the process.
     fn normalize_python(&mut self, tgid: u32, raw: &RawStack, frames: &mut Vec<NormFrame>) {
-        for f in &raw.python {
+        if raw.interp.runtime != tracer_common::runtime::PYTHON {
+            return;
+        }
+        for f in &raw.interp.frames {
             frames.push(match self.python.code(tgid, f.code) {
                 Ok(code) => NormFrame::Python {
                     function: code.qualname.clone(),
                     file: code.filename.clone(),
-                    line: code.line(f.instr),
+                    line: code.line(f.pos),
                     entry: f.entry,
                 },
                 Err(reason) => NormFrame::PythonUnreadable {
@@ -203,8 +206,8 @@ impl Normalizer {
                 },
             });
         }
-        if matches!(raw.py_stop, py_stop::DEPTH | py_stop::UNREADABLE) {
-            frames.push(NormFrame::PythonTruncated(raw.py_stop));
+        if matches!(raw.interp.stop, py_stop::DEPTH | py_stop::UNREADABLE) {
+            frames.push(NormFrame::PythonTruncated(raw.interp.stop));
         }
     }
 
