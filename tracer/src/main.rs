@@ -11,7 +11,7 @@ fn main() -> ExitCode {
     if args.version {
         print!(
             "{}",
-            leaktrace::version::long_version(leaktrace::probe::EBPF_OBJECT)
+            leaktrace::version::long_version(leaktrace::attach::probe::EBPF_OBJECT)
         );
         return ExitCode::SUCCESS;
     }

@@ -3,7 +3,7 @@
 
 use std::fs;
 
-use crate::cgroupfs::Mounts;
+use crate::sys::cgroupfs::Mounts;
 
 /// One line per fact, for the OOM report's notes.
 pub fn victim_facts(pid: u32) -> Vec<String> {

@@ -19,18 +19,18 @@ use tokio::{
 use tracer_common::{sys, Counter, StackTotals, SyscallEvent, SYSCALL_IN_ALLOCATOR};
 
 use crate::{
+    attach::preflight,
+    attach::probe::{MapSizes, ProbeError, ProbeOptions, Probes},
+    attach::proc_events::{ProcConnector, ProcEvent},
+    attach::targets::Selector,
     cli::{Config, Format},
-    events::Counters,
-    gostats::GoFigures,
-    ledger::{Ledger, Row},
-    mmaps::MmapTracker,
-    preflight,
-    probe::{MapSizes, ProbeError, ProbeOptions, Probes},
-    proc_events::{ProcConnector, ProcEvent},
-    procfs::{self, ProcId},
+    ingest::events::Counters,
+    ingest::ledger::{Ledger, Row},
+    ingest::mmaps::MmapTracker,
     report::{self, Report, Target},
+    runtime::go::stats::GoFigures,
     symbolize::{Normalizer, Symbolizer},
-    targets::Selector,
+    sys::procfs::{self, ProcId},
 };
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,7 +79,7 @@ struct Session {
     sample_bytes: u64,
     /// Go profile buckets seen, per `(tgid, bucket)`: their stack and
     /// bytes per object (`None`: the bucket could not be read).
-    go_buckets: HashMap<(u32, u64), Option<(crate::ledger::StackIdx, u64)>>,
+    go_buckets: HashMap<(u32, u64), Option<(crate::ingest::ledger::StackIdx, u64)>>,
     /// Whether a syscall stack passes through an allocator function, per
     /// `(tgid, stack id)` (see `Probes::inside_allocator`).
     allocator_stacks: HashMap<(u32, tracer_common::StackId), bool>,
@@ -361,7 +361,7 @@ impl Session {
         let region_totals = match self.min_age_ns {
             Some(age) => self
                 .regions
-                .totals_older_than(crate::events::monotonic_ns().saturating_sub(age)),
+                .totals_older_than(crate::ingest::events::monotonic_ns().saturating_sub(age)),
             None => self.regions.totals(),
         };
         for r in region_totals {
@@ -429,17 +429,15 @@ impl Session {
         let mut rates: HashMap<u32, i64> = HashMap::new();
         for ((pid, bucket), totals) in raw {
             let normalizer = &mut self.normalizer;
-            let Some((stack, size)) =
-                *self.go_buckets.entry((pid, bucket)).or_insert_with(
-                    || match crate::go::read_bucket(pid, bucket) {
-                        Ok(b) => Some((normalizer.intern_go(pid, &b.pcs), b.size_bytes)),
-                        Err(e) => {
-                            log::debug!("go bucket {bucket:#x} of {pid}: {e}");
-                            None
-                        }
-                    },
-                )
-            else {
+            let Some((stack, size)) = *self.go_buckets.entry((pid, bucket)).or_insert_with(|| {
+                match crate::runtime::go::read_bucket(pid, bucket) {
+                    Ok(b) => Some((normalizer.intern_go(pid, &b.pcs), b.size_bytes)),
+                    Err(e) => {
+                        log::debug!("go bucket {bucket:#x} of {pid}: {e}");
+                        None
+                    }
+                }
+            }) else {
                 continue;
             };
             let rate = *rates.entry(pid).or_insert_with(|| {
@@ -454,7 +452,7 @@ impl Session {
             } else {
                 size as f64
             };
-            let f = crate::go::scale(avg, rate);
+            let f = crate::runtime::go::scale(avg, rate);
             let scaled = |v: i64| (v.max(0) as f64 * f).round() as i64;
             rows.push(Row {
                 stack,
@@ -476,7 +474,7 @@ impl Session {
             if self.targets.get(&pid).map(|t| &t.status) != Some(&Status::Running) {
                 continue;
             }
-            let f = crate::gostats::read(pid, &target.stats);
+            let f = crate::runtime::go::stats::read(pid, &target.stats);
             if f != GoFigures::default() {
                 self.go_figures.insert(pid, (Instant::now(), f));
             }
@@ -600,7 +598,7 @@ impl Session {
                     "{} {} ({})",
                     self.counters.get(*c),
                     c.name(),
-                    crate::events::loss_meaning(*c)
+                    crate::ingest::events::loss_meaning(*c)
                 )
             })
             .collect();
@@ -638,11 +636,11 @@ impl Session {
         }
         notes.extend(self.probes.python_notes.iter().cloned());
         notes.extend(self.probes.go_notes.iter().cloned());
-        let mut go: Vec<(u32, &crate::go::GoTarget)> = self.probes.go_targets().collect();
+        let mut go: Vec<(u32, &crate::runtime::go::GoTarget)> = self.probes.go_targets().collect();
         go.sort_by_key(|(p, _)| *p);
         for (pid, target) in go {
             if target.rate(pid) == Ok(0) {
-                notes.push(crate::go::rate_zero_note(pid, target));
+                notes.push(crate::runtime::go::rate_zero_note(pid, target));
             }
         }
         if let Some(age) = self.min_age_ns {

@@ -30,11 +30,11 @@ use blazesym::symbolize::{
 use tracer_common::{py_stop, stop, StackId, STACK_LOST};
 
 use crate::{
-    events::RawStack,
-    ledger::StackIdx,
-    procfs::{self, MapEntry},
-    python::{CodeCache, PyTarget},
+    ingest::events::RawStack,
+    ingest::ledger::StackIdx,
     report::{Frame, FrameKind},
+    runtime::python::{CodeCache, PyTarget},
+    sys::procfs::{self, MapEntry},
 };
 
 /// One frame, normalized while its process lived.
@@ -327,8 +327,8 @@ pub struct Symbolizer {
 /// A stripped Go executable's `.gopclntab` and its load segments (frames
 /// arrive as file offsets, the table speaks virtual addresses).
 struct StrippedGo {
-    table: crate::gopclntab::GoTable,
-    segments: Vec<crate::elf::Segment>,
+    table: crate::runtime::go::pclntab::GoTable,
+    segments: Vec<crate::sys::elf::Segment>,
 }
 
 impl StrippedGo {
@@ -342,12 +342,12 @@ impl StrippedGo {
         if file.section_by_name(".symtab").is_some() {
             return None;
         }
-        match crate::gopclntab::GoTable::from_elf(&data) {
+        match crate::runtime::go::pclntab::GoTable::from_elf(&data) {
             Ok(table) => Some(Self {
                 table,
-                segments: crate::elf::segments_of(&file),
+                segments: crate::sys::elf::segments_of(&file),
             }),
-            Err(crate::gopclntab::PclnError::NoSection) => None,
+            Err(crate::runtime::go::pclntab::PclnError::NoSection) => None,
             Err(e) => {
                 log::warn!("{}: {e}; its Go frames stay unnamed", path.display());
                 None
@@ -364,7 +364,7 @@ impl StrippedGo {
             .copied()
             .filter(|s| s.executable)
             .collect();
-        let vaddr = crate::elf::vaddr_of_file_offset(&text, file_offset)?;
+        let vaddr = crate::sys::elf::vaddr_of_file_offset(&text, file_offset)?;
         let frames = self.table.frames(vaddr.checked_sub(1)?);
         if frames.is_empty() {
             return None;

@@ -4,7 +4,7 @@
 
 use std::{fmt::Write as _, path::Path};
 
-use crate::{cgroupfs::Mounts, procfs};
+use crate::{sys::cgroupfs::Mounts, sys::procfs};
 
 /// A kernel release as (major, minor), from `6.12.118+deb12-amd64`.
 pub fn release_version(release: &str) -> Option<(u32, u32)> {

@@ -11,10 +11,11 @@ pub mod live;
 pub mod pprof;
 pub mod svg;
 pub mod text;
+pub mod trend;
 
 use serde::Serialize;
 
-use crate::trend::Trend;
+use crate::report::trend::Trend;
 
 pub const SCHEMA: &str = "leaktrace.report/v1";
 
@@ -155,8 +156,8 @@ pub struct GoRuntime {
     pub pid: u32,
     /// `go1.19.8`.
     pub version: String,
-    pub at_attach: crate::gostats::GoFigures,
-    pub now: crate::gostats::GoFigures,
+    pub at_attach: crate::runtime::go::stats::GoFigures,
+    pub now: crate::runtime::go::stats::GoFigures,
     /// Seconds between the two readings.
     pub elapsed_s: f64,
     /// Figures that cannot be read, and why.
@@ -177,8 +178,8 @@ pub enum SortBy {
 pub struct Inputs<'a> {
     pub duration_s: f64,
     pub targets: Vec<Target>,
-    pub counters: &'a crate::events::Counters,
-    pub ledger: &'a crate::ledger::Ledger,
+    pub counters: &'a crate::ingest::events::Counters,
+    pub ledger: &'a crate::ingest::ledger::Ledger,
     pub top: usize,
     pub sort: SortBy,
     pub notes: Vec<String>,
@@ -191,12 +192,12 @@ pub struct Inputs<'a> {
 /// only the stacks shown (`symbolize` gets them in one batch).
 pub fn build(
     inputs: Inputs<'_>,
-    symbolize: &mut dyn FnMut(&[crate::ledger::StackIdx]) -> Vec<Vec<Frame>>,
+    symbolize: &mut dyn FnMut(&[crate::ingest::ledger::StackIdx]) -> Vec<Vec<Frame>>,
 ) -> Report {
     let mut rows: Vec<(
-        crate::ledger::StackIdx,
-        &crate::ledger::StackState,
-        crate::trend::Fit,
+        crate::ingest::ledger::StackIdx,
+        &crate::ingest::ledger::StackState,
+        crate::report::trend::Fit,
     )> = inputs
         .ledger
         .stacks
@@ -204,8 +205,8 @@ pub fn build(
         .filter(|(_, s)| s.outstanding_bytes() > 0)
         .map(|(idx, s)| {
             let pts: Vec<(f64, f64)> = s.series.iter().map(|(t, b)| (*t, *b as f64)).collect();
-            let mut fit = crate::trend::fit(&pts, s.total_bytes() as f64);
-            if pts.len() < crate::trend::MIN_SAMPLES && inputs.duration_s > 0.0 {
+            let mut fit = crate::report::trend::fit(&pts, s.total_bytes() as f64);
+            if pts.len() < crate::report::trend::MIN_SAMPLES && inputs.duration_s > 0.0 {
                 // Too short to fit a line: growth since attach.
                 fit.slope_bytes_per_s = s.outstanding_bytes() as f64 / inputs.duration_s;
             }
@@ -222,7 +223,11 @@ pub fn build(
         // each by slope. A stack seen in fewer samples than a fit needs
         // only has the average since attach as its slope, and one mapping
         // made late (a thread's stack) must not outrank a steady leak.
-        let key = |r: &(_, &crate::ledger::StackState, crate::trend::Fit)| match inputs.sort {
+        let key = |r: &(
+            _,
+            &crate::ingest::ledger::StackState,
+            crate::report::trend::Fit,
+        )| match inputs.sort {
             SortBy::Growth => (
                 f64::from(u8::from(r.2.trend == Trend::Growing)),
                 r.2.slope_bytes_per_s,
@@ -476,11 +481,11 @@ pub(crate) mod test_support {
             go_runtime: vec![GoRuntime {
                 pid: 4244,
                 version: "go1.19.8".into(),
-                at_attach: crate::gostats::GoFigures {
+                at_attach: crate::runtime::go::stats::GoFigures {
                     heap_inuse_bytes: Some(4_194_304),
                     goroutines: Some(6),
                 },
-                now: crate::gostats::GoFigures {
+                now: crate::runtime::go::stats::GoFigures {
                     heap_inuse_bytes: Some(12_582_912),
                     goroutines: Some(106),
                 },
@@ -591,7 +596,7 @@ pub(crate) mod test_support {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ledger::{Ledger, Row};
+    use crate::ingest::ledger::{Ledger, Row};
 
     fn row(stack: u32, bytes: i64) -> Row {
         Row {
@@ -611,7 +616,7 @@ mod tests {
         let mut ledger = Ledger::default();
         ledger.ingest(1.0, &[row(1, 100)]);
         ledger.ingest(2.0, &[row(1, 300), row(2, 50)]);
-        let counters = crate::events::Counters(Default::default());
+        let counters = crate::ingest::events::Counters(Default::default());
         let report = build(
             Inputs {
                 duration_s: 2.0,

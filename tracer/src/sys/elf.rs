@@ -147,3 +147,45 @@ pub fn vaddr_of_file_offset(segments: &[Segment], file_offset: u64) -> Option<u6
         })
         .map(translate)
 }
+
+/// A section's address and its bytes (borrowed, or inflated).
+pub type SectionBytes<'d> = (u64, std::borrow::Cow<'d, [u8]>);
+
+/// The address and bytes of section `name`, if the object has it. A
+/// zlib-compressed section (`SHF_COMPRESSED`; the Go linker compresses
+/// its `.debug_*` sections, `.debug_frame` included) is inflated.
+pub fn section_bytes<'d>(
+    file: &object::File<'d>,
+    name: &str,
+) -> Result<Option<SectionBytes<'d>>, String> {
+    use object::{Object as _, ObjectSection as _};
+    let Some(section) = file.section_by_name(name) else {
+        return Ok(None);
+    };
+    let error = |reason: String| reason;
+    let compressed = section
+        .compressed_data()
+        .map_err(|e| error(e.to_string()))?;
+    let bytes = match compressed.format {
+        object::CompressionFormat::None => std::borrow::Cow::Borrowed(compressed.data),
+        object::CompressionFormat::Zlib => {
+            use std::io::Read as _;
+            let size = usize::try_from(compressed.uncompressed_size)
+                .map_err(|_| error("implausible uncompressed size".to_string()))?;
+            let mut out = Vec::with_capacity(size.min(1 << 30));
+            flate2::read::ZlibDecoder::new(compressed.data)
+                .take(compressed.uncompressed_size)
+                .read_to_end(&mut out)
+                .map_err(|e| error(format!("failed to inflate the section: {e}")))?;
+            std::borrow::Cow::Owned(out)
+        }
+        _ => {
+            return Err(error(
+                "the section is compressed in a format other than zlib, which is not \
+                 supported; decompress it with `objcopy --decompress-debug-sections`"
+                    .to_string(),
+            ))
+        }
+    };
+    Ok(Some((section.address(), bytes)))
+}

@@ -22,7 +22,10 @@ use aya::{
 };
 use tracer_common::{maps, ExecMap, ProcMaps, PyProc, UnwindRow, MAX_PROC_MAPS};
 
-use crate::{elf, go, procfs, prologue, python, unwind_table};
+use crate::{
+    attach::prologue, runtime::go, runtime::python, sys::elf, sys::procfs,
+    unwind::table as unwind_table,
+};
 
 /// The eBPF object, built by `build.rs` from `tracer-ebpf`.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
@@ -229,7 +232,7 @@ pub struct Probes {
 struct UnwindObject {
     rows_start: u32,
     rows_len: u32,
-    segments: Vec<crate::elf::Segment>,
+    segments: Vec<crate::sys::elf::Segment>,
 }
 
 /// Objects whose unwind tables could not be loaded.
@@ -250,15 +253,15 @@ impl Probes {
         // the offset comes from the running kernel's BTF.
         let tgid_offset: u32 = std::fs::read("/sys/kernel/btf/vmlinux")
             .ok()
-            .and_then(|b| crate::btf::member_offset(&b, "task_struct", "tgid"))
+            .and_then(|b| crate::sys::btf::member_offset(&b, "task_struct", "tgid"))
             .unwrap_or(0);
         let oom_any: u32 = options.oom_any.into();
         // The Python walk tells the allocating thread by its fsbase.
         let fsbase_offset: u32 = std::fs::read("/sys/kernel/btf/vmlinux")
             .ok()
             .and_then(|b| {
-                let thread = crate::btf::member_offset(&b, "task_struct", "thread")?;
-                let fsbase = crate::btf::member_offset(&b, "thread_struct", "fsbase")?;
+                let thread = crate::sys::btf::member_offset(&b, "task_struct", "thread")?;
+                let fsbase = crate::sys::btf::member_offset(&b, "thread_struct", "fsbase")?;
                 Some(thread + fsbase)
             })
             .unwrap_or(0);
@@ -504,7 +507,7 @@ impl Probes {
             // Past the stack check, at the emulated `PUSHQ BP` (Go 1.21+):
             // no single-step per sampled object.
             let skip = go_code(open_path, offset)
-                .map_or(0, |code| crate::prologue::go_probe_offset(&code));
+                .map_or(0, |code| crate::attach::prologue::go_probe_offset(&code));
             self.attach_one(program, offset + skip, open_path, pid)
                 .map_err(|e| ProbeError::Attach {
                     pid: pid.get(),
@@ -543,7 +546,7 @@ impl Probes {
         target.walk(pid);
         target.at_attach = (
             std::time::Instant::now(),
-            crate::gostats::read(pid, &target.stats),
+            crate::runtime::go::stats::read(pid, &target.stats),
         );
         match &target.baseline_error {
             None => log::debug!(
@@ -665,14 +668,14 @@ impl Probes {
             // A file page can belong to two segments (the end of the
             // read-only one and the start of the text): an executable
             // mapping is the text's.
-            let text: Vec<crate::elf::Segment> = obj
+            let text: Vec<crate::sys::elf::Segment> = obj
                 .segments
                 .iter()
                 .filter(|s| s.executable)
                 .copied()
                 .collect();
-            let Some(vaddr) = crate::elf::vaddr_of_file_offset(&text, m.offset)
-                .or_else(|| crate::elf::vaddr_of_file_offset(&obj.segments, m.offset))
+            let Some(vaddr) = crate::sys::elf::vaddr_of_file_offset(&text, m.offset)
+                .or_else(|| crate::sys::elf::vaddr_of_file_offset(&obj.segments, m.offset))
             else {
                 continue;
             };
@@ -711,7 +714,7 @@ impl Probes {
         let Some(open) = m.open_path(pid) else {
             return UnwindObject::default();
         };
-        let segments = match crate::elf::load_segments(&open) {
+        let segments = match crate::sys::elf::load_segments(&open) {
             Ok(s) => s,
             Err(e) => {
                 self.unwind_notes.unreadable.push(format!("{path}: {e}"));
@@ -1019,7 +1022,7 @@ fn rejected(name: &str, e: &ProgramError) -> ProbeError {
         return ProbeError::TooComplex {
             program: name.to_string(),
             processed,
-            kernel: crate::procfs::kernel_release(),
+            kernel: crate::sys::procfs::kernel_release(),
         };
     }
     if let Some((_, log)) = chain.split_once("Verifier output:") {
@@ -1035,7 +1038,7 @@ fn rejected(name: &str, e: &ProgramError) -> ProbeError {
             .to_string();
         return ProbeError::Rejected {
             program: name.to_string(),
-            kernel: crate::procfs::kernel_release(),
+            kernel: crate::sys::procfs::kernel_release(),
             why,
         };
     }

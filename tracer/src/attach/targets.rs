@@ -4,7 +4,7 @@
 
 use std::fs;
 
-use crate::cgroupfs::Mounts;
+use crate::sys::cgroupfs::Mounts;
 
 /// What the user asked to trace.
 #[derive(Clone, Debug, Default)]
@@ -51,7 +51,7 @@ impl Selector {
     /// Whether process `pid` matches a name or a cgroup.
     pub fn matches(&self, pid: u32) -> bool {
         if !self.comms.is_empty() {
-            if let Some(comm) = crate::procfs::comm(pid) {
+            if let Some(comm) = crate::sys::procfs::comm(pid) {
                 if self.comms.iter().any(|c| comm_matches(c, &comm)) {
                     return true;
                 }

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap};
 use tracer_common::{maps, Counter, StackBuf, StackId, StackKey, StackTotals, STACK_LOST};
 
-use crate::probe::Probes;
+use crate::attach::probe::Probes;
 
 /// Counters summed over CPUs, indexed by [`Counter`].
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -38,6 +38,7 @@
 //! maps one gimli row to a [`Rule`], and [`rows_from_ranges`] (pure) turns
 //! `(start, end, rule)` ranges into sorted, merged, gap-marked rows.
 
+use crate::sys::elf;
 use std::{collections::BTreeMap, collections::HashMap, fs, path::Path};
 
 use gimli::{
@@ -350,7 +351,7 @@ pub fn build(path: &Path) -> Result<UnwindTable, UnwindTableError> {
     // the goroutine's, which the CFI does not describe. %rbp there is
     // still a frame pointer on the goroutine stack: the walk crosses over
     // by it (earlier ranges win). See `go::stack_switch_return_pcs`.
-    for ret in crate::gopclntab::stack_switch_return_pcs(&data) {
+    for ret in crate::runtime::go::pclntab::stack_switch_return_pcs(&data) {
         ranges.push(CfiRange {
             start: ret - 1,
             end: ret,
@@ -399,50 +400,18 @@ pub fn build(path: &Path) -> Result<UnwindTable, UnwindTableError> {
     })
 }
 
-/// A section's address and its bytes (borrowed, or inflated).
-type SectionBytes<'d> = (u64, std::borrow::Cow<'d, [u8]>);
-
-/// The address and bytes of section `name`, if the object has it. A
-/// zlib-compressed section (`SHF_COMPRESSED`; the Go linker compresses
-/// its `.debug_*` sections, `.debug_frame` included) is inflated.
-pub(crate) fn section_bytes<'d>(
+/// The address and bytes of section `name` (see [`elf::section_bytes`]),
+/// with the object named in the error.
+fn section_bytes<'d>(
     file: &object::File<'d>,
     name: &'static str,
     path: &Path,
-) -> Result<Option<SectionBytes<'d>>, UnwindTableError> {
-    let Some(section) = file.section_by_name(name) else {
-        return Ok(None);
-    };
-    let error = |reason: String| UnwindTableError::Section {
+) -> Result<Option<elf::SectionBytes<'d>>, UnwindTableError> {
+    elf::section_bytes(file, name).map_err(|reason| UnwindTableError::Section {
         path: path.display().to_string(),
         section: name,
         reason,
-    };
-    let compressed = section
-        .compressed_data()
-        .map_err(|e| error(e.to_string()))?;
-    let bytes = match compressed.format {
-        object::CompressionFormat::None => std::borrow::Cow::Borrowed(compressed.data),
-        object::CompressionFormat::Zlib => {
-            use std::io::Read as _;
-            let size = usize::try_from(compressed.uncompressed_size)
-                .map_err(|_| error("implausible uncompressed size".to_string()))?;
-            let mut out = Vec::with_capacity(size.min(1 << 30));
-            flate2::read::ZlibDecoder::new(compressed.data)
-                .take(compressed.uncompressed_size)
-                .read_to_end(&mut out)
-                .map_err(|e| error(format!("failed to inflate the section: {e}")))?;
-            std::borrow::Cow::Owned(out)
-        }
-        _ => {
-            return Err(error(
-                "the section is compressed in a format other than zlib, which is not \
-                 supported; decompress it with `objcopy --decompress-debug-sections`"
-                    .to_string(),
-            ))
-        }
-    };
-    Ok(Some((section.address(), bytes)))
+    })
 }
 
 #[derive(Default)]
@@ -516,7 +485,7 @@ fn collect_ranges<'a, S: UnwindSection<Reader<'a>>>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::elf::{load_segments, vaddr_of_file_offset, Segment};
+    use crate::sys::elf::{load_segments, vaddr_of_file_offset, Segment};
     use std::{
         path::PathBuf,
         process::Command,

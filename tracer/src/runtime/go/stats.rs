@@ -32,8 +32,8 @@ use gimli::{AttributeValue, EndianSlice, LittleEndian};
 use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
 
 use crate::{
-    gopclntab::{rip_relative, GoTable, RipOp},
-    procfs::read_mem,
+    runtime::go::pclntab::{rip_relative, GoTable, RipOp},
+    sys::procfs::read_mem,
 };
 
 /// More Ps than any machine runs (`GOMAXPROCS` is capped at 1024 by the
@@ -491,10 +491,10 @@ fn struct_types_of(file: &object::File<'_>, wanted: &[&str]) -> Result<StructTyp
         return Err("no DWARF (.debug_info): built with -ldflags=-w or stripped".into());
     }
     let load = |id: gimli::SectionId| -> Result<std::borrow::Cow<'_, [u8]>, String> {
-        match crate::unwind_table::section_bytes(file, id.name(), std::path::Path::new("")) {
+        match crate::sys::elf::section_bytes(file, id.name()) {
             Ok(Some((_, b))) => Ok(b),
             Ok(None) => Ok(std::borrow::Cow::Borrowed(&[][..])),
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(format!("section {}: {e}", id.name())),
         }
     };
     let owned = gimli::DwarfSections::load(load)?;

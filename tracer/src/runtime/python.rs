@@ -30,8 +30,8 @@ use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
 use tracer_common::{py_flags, PyProc};
 
 use crate::{
-    elf::{vaddr_of_file_offset, Segment},
-    procfs::{read_mem, MapEntry},
+    sys::elf::{vaddr_of_file_offset, Segment},
+    sys::procfs::{read_mem, MapEntry},
 };
 
 /// How a version maps instructions to lines.
@@ -427,7 +427,7 @@ pub fn inspect_object(path: &Path, name: &str) -> Option<PyObjectInfo> {
         .or_else(|| soname(&file).and_then(|n| version_from_name(&n)));
     let debug_offsets =
         read_at(runtime, DEBUG_OFFSETS_SIZE_3_13 as u64).and_then(DebugOffsets::parse);
-    let segments = crate::elf::segments_of(&file);
+    let segments = crate::sys::elf::segments_of(&file);
     Some(PyObjectInfo {
         hex_version,
         runtime_vaddr: runtime,

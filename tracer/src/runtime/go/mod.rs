@@ -11,7 +11,7 @@
 //!   the two functions, `runtime.MemProfileRate`, `runtime.mbuckets`),
 //!   refusing versions whose argument registers are not known. Stripped
 //!   binaries (no `.symtab`) get their functions from `.gopclntab`
-//!   ([`crate::gopclntab`]) and their variables from the first
+//!   ([`crate::runtime::go::pclntab`]) and their variables from the first
 //!   RIP-relative operand of a function known to read them
 //!   ([`stripped_variables`]);
 //! - reads each bucket's stack (`nstk` at +40, return PCs at +48) and the
@@ -23,15 +23,18 @@
 //! (buckets are persistent-allocated, never freed or moved), so each is
 //! read once per process.
 
+pub mod pclntab;
+pub mod stats;
+
 use std::{fs, path::Path};
 
 use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
 
 use crate::{
-    elf::{vaddr_of_file_offset, Segment},
-    gopclntab::{rip_relative, GoTable, RipOp},
-    procfs::read_mem,
-    procfs::MapEntry,
+    runtime::go::pclntab::{rip_relative, GoTable, RipOp},
+    sys::elf::{vaddr_of_file_offset, Segment},
+    sys::procfs::read_mem,
+    sys::procfs::MapEntry,
 };
 
 /// Byte offset of `nstk` in `runtime.bucket` (Go 1.17-1.27).
@@ -72,7 +75,7 @@ pub struct GoObjectInfo {
     pub pclntab_error: Option<String>,
     pub segments: Vec<Segment>,
     /// Where the runtime keeps its heap-in-use and goroutine figures.
-    pub stats: crate::gostats::StatsLayout,
+    pub stats: crate::runtime::go::stats::StatsLayout,
 }
 
 impl GoObjectInfo {
@@ -235,7 +238,7 @@ pub fn inspect_object(path: &Path) -> Option<GoObjectInfo> {
         });
     }
     info.version = version.unwrap_or_else(|| "unknown".into());
-    info.segments = crate::elf::segments_of(&file);
+    info.segments = crate::sys::elf::segments_of(&file);
     // Without DWARF (stripped, or `-ldflags=-w`) the runtime's figures
     // are found from the code, which needs the table.
     let table = if info.stripped || file.section_by_name(".debug_info").is_none() {
@@ -257,7 +260,8 @@ pub fn inspect_object(path: &Path) -> Option<GoObjectInfo> {
         // An unstripped binary does not need the table for its stacks.
         info.pclntab_error = None;
     }
-    info.stats = crate::gostats::layout_of(&file, table.as_ref(), parse_version(&info.version));
+    info.stats =
+        crate::runtime::go::stats::layout_of(&file, table.as_ref(), parse_version(&info.version));
     Some(info)
 }
 
@@ -374,9 +378,9 @@ pub struct GoTarget {
     pub baseline: Vec<BucketSnapshot>,
     pub baseline_error: Option<String>,
     /// Where the runtime's own figures are in this process.
-    pub stats: crate::gostats::StatsLayout,
+    pub stats: crate::runtime::go::stats::StatsLayout,
     /// Those figures when leaktrace attached, and when.
-    pub at_attach: (std::time::Instant, crate::gostats::GoFigures),
+    pub at_attach: (std::time::Instant, crate::runtime::go::stats::GoFigures),
 }
 
 impl GoTarget {
@@ -806,7 +810,7 @@ func main() {
                     let file = object::File::parse(&*data).expect("parse the binary");
                     let table = GoTable::from_elf(&data).expect("parse .gopclntab");
                     assert_eq!(
-                        crate::gostats::heap_inuse_from_code(&file, &table),
+                        crate::runtime::go::stats::heap_inuse_from_code(&file, &table),
                         info.stats.heap_inuse,
                         "{v}: runtime.heapRetained's first load is not heapInUse"
                     );
@@ -834,11 +838,14 @@ func main() {
                     let file = object::File::parse(&*data).expect("parse the binary");
                     let table = GoTable::from_elf(&data).expect("parse .gopclntab");
                     let mm = info.major_minor().expect("a version");
-                    let (status, startpc) = crate::gostats::g_offsets(mm).expect("g offsets");
-                    let dwarf = |m: &str| crate::gostats::dwarf_offset(&file, "runtime.g", &[m]);
+                    let (status, startpc) =
+                        crate::runtime::go::stats::g_offsets(mm).expect("g offsets");
+                    let dwarf =
+                        |m: &str| crate::runtime::go::stats::dwarf_offset(&file, "runtime.g", &[m]);
                     assert_eq!(Some(status), dwarf("atomicstatus"), "{v}: g.atomicstatus");
                     assert_eq!(Some(startpc), dwarf("startpc"), "{v}: g.startpc");
-                    let scan = crate::gostats::goroutine_scan(&file, &table, mm).expect("a scan");
+                    let scan = crate::runtime::go::stats::goroutine_scan(&file, &table, mm)
+                        .expect("a scan");
                     let allgs = file
                         .symbols()
                         .find(|s| s.name() == Ok("runtime.allgs"))
@@ -860,7 +867,7 @@ func main() {
                     .map(|w| w.parse::<i64>().expect("a number"));
                 let (heap, goroutines) = (it.next().expect("HeapInuse"), it.next().expect("count"));
                 let pid = child.id();
-                let maps = crate::procfs::read_maps(pid).expect("read its maps");
+                let maps = crate::sys::procfs::read_maps(pid).expect("read its maps");
                 let m = maps
                     .iter()
                     .find(|m| {
@@ -868,18 +875,18 @@ func main() {
                     })
                     .expect("its executable mapping");
                 let target = GoTarget::new(m, &info).expect("a Go target");
-                let ours = crate::gostats::read(pid, &target.stats);
+                let ours = crate::runtime::go::stats::read(pid, &target.stats);
                 let scanned = scan.map(|s| {
                     let bias = m.start.wrapping_sub(
-                        crate::elf::vaddr_of_file_offset(&info.segments, m.offset)
+                        crate::sys::elf::vaddr_of_file_offset(&info.segments, m.offset)
                             .expect("the mapping's address"),
                     );
-                    let layout = crate::gostats::StatsLayout {
+                    let layout = crate::runtime::go::stats::StatsLayout {
                         goroutine_scan: Some(s),
                         ..Default::default()
                     }
                     .rebase(bias);
-                    crate::gostats::read(pid, &layout).goroutines
+                    crate::runtime::go::stats::read(pid, &layout).goroutines
                 });
                 let _ = child.stdin.take().expect("stdin").write_all(b"\n");
                 let _ = child.wait();

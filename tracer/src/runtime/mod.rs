@@ -1,0 +1,18 @@
+//! Runtimes: what an interpreter or managed runtime adds to a traced
+//! process, one room each.
+//!
+//! - `python`: CPython 3.8-3.13: finds the interpreter and its layout in a
+//!   process, gives the kernel's Python walker what it needs (`PY_PROCS`,
+//!   `RUNTIMES`), and turns recorded `(code object, offset)` frames into
+//!   `function at file:line`.
+//! - `go`: the Go runtime's own heap profile buckets (`go/mod.rs`), its
+//!   symbol table and line tables (`go/pclntab.rs`, stripped binaries
+//!   included) and its heap and goroutine figures (`go/stats.rs`).
+//!
+//! The kernel side has a matching room per runtime (`tracer-ebpf/src/
+//! python.rs`, `go.rs`), registered in `tracer_common::runtime` and
+//! `tracer_common::chain`. A runtime may import `sys`; the core imports a
+//! runtime only through this module.
+
+pub mod go;
+pub mod python;
