@@ -51,19 +51,7 @@ fn nonexistent_pid_needs_no_privilege() {
     // As root, as CI runs, drop to nobody without capabilities first.
     // SAFETY: geteuid has no preconditions.
     let out = if unsafe { libc::geteuid() } == 0 {
-        Tracer::spawn_cmd(
-            Command::new("setpriv")
-                .args([
-                    "--reuid=65534",
-                    "--regid=65534",
-                    "--clear-groups",
-                    "--inh-caps=-all",
-                    "--bounding-set=-all",
-                ])
-                .arg(leaktrace_bin())
-                .args(["-p", &pid]),
-        )
-        .finish()
+        as_nobody(&["-p", &pid])
     } else {
         Tracer::spawn(&["-p", &pid]).finish()
     };
@@ -118,7 +106,13 @@ fn not_root() {
         return;
     }
     let fx = Fixture::start(&fixture("leaky"), &[]);
-    let out = Tracer::spawn_cmd(
+    let out = as_nobody(&["-p", &fx.pid().to_string()]);
+    assert_error(&out, "needs root");
+}
+
+/// leaktrace run as nobody, without any capability.
+fn as_nobody(args: &[&str]) -> Finished {
+    Tracer::spawn_cmd(
         Command::new("setpriv")
             .args([
                 "--reuid=65534",
@@ -128,10 +122,9 @@ fn not_root() {
                 "--bounding-set=-all",
             ])
             .arg(leaktrace_bin())
-            .args(["-p", &fx.pid().to_string()]),
+            .args(args),
     )
-    .finish();
-    assert_error(&out, "needs root");
+    .finish()
 }
 
 /// Hide a sysfs directory in a private mount namespace, then run leaktrace.

@@ -15,18 +15,28 @@ pub struct Function {
     pub code: Vec<u8>,
 }
 
+/// The bytes of the object at `path`.
+fn read(path: &Path) -> Result<Vec<u8>, ElfError> {
+    fs::read(path).map_err(|source| ElfError::Read {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// `data` parsed as an object, named by `path` in the error.
+fn parse<'d>(path: &Path, data: &'d [u8]) -> Result<object::File<'d>, ElfError> {
+    object::File::parse(data).map_err(|e| ElfError::Parse {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })
+}
+
 /// The functions an object defines among `wanted`, by name. Both the dynamic
 /// symbol table and `.symtab` (when present) are searched, so a statically
 /// linked allocator in a main binary is found too.
 pub fn find_functions(path: &Path, wanted: &[&str]) -> Result<HashMap<String, Function>, ElfError> {
-    let data = fs::read(path).map_err(|source| ElfError::Read {
-        path: path.display().to_string(),
-        source,
-    })?;
-    let file = object::File::parse(&*data).map_err(|e| ElfError::Parse {
-        path: path.display().to_string(),
-        reason: e.to_string(),
-    })?;
+    let data = read(path)?;
+    let file = parse(path, &data)?;
     let mut found = HashMap::new();
     for sym in file.dynamic_symbols().chain(file.symbols()) {
         if sym.kind() != object::SymbolKind::Text || sym.is_undefined() || sym.address() == 0 {
@@ -113,14 +123,8 @@ pub struct Segment {
 
 /// The `PT_LOAD` program headers of the object at `path`, in file order.
 pub fn load_segments(path: &Path) -> Result<Vec<Segment>, ElfError> {
-    let data = fs::read(path).map_err(|source| ElfError::Read {
-        path: path.display().to_string(),
-        source,
-    })?;
-    let file = object::File::parse(&*data).map_err(|e| ElfError::Parse {
-        path: path.display().to_string(),
-        reason: e.to_string(),
-    })?;
+    let data = read(path)?;
+    let file = parse(path, &data)?;
     Ok(segments_of(&file))
 }
 
