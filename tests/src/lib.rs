@@ -71,6 +71,14 @@ pub struct Fixture {
 
 fn line_reader<R: Read + Send + 'static>(r: R) -> mpsc::Receiver<String> {
     let (tx, rx) = mpsc::channel();
+    forward_lines(r, tx);
+    rx
+}
+
+/// Sends every line of `r` to `tx` from a thread of its own, until the
+/// stream ends or the receiver is gone. Several streams may share one
+/// channel (a child's stdout and stderr, read in the order they come).
+pub fn forward_lines<R: Read + Send + 'static>(r: R, tx: mpsc::Sender<String>) {
     thread::spawn(move || {
         for line in BufReader::new(r).lines() {
             let Ok(line) = line else { break };
@@ -79,7 +87,6 @@ fn line_reader<R: Read + Send + 'static>(r: R) -> mpsc::Receiver<String> {
             }
         }
     });
-    rx
 }
 
 fn wait_for(rx: &mpsc::Receiver<String>, what: &str, seen: &mut Vec<String>) -> bool {
@@ -94,18 +101,28 @@ fn wait_for_within(
     seen: &mut Vec<String>,
     guard: Duration,
 ) -> Option<String> {
+    wait_line(rx, |l| l.contains(what), seen, guard).ok()
+}
+
+/// The first line for which `want` holds (every line read is kept in
+/// `seen`), or why none came: `Timeout` when `guard` passed first,
+/// `Disconnected` when every sender is gone (the child closed its
+/// output, usually by exiting). Never panics, for callers that report
+/// a failure rather than fail a test.
+pub fn wait_line(
+    rx: &mpsc::Receiver<String>,
+    mut want: impl FnMut(&str) -> bool,
+    seen: &mut Vec<String>,
+    guard: Duration,
+) -> Result<String, mpsc::RecvTimeoutError> {
     let deadline = Instant::now() + guard;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(line) => {
-                let hit = line.contains(what);
-                seen.push(line.clone());
-                if hit {
-                    return Some(line);
-                }
-            }
-            Err(_) => return None,
+        let line = rx.recv_timeout(left)?;
+        let hit = want(&line);
+        seen.push(line.clone());
+        if hit {
+            return Ok(line);
         }
     }
 }
@@ -332,14 +349,25 @@ pub fn functions(stack: &Value) -> Vec<String> {
 pub fn compile_c_fixture(name: &str, dir: &std::path::Path) -> PathBuf {
     let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("fixtures/{name}.c"));
     let out = dir.join(name);
-    let st = Command::new("gcc")
-        .args(["-O0", "-g", "-o"])
-        .arg(&out)
-        .arg(&src)
-        .status()
-        .expect("gcc (cargo xtask setup installs it)");
+    let st = gcc(&src, &out, &["-O0", "-g"]).expect("gcc (cargo xtask setup installs it)");
     assert!(st.success(), "gcc failed on {}", src.display());
     out
+}
+
+/// Runs `gcc FLAGS -o OUT SRC` and returns its exit status; an `Err` only
+/// when gcc could not be started. Never panics, for callers that report
+/// a failure rather than fail a test.
+pub fn gcc(
+    src: &std::path::Path,
+    out: &std::path::Path,
+    flags: &[&str],
+) -> std::io::Result<ExitStatus> {
+    Command::new("gcc")
+        .args(flags)
+        .arg("-o")
+        .arg(out)
+        .arg(src)
+        .status()
 }
 
 /// The Go toolchains the version matrix builds with: one patch release

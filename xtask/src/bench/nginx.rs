@@ -1,0 +1,266 @@
+//! A realistic workload: Debian's nginx (1 worker, a static page on
+//! loopback, its own config, pid file and logs under `target/bench/nginx`)
+//! under `wrk`, untraced and with the tracer on the worker: requests/s and
+//! the worker's CPU per request.
+//!
+//! Imports: `super` (configurations), `harness`, `procfs`.
+
+use std::{
+    fs,
+    net::{TcpListener, TcpStream},
+    path::Path,
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+
+use super::{
+    harness::{signal, LeaktraceReport, Proc, Usage},
+    measure_row, median, nginx_specs,
+    procfs::{children, schedstat_ns},
+    Ctx, Kind, Row,
+};
+
+/// Seconds per measured wrk run, runs per row, keep-alive connections.
+pub(super) const WRK_SECS: u32 = 4;
+pub(super) const WRK_REPS: usize = 3;
+pub(super) const WRK_CONNECTIONS: u32 = 32;
+
+pub(super) struct NginxResult {
+    pub(super) rps: f64,
+    /// The worker's CPU time per request (median over runs).
+    pub(super) worker_ns_per_request: f64,
+    pub(super) usage: Option<Usage>,
+    pub(super) report: Option<LeaktraceReport>,
+}
+
+/// Every nginx row, against one nginx.
+pub(super) fn measure(ctx: &Ctx, bcc_ready: &Result<(), String>) -> Result<Vec<Row<NginxResult>>> {
+    let nginx = Nginx::start(&ctx.dir.join("nginx"))?;
+    let url = format!("http://127.0.0.1:{}/", nginx.port);
+    let rows = nginx_specs(ctx)
+        .into_iter()
+        .map(|(label, kind)| {
+            measure_row(ctx, "nginx", label.to_string(), || {
+                match (&kind, bcc_ready) {
+                    (Kind::Memleak, Err(why)) => bail!("{why}"),
+                    _ => run(ctx, &nginx, &url, &kind),
+                }
+            })
+        })
+        .collect();
+    nginx.stop();
+    Ok(rows)
+}
+
+/// One row: a 1 s warm-up, then `WRK_REPS` wrk runs under one tracer.
+fn run(ctx: &Ctx, nginx: &Nginx, url: &str, kind: &Kind) -> Result<NginxResult> {
+    let json = ctx.fresh_report("nginx.json");
+    let mut tracer = kind.attach(ctx, nginx.worker, &json, None)?;
+    wrk(url, 1)?;
+    let cpu0 = tracer.as_ref().and_then(|t| t.cpu_s(ctx));
+    let (mut rps, mut worker_ns) = (Vec::new(), Vec::new());
+    for _ in 0..WRK_REPS {
+        let before = schedstat_ns(nginx.worker);
+        let w = wrk(url, WRK_SECS)?;
+        if let (Some(a), Some(b)) = (before, schedstat_ns(nginx.worker)) {
+            worker_ns.push(b.saturating_sub(a) as f64 / w.requests.max(1) as f64);
+        }
+        rps.push(w.rps);
+    }
+    let cpu1 = tracer.as_ref().and_then(|t| t.cpu_s(ctx));
+    let usage = tracer
+        .as_mut()
+        .map(|t| t.stop_measured((cpu0, cpu1)))
+        .transpose()?;
+    Ok(NginxResult {
+        rps: median(&mut rps),
+        worker_ns_per_request: median(&mut worker_ns),
+        usage,
+        report: kind.report(&json)?,
+    })
+}
+
+struct Wrk {
+    rps: f64,
+    requests: u64,
+}
+
+/// Requests per second from one bounded wrk run over keep-alive
+/// connections.
+fn wrk(url: &str, secs: u32) -> Result<Wrk> {
+    let mut p = Proc::spawn(
+        "wrk",
+        Command::new("wrk").args([
+            "-t1",
+            &format!("-c{WRK_CONNECTIONS}"),
+            &format!("-d{secs}s"),
+            url,
+        ]),
+        false,
+    )?;
+    let line = p.wait_line(
+        |l| l.starts_with("Requests/sec:"),
+        Duration::from_secs(u64::from(secs) + 30),
+    )?;
+    p.finish(Duration::from_secs(10))?;
+    let rps = line
+        .trim_start_matches("Requests/sec:")
+        .trim()
+        .parse()
+        .with_context(|| format!("unexpected wrk line {line:?}"))?;
+    // "  293876 requests in 4.00s, 245.12MB read"
+    let requests = p
+        .seen
+        .iter()
+        .find_map(|l| l.split_once(" requests in ")?.0.trim().parse().ok())
+        .with_context(|| format!("wrk printed no request count{}", p.tail()))?;
+    Ok(Wrk { rps, requests })
+}
+
+/// Debian's nginx with its own prefix, config, pid file and logs; never
+/// the system configuration. Stopped (SIGQUIT, then SIGKILL) on drop.
+struct Nginx {
+    master: Option<Child>,
+    worker: u32,
+    port: u16,
+}
+
+impl Nginx {
+    fn start(dir: &Path) -> Result<Nginx> {
+        let conf = dir.join("nginx.conf");
+        stop_stale(&dir.join("nginx.pid"), &conf);
+        let _ = fs::remove_dir_all(dir);
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .context("failed to find a free loopback port")?
+            .port();
+        write_site(dir, &conf, port)?;
+        let master = Command::new("nginx")
+            .arg("-p")
+            .arg(dir)
+            .arg("-c")
+            .arg(&conf)
+            .arg("-e")
+            .arg(dir.join("error.log"))
+            .stdin(Stdio::null())
+            .spawn()
+            .context("failed to start nginx")?;
+        let mut nginx = Nginx {
+            worker: 0,
+            port,
+            master: Some(master),
+        };
+        nginx.worker = nginx.wait_serving(dir)?;
+        Ok(nginx)
+    }
+
+    /// The worker's pid, once the master has forked it and the port
+    /// answers.
+    fn wait_serving(&mut self, dir: &Path) -> Result<u32> {
+        let master_pid = self.master.as_ref().map_or(0, Child::id);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(Ok(Some(st))) = self.master.as_mut().map(Child::try_wait) {
+                let log = fs::read_to_string(dir.join("error.log")).unwrap_or_default();
+                bail!("nginx exited at start ({st}): {}", log.trim());
+            }
+            let worker = children(master_pid).into_iter().next();
+            if let (Some(w), Ok(_)) = (worker, TcpStream::connect(("127.0.0.1", self.port))) {
+                return Ok(w);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "nginx did not answer on 127.0.0.1:{} within 15 s",
+                    self.port
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        let Some(mut master) = self.master.take() else {
+            return;
+        };
+        if let Ok(None) = master.try_wait() {
+            signal(master.id(), "QUIT");
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = master.try_wait() {
+                    break;
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+        }
+        if let Ok(None) = master.try_wait() {
+            if self.worker != 0 {
+                signal(self.worker, "KILL");
+            }
+            let _ = master.kill();
+        }
+        let _ = master.wait();
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// A run killed hard may have left its nginx behind: stop it, if the
+/// pid file names a process started with this config.
+fn stop_stale(pid_file: &Path, conf: &Path) {
+    let Some(pid) = fs::read_to_string(pid_file)
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+    else {
+        return;
+    };
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    if String::from_utf8_lossy(&cmdline).contains(&*conf.to_string_lossy()) {
+        eprintln!("xtask: bench: stopping a stale nginx (pid {pid})");
+        signal(pid, "TERM");
+        thread::sleep(Duration::from_secs(1));
+        signal(pid, "KILL");
+    }
+}
+
+/// The page and the config, under `dir` only.
+fn write_site(dir: &Path, conf: &Path, port: u16) -> Result<()> {
+    let www = dir.join("www");
+    let tmp = dir.join("tmp");
+    fs::create_dir_all(&www).with_context(|| format!("failed to create {}", www.display()))?;
+    fs::create_dir_all(&tmp)?;
+    fs::write(
+        www.join("index.html"),
+        format!(
+            "<!doctype html><title>bench</title><p>{}</p>\n",
+            "leaktrace benchmark page. ".repeat(20)
+        ),
+    )?;
+    let d = dir.display();
+    fs::write(
+        conf,
+        format!(
+            "# Written by `cargo xtask bench`.\n\
+             daemon off;\nmaster_process on;\nworker_processes 1;\nuser root;\n\
+             pid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
+             events {{ worker_connections 1024; }}\n\
+             http {{\n  access_log off;\n\
+             \x20 client_body_temp_path {d}/tmp/body;\n  proxy_temp_path {d}/tmp/proxy;\n\
+             \x20 fastcgi_temp_path {d}/tmp/fastcgi;\n  uwsgi_temp_path {d}/tmp/uwsgi;\n\
+             \x20 scgi_temp_path {d}/tmp/scgi;\n\
+             \x20 server {{\n    listen 127.0.0.1:{port};\n    root {d}/www;\n\
+             \x20   location / {{ }}\n  }}\n}}\n"
+        ),
+    )?;
+    Ok(())
+}
