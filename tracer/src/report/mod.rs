@@ -3,15 +3,19 @@
 //! [`Report`] is built once from the ledger, the trend fits and the
 //! symbolized stacks; `text`, `json`, `folded` (collapsed stacks, also in
 //! the two-column growth form), `svg` (flamegraphs) and `pprof` render it.
-//! Writers are pure.
+//! Writers are pure. The report owns its formats: [`Format`] names them
+//! (the CLI's values and output file names come from it) and [`write`]
+//! renders a report in any of them.
 
 pub mod folded;
+pub mod format;
 pub mod json;
 pub mod live;
 pub mod pprof;
 pub mod svg;
 pub mod text;
 
+pub use format::{write, Format};
 use serde::Serialize;
 
 use crate::trend::Trend;
