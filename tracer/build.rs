@@ -1,6 +1,9 @@
 //! Builds `tracer-ebpf` for the BPF target on the nightly toolchain and
 //! leaves the object in `OUT_DIR/tracer`, embedded by `probe::EBPF_OBJECT`;
-//! records what built it for `leaktrace --version`.
+//! generates the pprof messages (`OUT_DIR/perftools.profiles.rs`, included
+//! by `report::pprof`) from the vendored `proto/profile.proto`; records
+//! what built it all for `leaktrace --version`.
+use std::path::Path;
 use std::process::Command;
 
 use anyhow::Context as _;
@@ -70,12 +73,26 @@ fn provenance(root: &std::path::Path) {
     );
 }
 
+/// The pprof schema as prost messages. protox parses it in Rust, so the
+/// build needs no protoc on the machine.
+fn pprof_messages(crate_dir: &Path) -> anyhow::Result<()> {
+    let dir = crate_dir.join("proto");
+    let schema = dir.join("profile.proto");
+    println!("cargo:rerun-if-changed={}", schema.display());
+    let descriptors = protox::compile(["profile.proto"], [&dir])
+        .with_context(|| format!("failed to parse {}", schema.display()))?;
+    prost_build::Config::new()
+        .compile_fds(descriptors)
+        .with_context(|| format!("failed to generate Rust from {}", schema.display()))
+}
+
 fn main() -> anyhow::Result<()> {
     let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .context("tracer crate has no parent directory")?
         .to_path_buf();
     provenance(&workspace);
+    pprof_messages(Path::new(env!("CARGO_MANIFEST_DIR")))?;
     // The same object from any checkout and any CARGO_HOME: the nightly
     // cargo that aya-build runs trims the source paths it records
     // (workspace, registry, sysroot) to fixed ones. aya-build sets the

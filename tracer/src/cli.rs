@@ -8,75 +8,7 @@ use std::{
 
 use clap::Parser;
 
-use crate::report::SortBy;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Format {
-    /// For a terminal.
-    Text,
-    /// The `leaktrace.report/v1` schema.
-    Json,
-    /// Collapsed stacks (`frame;frame bytes`, root first) for flamegraph.pl
-    /// and inferno.
-    Folded,
-    /// What grew: `frames before after` (differential folded).
-    GrowthFolded,
-    /// A flamegraph of outstanding bytes.
-    Svg,
-    /// A differential flamegraph of what grew between the first and last
-    /// sample.
-    GrowthSvg,
-    /// gzipped profile.proto for `go tool pprof`, Pyroscope, Parca.
-    Pprof,
-}
-
-impl Format {
-    /// Every format, as written into an output directory.
-    pub const ALL: [Format; 7] = [
-        Format::Text,
-        Format::Json,
-        Format::Folded,
-        Format::GrowthFolded,
-        Format::Svg,
-        Format::GrowthSvg,
-        Format::Pprof,
-    ];
-
-    /// File name used in an output directory.
-    pub fn file_name(self) -> &'static str {
-        match self {
-            Format::Text => "report.txt",
-            Format::Json => "report.json",
-            Format::Folded => "report.folded",
-            Format::GrowthFolded => "report.growth.folded",
-            Format::Svg => "report.svg",
-            Format::GrowthSvg => "report.growth.svg",
-            Format::Pprof => "report.pb.gz",
-        }
-    }
-
-    /// The format a file name asks for, by its ending.
-    pub fn from_file_name(name: &str) -> Option<Format> {
-        let n = name.to_ascii_lowercase();
-        Some(if n.ends_with(".growth.svg") {
-            Format::GrowthSvg
-        } else if n.ends_with(".growth.folded") {
-            Format::GrowthFolded
-        } else if n.ends_with(".svg") {
-            Format::Svg
-        } else if n.ends_with(".folded") || n.ends_with(".collapsed") {
-            Format::Folded
-        } else if n.ends_with(".json") {
-            Format::Json
-        } else if n.ends_with(".pb.gz") || n.ends_with(".pprof") || n.ends_with(".pb") {
-            Format::Pprof
-        } else if n.ends_with(".txt") {
-            Format::Text
-        } else {
-            return None;
-        })
-    }
-}
+use crate::report::{Format, SortBy};
 
 /// Where the final report goes, in which format.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -23,11 +23,11 @@ use crate::{
     attach::probe::{MapSizes, ProbeError, ProbeOptions, Probes},
     attach::proc_events::{ProcConnector, ProcEvent},
     attach::targets::Selector,
-    cli::{Config, Format},
+    cli::Config,
     ingest::events::Counters,
     ingest::ledger::{Ledger, Row},
     ingest::mmaps::MmapTracker,
-    report::{self, Report, Target},
+    report::{self, Format, Report, Target},
     runtime::go::stats::GoFigures,
     symbolize::{Normalizer, Symbolizer},
     sys::procfs::{self, ProcId},
@@ -716,29 +716,6 @@ fn apply_syscall(regions: &mut MmapTracker, ev: &SyscallEvent) {
     }
 }
 
-/// Write a report; a closed stdout (`leaktrace ... | head`) is not an error.
-fn emit(
-    report: &Report,
-    format: Format,
-    build_ids: &std::collections::BTreeMap<String, String>,
-    out: &mut dyn Write,
-) -> io::Result<()> {
-    let res = match format {
-        Format::Text => report::text::write(report, out),
-        Format::Json => report::json::write(report, out),
-        Format::Folded => report::folded::write(report, out),
-        Format::GrowthFolded => report::folded::write_growth(report, out),
-        Format::Svg => report::svg::write(report, out),
-        Format::GrowthSvg => report::svg::write_growth_svg(report, out),
-        Format::Pprof => report::pprof::write_with_build_ids(report, build_ids, out),
-    }
-    .and_then(|()| out.flush());
-    match res {
-        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
-        other => other,
-    }
-}
-
 fn spawn_demo() -> anyhow::Result<DemoChild> {
     let exe = std::env::current_exe().context("failed to find leaktrace's own executable")?;
     let child = Command::new(exe)
@@ -933,7 +910,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                                 }
                             }
                         } else {
-                            emit(&r, Format::Text, &Default::default(), &mut io::stdout().lock())?;
+                            let out = &mut io::stdout().lock();
+                            report::write(Format::Text, &r, &Default::default(), out)?;
                         }
                         next_report = Some(at + every);
                     }
@@ -992,8 +970,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     log::info!("stopping: {why}");
     let report = session.report(&cfg);
     // Flamegraphs and profiles show every stack, not only the top ones.
-    let wants_all = |f: Format| !matches!(f, Format::Text | Format::Json);
-    let full = if cfg.outputs.iter().any(|o| wants_all(o.format)) || wants_all(cfg.format) {
+    let full = if cfg.outputs.iter().any(|o| o.format.shows_every_stack())
+        || cfg.format.shows_every_stack()
+    {
         session.report_top(&cfg, usize::MAX)
     } else {
         report.clone()
@@ -1001,12 +980,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let build_ids = session.normalizer.build_ids();
     if cfg.outputs.is_empty() {
         eprintln!("leaktrace: {why}; final report:");
-        let r = if wants_all(cfg.format) {
+        let r = if cfg.format.shows_every_stack() {
             &full
         } else {
             &report
         };
-        emit(r, cfg.format, &build_ids, &mut io::stdout().lock())?;
+        report::write(cfg.format, r, &build_ids, &mut io::stdout().lock())?;
     } else {
         let mut written = Vec::new();
         for out in &cfg.outputs {
@@ -1018,12 +997,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 io::BufWriter::new(File::create(&out.path).with_context(|| {
                     format!("failed to create report file {}", out.path.display())
                 })?);
-            let r = if wants_all(out.format) {
+            let r = if out.format.shows_every_stack() {
                 &full
             } else {
                 &report
             };
-            emit(r, out.format, &build_ids, &mut f)
+            report::write(out.format, r, &build_ids, &mut f)
                 .with_context(|| format!("failed to write report file {}", out.path.display()))?;
             written.push(out.path.display().to_string());
         }

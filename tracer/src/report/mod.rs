@@ -3,9 +3,12 @@
 //! [`Report`] is built once from the ledger, the trend fits and the
 //! symbolized stacks; `text`, `json`, `folded` (collapsed stacks, also in
 //! the two-column growth form), `svg` (flamegraphs) and `pprof` render it.
-//! Writers are pure.
+//! Writers are pure. The report owns its formats: [`Format`] names them
+//! (the CLI's values and output file names come from it) and [`write`]
+//! renders a report in any of them.
 
 pub mod folded;
+pub mod format;
 pub mod json;
 pub mod live;
 pub mod pprof;
@@ -13,6 +16,7 @@ pub mod svg;
 pub mod text;
 pub mod trend;
 
+pub use format::{write, Format};
 use serde::Serialize;
 
 use crate::report::trend::Trend;

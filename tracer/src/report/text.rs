@@ -1,4 +1,10 @@
 //! `--format text`: what a person reads in a terminal.
+//!
+//! Input: a [`Report`]. Output: a header line (duration, totals, losses,
+//! targets), the notes and Go runtime figures, then each stack in the
+//! report's order with at most [`MAX_TEXT_FRAMES`] frames, innermost
+//! first. Invariants: sizes in binary units ([`human_bytes`]); the same
+//! report gives the same text.
 
 use std::io::{self, Write};
 
@@ -153,6 +159,15 @@ pub fn write(report: &Report, out: &mut dyn Write) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::report::test_support::{check_golden, sample_report};
+
+    #[test]
+    fn text_matches_golden() {
+        let mut out = Vec::new();
+        write(&sample_report(), &mut out).expect("writing to a Vec cannot fail");
+        let text = String::from_utf8(out).expect("text is UTF-8");
+        check_golden("text/report.txt", &text);
+    }
 
     #[test]
     fn bytes_read_well() {
@@ -163,7 +178,7 @@ mod tests {
 
     #[test]
     fn go_runtime_figures_beside_the_stacks() {
-        let mut r = crate::report::test_support::sample_report();
+        let mut r = sample_report();
         let mut out = Vec::new();
         write(&r, &mut out).expect("writing to a Vec cannot fail");
         let text = String::from_utf8(out).expect("utf-8");
