@@ -9,6 +9,12 @@
 //! lifecycle and the event loop. `sys` holds helpers every room may use.
 //! Only `attach` and `ingest` touch aya; the stages after them take plain
 //! types and are unit-tested without root.
+//!
+//! Imports go one way, down this list (each room may import those below
+//! it, never those above): `run` > `report` > `symbolize` > `ingest` >
+//! `attach` > `unwind` > `runtime` > `sys`. (`attach` loads `unwind`'s
+//! tables and what each `runtime` needs; `unwind` asks `runtime::go` where
+//! Go switches stacks.)
 
 pub mod attach;
 pub mod cli;

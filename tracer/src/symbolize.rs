@@ -32,10 +32,58 @@ use tracer_common::{py_stop, stop, StackId, STACK_LOST};
 use crate::{
     ingest::events::RawStack,
     ingest::ledger::StackIdx,
-    report::{Frame, FrameKind},
     runtime::python::{CodeCache, PyTarget},
     sys::procfs::{self, MapEntry},
 };
+
+use serde::Serialize;
+
+/// What kind of code a frame is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum FrameKind {
+    Native,
+    Python,
+    Lua,
+    Go,
+    Kernel,
+}
+
+/// One frame, innermost first within a stack.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Frame {
+    /// Plain function name (demangled, no `+offset`), `null` if unknown.
+    pub function: Option<String>,
+    /// Object path as the traced process sees it.
+    pub module: Option<String>,
+    pub file: Option<String>,
+    pub line: Option<u32>,
+    pub kind: FrameKind,
+    /// True for a call that the compiler inlined into the next frame.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub inlined: bool,
+    /// File offset in `module` (or the raw address when there is no
+    /// module) when the function is unknown.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub offset: Option<u64>,
+}
+
+impl Frame {
+    /// A frame that stands for something other than code: a truncation,
+    /// a lost stack, generated code (`[name]`, kind native, no module).
+    pub fn marker(name: String, offset: Option<u64>) -> Frame {
+        Frame {
+            function: Some(name),
+            module: None,
+            file: None,
+            line: None,
+            kind: FrameKind::Native,
+            inlined: false,
+            offset,
+        }
+    }
+}
 
 /// One frame, normalized while its process lived.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -216,12 +264,7 @@ impl Normalizer {
     pub fn build_ids(&self) -> std::collections::BTreeMap<String, String> {
         self.modules
             .iter()
-            .filter_map(|m| {
-                Some((
-                    m.path.clone(),
-                    crate::report::pprof::build_id(&m.read_path)?,
-                ))
-            })
+            .filter_map(|m| Some((m.path.clone(), crate::sys::elf::build_id(&m.read_path)?)))
             .collect()
     }
 

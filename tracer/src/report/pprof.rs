@@ -25,7 +25,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{self, Write};
-use std::path::Path;
 
 use bytes::BytesMut;
 use flate2::{write::GzEncoder, Compression};
@@ -65,17 +64,6 @@ pub fn write_with_build_ids(
     gz.write_all(&buf)?;
     gz.finish()?;
     Ok(())
-}
-
-/// The GNU build id of an ELF file, in hex; `None` when the file cannot be
-/// read or has none. Reads only the headers and the note.
-pub fn build_id(path: &Path) -> Option<String> {
-    use object::Object as _;
-    let file = std::fs::File::open(path).ok()?;
-    let cache = object::ReadCache::new(file);
-    let obj = object::File::parse(&cache).ok()?;
-    let id = obj.build_id().ok()??;
-    Some(id.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// The string table: index 0 is `""`, the others in first-use order.
@@ -493,24 +481,6 @@ mod tests {
         );
     }
 
-    #[test]
-    fn build_id_reads_an_elf_note() {
-        // Debian links everything with --build-id; if this binary has
-        // none, there is nothing to compare.
-        let exe = std::env::current_exe().expect("test binary path");
-        let Ok(out) = Command::new("readelf").arg("-n").arg(&exe).output() else {
-            eprintln!("skipping build_id_reads_an_elf_note: readelf not found");
-            return;
-        };
-        let notes = String::from_utf8_lossy(&out.stdout);
-        let expected = notes
-            .lines()
-            .find_map(|l| l.trim().strip_prefix("Build ID: "))
-            .map(str::to_string);
-        assert_eq!(build_id(&exe), expected);
-        assert_eq!(build_id(Path::new("/nonexistent/leaktrace")), None);
-    }
-
     /// Removes the file when the test ends, pass or fail.
     struct TempFile(std::path::PathBuf);
     impl Drop for TempFile {
@@ -519,7 +489,7 @@ mod tests {
         }
     }
 
-    fn go_tool_pprof(args: &[&str], file: &Path) -> String {
+    fn go_tool_pprof(args: &[&str], file: &std::path::Path) -> String {
         let out = Command::new("go")
             .args(["tool", "pprof"])
             .args(args)

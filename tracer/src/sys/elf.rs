@@ -193,3 +193,37 @@ pub fn section_bytes<'d>(
     };
     Ok(Some((section.address(), bytes)))
 }
+/// The GNU build id of an ELF file, in hex; `None` when the file cannot be
+/// read or has none. Reads only the headers and the note.
+pub fn build_id(path: &Path) -> Option<String> {
+    use object::Object as _;
+    let file = std::fs::File::open(path).ok()?;
+    let cache = object::ReadCache::new(file);
+    let obj = object::File::parse(&cache).ok()?;
+    let id = obj.build_id().ok()??;
+    Some(id.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+
+    #[test]
+    fn build_id_reads_an_elf_note() {
+        // Debian links everything with --build-id; if this binary has
+        // none, there is nothing to compare.
+        let exe = std::env::current_exe().expect("test binary path");
+        let Ok(out) = Command::new("readelf").arg("-n").arg(&exe).output() else {
+            eprintln!("skipping build_id_reads_an_elf_note: readelf not found");
+            return;
+        };
+        let notes = String::from_utf8_lossy(&out.stdout);
+        let expected = notes
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("Build ID: "))
+            .map(str::to_string);
+        assert_eq!(build_id(&exe), expected);
+        assert_eq!(build_id(Path::new("/nonexistent/leaktrace")), None);
+    }
+}
