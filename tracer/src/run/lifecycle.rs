@@ -1,0 +1,218 @@
+//! Process lifecycle: attaching a process (new, forked, exec'd, or
+//! matched by name or cgroup), following forks, execs and exits from the
+//! kernel's process events (or a /proc rescan), and dropping what an
+//! exited process held.
+
+use super::*;
+
+impl Session {
+    /// Attach to a process (new, forked, exec'd, or matched by name or
+    /// cgroup). Failures are kept as the target's status.
+    pub(super) fn add(&mut self, pid: u32) -> Result<(), ProbeError> {
+        let Some(id) = ProcId::current(pid) else {
+            return Err(ProbeError::NoProcess { pid });
+        };
+        let comm = procfs::comm(pid).unwrap_or_else(|| "?".into());
+        let res = self.probes.attach_process(pid);
+        let status = match &res {
+            Ok(att) => {
+                for (object, funcs) in &att.objects {
+                    let names: Vec<String> = funcs
+                        .iter()
+                        .map(|f| match f.offset {
+                            0 => f.name.clone(),
+                            off => format!("{}+{off}", f.name),
+                        })
+                        .collect();
+                    log::debug!("pid {pid}: {object}: {}", names.join(" "));
+                }
+                if let Some(py) = self.probes.python_target(pid) {
+                    self.normalizer.set_python(pid, py.clone());
+                }
+                if let Ok(maps) = procfs::read_maps(pid) {
+                    if let Some(heap) = maps.iter().find(|m| m.pseudo.as_deref() == Some("[heap]"))
+                    {
+                        self.regions.set_initial_brk(pid, heap.end);
+                    }
+                    self.normalizer.remember_maps(pid, maps);
+                }
+                Status::Running
+            }
+            Err(e) => Status::NotAttached(e.to_string()),
+        };
+        self.targets.insert(pid, TargetState { id, comm, status });
+        res.map(|_| ())
+    }
+
+    /// Forget everything about a process's address space: it exited, or
+    /// exec'd into a new image whose addresses mean something else.
+    pub(super) fn drop_address_space(&mut self, pid: u32) {
+        self.probes.detach_process(pid);
+        if let Err(e) = self.probes.forget_process(pid) {
+            log::warn!("{e}");
+        }
+        self.normalizer.forget_process(pid);
+        self.go_buckets.retain(|(t, _), _| *t != pid);
+        self.allocator_stacks.retain(|(t, _), _| *t != pid);
+        self.go_figures.remove(&pid);
+        self.regions.forget(pid);
+    }
+
+    pub(super) fn on_proc_event(&mut self, ev: ProcEvent) {
+        match ev {
+            ProcEvent::Fork { parent, child } => {
+                let traced_parent = self
+                    .targets
+                    .get(&parent)
+                    .is_some_and(|t| t.status == Status::Running);
+                if (traced_parent || self.selector.matches(child))
+                    && !self.targets.contains_key(&child)
+                {
+                    match self.add(child) {
+                        Ok(()) => log::info!("following child {child} of {parent}"),
+                        Err(e) => log::warn!("not following child {child} of {parent}: {e}"),
+                    }
+                }
+            }
+            ProcEvent::Exec { pid } => {
+                let traced = self
+                    .targets
+                    .get(&pid)
+                    .is_some_and(|t| t.status == Status::Running);
+                if traced {
+                    self.drop_address_space(pid);
+                    self.targets.remove(&pid);
+                    if let Err(e) = self.add(pid) {
+                        log::warn!(
+                            "process {pid} exec'd into something leaktrace cannot trace: {e}"
+                        );
+                    } else {
+                        log::info!("re-attached to {pid} after exec");
+                    }
+                } else if self.selector.matches(pid) {
+                    self.targets.remove(&pid);
+                    if let Err(e) = self.add(pid) {
+                        log::warn!("not tracing {pid}: {e}");
+                    }
+                }
+            }
+            ProcEvent::Exit { pid } => self.on_exit(pid),
+            ProcEvent::Comm { pid } => {
+                // A worker that names itself after it was forked
+                // (prctl(PR_SET_NAME)) now matches --comm.
+                if !self.targets.contains_key(&pid) && self.selector.matches(pid) {
+                    match self.add(pid) {
+                        Ok(()) => log::info!("following {pid}: renamed to a traced name"),
+                        Err(e) => log::warn!("not tracing {pid}: {e}"),
+                    }
+                }
+            }
+        }
+    }
+
+    pub(super) fn on_exit(&mut self, pid: u32) {
+        if !self.targets.contains_key(&pid) {
+            return;
+        }
+        // An OOM kill's event may still be queued: its report needs the
+        // rows this exit is about to drop.
+        if let Err(e) = self.on_events() {
+            log::warn!("{e:#}");
+        }
+        let Some(t) = self.targets.get_mut(&pid) else {
+            return;
+        };
+        if t.status != Status::Running {
+            return;
+        }
+        t.status = Status::Exited;
+        log::info!("process {pid} ({}) exited", t.comm);
+        // The last process of a fixed set keeps its data for the final
+        // report; otherwise its memory is gone and so are its rows (a
+        // recycled worker must not look like a leak, and its pid may be
+        // reused).
+        if self.running() > 0 || !self.closed_set {
+            self.drop_address_space(pid);
+        } else {
+            self.probes.detach_process(pid);
+        }
+    }
+
+    /// Without the process connector: find new children and matches in
+    /// `/proc`, and exits by polling.
+    pub(super) fn rescan(&mut self) {
+        let exited: Vec<u32> = self
+            .targets
+            .iter()
+            .filter(|(_, t)| t.status == Status::Running && !t.id.alive())
+            .map(|(p, _)| *p)
+            .collect();
+        for pid in exited {
+            self.on_exit(pid);
+        }
+        for pid in procfs::all_pids() {
+            if self.targets.contains_key(&pid) {
+                continue;
+            }
+            let parent_traced = procfs::ppid(pid).is_some_and(|pp| {
+                self.targets
+                    .get(&pp)
+                    .is_some_and(|t| t.status == Status::Running)
+            });
+            if parent_traced || self.selector.matches(pid) {
+                let _ = self.add(pid);
+            }
+        }
+    }
+
+    /// Libraries loaded since the last look (dlopen) get their probes.
+    pub(super) fn refresh_objects(&mut self) {
+        let pids: Vec<u32> = self
+            .targets
+            .iter()
+            .filter(|(_, t)| t.status == Status::Running)
+            .map(|(p, _)| *p)
+            .collect();
+        for pid in pids {
+            match self.probes.attach_process(pid) {
+                // A libpython loaded late (an embedding host) is found now.
+                Ok(_) => {
+                    if let Some(py) = self.probes.python_target(pid) {
+                        self.normalizer.set_python(pid, py.clone());
+                    }
+                }
+                Err(e) => log::debug!("refresh of {pid}: {e}"),
+            }
+        }
+    }
+
+    /// Apply queued kernel events; returns the OOM victims among them.
+    pub(super) fn drain_events(&mut self) -> Vec<u32> {
+        self.syscall_buf.clear();
+        self.probes.drain_syscalls(&mut self.syscall_buf);
+        let mut victims = Vec::new();
+        for ev in &self.syscall_buf {
+            if ev.nr == sys::OOM_VICTIM {
+                victims.push(ev.tgid);
+                continue;
+            }
+            let mut ev = *ev;
+            if ev.flags & SYSCALL_IN_ALLOCATOR == 0 && ev.nr != sys::MUNMAP {
+                let probes = &self.probes;
+                let inside = *self
+                    .allocator_stacks
+                    .entry((ev.tgid, ev.stack_id))
+                    .or_insert_with(|| {
+                        probes
+                            .stack(ev.stack_id)
+                            .is_some_and(|s| probes.inside_allocator(ev.tgid, &s.ips))
+                    });
+                if inside {
+                    ev.flags |= SYSCALL_IN_ALLOCATOR;
+                }
+            }
+            apply_syscall(&mut self.regions, &ev);
+        }
+        victims
+    }
+}

@@ -1,0 +1,440 @@
+//! The daemon: attach, follow processes as they fork, exec and exit, read
+//! the kernel ledger on a timer, report periodically and once at the end
+//! (duration, Ctrl-C, SIGTERM, or every target gone). Data flows one way:
+//! probe -> events -> ledger -> trend -> symbolize -> report.
+
+mod lifecycle;
+mod reporting;
+mod sample;
+
+use std::{
+    collections::HashMap,
+    fs::File,
+    io::{self, Write},
+    process::{Child, Command, Stdio},
+    time::Instant,
+};
+
+use anyhow::Context as _;
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{signal, SignalKind},
+};
+use tracer_common::{sys, Counter, StackTotals, SyscallEvent, SYSCALL_IN_ALLOCATOR};
+
+use crate::{
+    attach::preflight,
+    attach::probe::{MapSizes, ProbeError, ProbeOptions, Probes},
+    attach::proc_events::{ProcConnector, ProcEvent},
+    attach::targets::Selector,
+    cli::Config,
+    ingest::events::Counters,
+    ingest::ledger::{Ledger, Row},
+    ingest::mmaps::MmapTracker,
+    report::{self, Format, Report, Target},
+    runtime::go::stats::GoFigures,
+    symbolize::{Normalizer, Symbolizer},
+    sys::procfs::{self, ProcId},
+};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Status {
+    Running,
+    Exited,
+    NotAttached(String),
+}
+
+struct TargetState {
+    id: ProcId,
+    comm: String,
+    status: Status,
+}
+
+/// Kills the demo target when the trace ends, however it ends.
+struct DemoChild(Child);
+
+impl Drop for DemoChild {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Regions tracked at most (mmap/brk), per trace.
+const MAX_REGIONS: usize = 1 << 20;
+
+struct Session {
+    probes: Probes,
+    selector: Selector,
+    targets: HashMap<u32, TargetState>,
+    ledger: Ledger,
+    normalizer: Normalizer,
+    symbolizer: Symbolizer,
+    regions: MmapTracker,
+    counters: Counters,
+    started: Instant,
+    min_age_ns: Option<u64>,
+    /// Whether the trace ends when no target is left.
+    closed_set: bool,
+    syscall_buf: Vec<SyscallEvent>,
+    oom_dir: std::path::PathBuf,
+    top: usize,
+    sort: crate::report::SortBy,
+    sample_bytes: u64,
+    /// Go profile buckets seen, per `(tgid, bucket)`: their stack and
+    /// bytes per object (`None`: the bucket could not be read).
+    go_buckets: HashMap<(u32, u64), Option<(crate::ingest::ledger::StackIdx, u64)>>,
+    /// Whether a syscall stack passes through an allocator function, per
+    /// `(tgid, stack id)` (see `Probes::inside_allocator`).
+    allocator_stacks: HashMap<(u32, tracer_common::StackId), bool>,
+    /// The Go runtime's own figures per process at the latest sample
+    /// (those at attach are the target's).
+    go_figures: HashMap<u32, (Instant, GoFigures)>,
+    /// Whether the pairing self-check has already warned on stderr.
+    pairing_warned: bool,
+}
+
+impl Session {
+    fn running(&self) -> usize {
+        self.targets
+            .values()
+            .filter(|t| t.status == Status::Running)
+            .count()
+    }
+
+    /// Events arrived: apply them, and on an OOM kill freeze the victim's
+    /// view into a report at once.
+    fn on_events(&mut self) -> anyhow::Result<()> {
+        let victims = self.drain_events();
+        if !victims.is_empty() {
+            self.ingest()?;
+            for v in victims {
+                self.write_oom_report(v);
+            }
+        }
+        Ok(())
+    }
+
+    fn done(&self) -> bool {
+        self.closed_set && self.running() == 0
+    }
+}
+
+/// Feed one memory syscall into the region tracker.
+fn apply_syscall(regions: &mut MmapTracker, ev: &SyscallEvent) {
+    regions.set_now(ev.ts_ns);
+    match ev.nr {
+        // The allocator's own mappings (an arena made inside `free`) hold
+        // the blocks it serves, which are counted already.
+        sys::MMAP | sys::MREMAP if ev.flags & SYSCALL_IN_ALLOCATOR != 0 => {}
+        sys::MMAP => regions.mmap(ev.tgid, ev.ret, ev.args[0], ev.stack_id),
+        sys::MUNMAP => regions.munmap(ev.tgid, ev.args[0], ev.args[1]),
+        sys::MREMAP => regions.mremap(
+            ev.tgid,
+            ev.args[0],
+            ev.args[1],
+            ev.ret,
+            ev.args[2],
+            ev.stack_id,
+        ),
+        sys::BRK if ev.flags & SYSCALL_IN_ALLOCATOR != 0 => regions.move_brk(ev.tgid, ev.ret),
+        sys::BRK => regions.brk(ev.tgid, ev.ret, ev.stack_id),
+        _ => {}
+    }
+}
+
+fn spawn_demo() -> anyhow::Result<DemoChild> {
+    let exe = std::env::current_exe().context("failed to find leaktrace's own executable")?;
+    let child = Command::new(exe)
+        .arg("--demo-target")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .context("failed to start the demo target")?;
+    Ok(DemoChild(child))
+}
+
+/// Many processes mean many probe links (one descriptor each).
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid out-pointer, then the same struct back.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    // A bad pid is named whoever runs leaktrace; then the privilege; then
+    // the outputs, before tracing starts: a typo must not cost the trace.
+    let mut pids = Vec::new();
+    for &pid in &cfg.pids {
+        // A thread id names its process.
+        let tgid = procfs::tgid(pid).ok_or(ProbeError::NoProcess { pid })?;
+        pids.push(tgid);
+    }
+    preflight::check()?;
+    cfg.check_paths()?;
+    // Handlers first: once "attached" is printed, Ctrl-C must give a report.
+    let mut sigterm = signal(SignalKind::terminate()).context("failed to handle SIGTERM")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("failed to handle SIGINT")?;
+    raise_fd_limit();
+
+    let mut demo = if cfg.demo { Some(spawn_demo()?) } else { None };
+    let selector = Selector::new(&cfg.comms, &cfg.cgroups);
+    for missing in selector.missing_cgroups() {
+        eprintln!(
+            "leaktrace: cgroup {missing} does not exist under any cgroup mount; waiting for it \
+             to appear"
+        );
+    }
+    if let Some(d) = &demo {
+        pids.push(d.0.id());
+    }
+    if selector.is_open() {
+        let me = std::process::id();
+        pids.extend(
+            procfs::all_pids()
+                .into_iter()
+                .filter(|p| *p != me && selector.matches(*p)),
+        );
+    }
+    pids.sort_unstable();
+    pids.dedup();
+
+    let probes = Probes::load(
+        MapSizes {
+            max_allocs: cfg.max_allocs,
+            max_stacks: cfg.max_stacks,
+            max_unwind_rows: cfg.max_unwind_rows,
+            max_processes: 1 << 11,
+        },
+        ProbeOptions {
+            free_at_entry: cfg.free_probe_at_entry,
+            extra_prefixes: cfg.allocator_prefixes.clone(),
+            syscalls: cfg.syscalls,
+            oom_any: cfg.oom_any,
+            sample_bytes: cfg.sample_bytes,
+            go_enable_profiling: cfg.go_enable_profiling,
+            pymalloc: cfg.pymalloc,
+        },
+    )?;
+    let connector = match ProcConnector::open().and_then(|c| {
+        // SAFETY: the connector owns its descriptor, which lives exactly as
+        // long as the AsyncFd that wraps it.
+        unsafe { AsyncFd::register(c) }.map_err(|e| io::Error::other(e.to_string()))
+    }) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            log::warn!(
+                "process events unavailable ({e}); following forks and exits by scanning /proc"
+            );
+            None
+        }
+    };
+    let mut session = Session {
+        probes,
+        selector: selector.clone(),
+        targets: HashMap::new(),
+        ledger: Ledger::default(),
+        normalizer: Normalizer::default(),
+        symbolizer: Symbolizer::new(),
+        regions: MmapTracker::with_limit(MAX_REGIONS),
+        counters: Counters::default(),
+        started: Instant::now(),
+        min_age_ns: cfg.min_age.map(|d| d.as_nanos() as u64),
+        closed_set: !selector.is_open(),
+        syscall_buf: Vec::new(),
+        oom_dir: cfg.oom_dir.clone(),
+        top: cfg.top,
+        sort: cfg.sort,
+        sample_bytes: cfg.sample_bytes,
+        go_buckets: HashMap::new(),
+        allocator_stacks: HashMap::new(),
+        go_figures: HashMap::new(),
+        pairing_warned: false,
+    };
+    let mut first_err = None;
+    for &pid in &pids {
+        if let Err(e) = session.add(pid) {
+            first_err.get_or_insert(e);
+        }
+    }
+    if let Some(e) = first_err {
+        if session.running() == 0 && !selector.is_open() {
+            return Err(e.into());
+        }
+        eprintln!("leaktrace: warning: {e}");
+    }
+    let mut attached: Vec<String> = session
+        .targets
+        .iter()
+        .filter(|(_, t)| t.status == Status::Running)
+        .map(|(p, t)| format!("{p} ({})", t.comm))
+        .collect();
+    attached.sort();
+    if attached.len() > 8 {
+        let n = attached.len();
+        attached.truncate(8);
+        attached.push(format!("and {} more", n - 8));
+    }
+    let what = match (attached.is_empty(), selector.is_open()) {
+        (true, _) => "no process yet (waiting for matching processes)".to_string(),
+        (false, true) => format!(
+            "{} (and matching processes as they start)",
+            attached.join(", ")
+        ),
+        (false, false) => attached.join(", "),
+    };
+    eprintln!(
+        "leaktrace: attached to {what}; {}",
+        match cfg.duration {
+            Some(d) => format!("tracing for {:.0}s (Ctrl-C ends early)", d.as_secs_f64()),
+            None => "tracing until Ctrl-C".into(),
+        }
+    );
+    if let Some(d) = &mut demo {
+        if let Some(stdin) = d.0.stdin.as_mut() {
+            writeln!(stdin, "go").context("failed to start the demo target")?;
+        }
+    }
+
+    let events_fd = session.probes.events_fd().and_then(|fd| {
+        // SAFETY: the duplicated descriptor is owned by the AsyncFd.
+        unsafe { AsyncFd::register(fd) }.ok()
+    });
+    let mut tick = tokio::time::interval(cfg.sample_every);
+    let mut next_report = cfg.interval.map(|i| Instant::now() + i);
+    let deadline = cfg.duration.map(|d| tokio::time::Instant::now() + d);
+    let periodic_ok = cfg.format == Format::Text || !cfg.outputs.is_empty();
+    // SAFETY: isatty has no preconditions.
+    let stdout_is_tty = unsafe { libc::isatty(1) } == 1;
+    let mut proc_events = Vec::new();
+    let why = loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                if connector.is_none() {
+                    session.rescan();
+                }
+                session.refresh_objects();
+                session.sample()?;
+                if session.done() {
+                    break "every target exited";
+                }
+                if let (Some(at), Some(every)) = (next_report, cfg.interval) {
+                    if Instant::now() >= at && periodic_ok {
+                        let r = session.report(&cfg);
+                        if stdout_is_tty {
+                            let res = report::live::write(&r, &mut io::stdout().lock());
+                            if let Err(e) = res {
+                                if e.kind() != io::ErrorKind::BrokenPipe {
+                                    return Err(e.into());
+                                }
+                            }
+                        } else {
+                            let out = &mut io::stdout().lock();
+                            report::write(Format::Text, &r, &Default::default(), out)?;
+                        }
+                        next_report = Some(at + every);
+                    }
+                }
+            }
+            ready = async {
+                match &connector {
+                    Some(c) => c.readable().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let mut guard = ready.context("process event socket failed")?;
+                proc_events.clear();
+                let res = guard.get_inner().read_batch(&mut proc_events);
+                if !res.as_ref().is_ok_and(|b| !b.drained) {
+                    guard.clear_ready();
+                }
+                match res.map(|b| b.overrun) {
+                    Ok(false) => {}
+                    // Overrun: events were dropped; catch up from /proc.
+                    Ok(true) => {
+                        log::warn!("process events overrun; rescanning /proc");
+                        session.rescan();
+                    }
+                    Err(e) => {
+                        log::warn!("process events failed ({e}); rescanning /proc");
+                        session.rescan();
+                    }
+                }
+                for ev in proc_events.drain(..) {
+                    session.on_proc_event(ev);
+                }
+                if session.done() {
+                    break "every target exited";
+                }
+            }
+            ready = async {
+                match &events_fd {
+                    Some(f) => f.readable().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let mut guard = ready.context("event ring buffer failed")?;
+                guard.clear_ready();
+                session.on_events()?;
+            }
+            _ = async { match deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            } } => break "duration reached",
+            _ = sigint.recv() => break "interrupted",
+            _ = sigterm.recv() => break "terminated",
+        }
+    };
+    session.sample()?;
+    log::info!("stopping: {why}");
+    let report = session.report(&cfg);
+    // Flamegraphs and profiles show every stack, not only the top ones.
+    let full = if cfg.outputs.iter().any(|o| o.format.shows_every_stack())
+        || cfg.format.shows_every_stack()
+    {
+        session.report_top(&cfg, usize::MAX)
+    } else {
+        report.clone()
+    };
+    let build_ids = session.normalizer.build_ids();
+    if cfg.outputs.is_empty() {
+        eprintln!("leaktrace: {why}; final report:");
+        let r = if cfg.format.shows_every_stack() {
+            &full
+        } else {
+            &report
+        };
+        report::write(cfg.format, r, &build_ids, &mut io::stdout().lock())?;
+    } else {
+        let mut written = Vec::new();
+        for out in &cfg.outputs {
+            if let Some(dir) = out.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("failed to create directory {}", dir.display()))?;
+            }
+            let mut f =
+                io::BufWriter::new(File::create(&out.path).with_context(|| {
+                    format!("failed to create report file {}", out.path.display())
+                })?);
+            let r = if out.format.shows_every_stack() {
+                &full
+            } else {
+                &report
+            };
+            report::write(out.format, r, &build_ids, &mut f)
+                .with_context(|| format!("failed to write report file {}", out.path.display()))?;
+            written.push(out.path.display().to_string());
+        }
+        eprintln!("leaktrace: {why}; report written to {}", written.join(", "));
+    }
+    drop(demo);
+    Ok(())
+}
