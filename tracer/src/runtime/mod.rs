@@ -5,9 +5,12 @@
 //!   process, gives the kernel's Python walker what it needs (`PY_PROCS`,
 //!   `RUNTIMES`), and turns recorded `(code object, offset)` frames into
 //!   `function at file:line`.
-//! - `go`: the Go runtime's own heap profile buckets (`go/mod.rs`), its
-//!   symbol table and line tables (`go/pclntab.rs`, stripped binaries
-//!   included) and its heap and goroutine figures (`go/stats.rs`).
+//! - `go`: a Go executable's runtime found and its profiling hooks located
+//!   (`go/mod.rs`), the heap profile buckets read from the process
+//!   (`go/buckets.rs`), its symbol and line tables (`go/pclntab.rs`,
+//!   stripped binaries included), what its machine code says (`go/code.rs`:
+//!   variables addressed RIP-relative, stack switches) and its heap and
+//!   goroutine figures (`go/stats.rs`).
 //!
 //! The kernel side has a matching room per runtime (`tracer-ebpf/src/
 //! python.rs`, `go.rs`), registered in `tracer_common::runtime` and

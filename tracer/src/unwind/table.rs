@@ -351,7 +351,7 @@ pub fn build(path: &Path) -> Result<UnwindTable, UnwindTableError> {
     // the goroutine's, which the CFI does not describe. %rbp there is
     // still a frame pointer on the goroutine stack: the walk crosses over
     // by it (earlier ranges win). See `go::stack_switch_return_pcs`.
-    for ret in crate::runtime::go::pclntab::stack_switch_return_pcs(&data) {
+    for ret in crate::runtime::go::code::stack_switch_return_pcs(&data) {
         ranges.push(CfiRange {
             start: ret - 1,
             end: ret,

@@ -24,6 +24,7 @@
 //! read once per process.
 
 mod buckets;
+pub mod code;
 pub mod pclntab;
 pub mod stats;
 
@@ -34,7 +35,8 @@ use std::{fs, path::Path};
 use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
 
 use crate::{
-    runtime::go::pclntab::{rip_relative, GoTable, RipOp},
+    runtime::go::code::{rip_relative, RipOp},
+    runtime::go::pclntab::GoTable,
     sys::elf::{vaddr_of_file_offset, Segment},
     sys::procfs::read_mem,
     sys::procfs::MapEntry,

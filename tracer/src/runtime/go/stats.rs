@@ -32,7 +32,8 @@ use gimli::{AttributeValue, EndianSlice, LittleEndian};
 use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
 
 use crate::{
-    runtime::go::pclntab::{rip_relative, GoTable, RipOp},
+    runtime::go::code::{rip_relative, RipOp},
+    runtime::go::pclntab::GoTable,
     sys::procfs::read_mem,
 };
 
