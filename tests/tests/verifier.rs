@@ -88,9 +88,25 @@ fn unwinding_programs_keep_a_verifier_margin() {
     if !require_bpf("unwinding_programs_keep_a_verifier_margin") {
         return;
     }
+    check_programs(&[]);
+}
+
+/// With `--debug-bpf` the programs keep their log statements, which the
+/// verifier then checks too: still within the budget.
+#[test]
+fn programs_with_bpf_diagnostics_keep_a_verifier_margin() {
+    if !require_bpf("programs_with_bpf_diagnostics_keep_a_verifier_margin") {
+        return;
+    }
+    check_programs(&["--debug-bpf"]);
+}
+
+fn check_programs(extra: &[&str]) {
     let fx = Fixture::start(&leaktrace_tests::fixture("leaky"), &[]);
     let pid = fx.pid().to_string();
-    let tracer = Tracer::attach(&["-p", &pid, "-i", "0", "--format", "json"]);
+    let mut args = vec!["-p", pid.as_str(), "-i", "0", "--format", "json"];
+    args.extend_from_slice(extra);
+    let tracer = Tracer::attach(&args);
     let programs = loaded_programs();
     drop(tracer.interrupt());
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
@@ -108,8 +124,14 @@ fn unwinding_programs_keep_a_verifier_margin() {
         );
         let insns = seen.iter().copied().max().unwrap_or(0);
         eprintln!(
-            "verifier: {full:<22} {insns:>8} instructions on Linux {} (budget {BUDGET}, limit {LIMIT})",
-            kernel.trim()
+            "verifier: {full:<22} {insns:>8} instructions on Linux {}{} (budget {BUDGET}, \
+             limit {LIMIT})",
+            kernel.trim(),
+            if extra.is_empty() {
+                ""
+            } else {
+                ", with --debug-bpf"
+            }
         );
         if insns == 0 || insns > BUDGET {
             over.push(format!("{full}: {insns}"));

@@ -30,6 +30,8 @@ use aya_ebpf::{
 };
 use tracer_common::{chain, runtime, Counter, PyProc, StackBuf, SyscallEvent};
 
+use aya_log_ebpf::{error, warn};
+
 use crate::counters::count;
 
 /// Job slot of the allocation chain (kprobe-type programs).
@@ -95,10 +97,16 @@ pub fn claim(slot: u32) -> Option<&'static mut Job> {
 
 /// This CPU's job in `slot` if it is still the current task's.
 #[inline(always)]
-pub fn job(slot: u32) -> Option<&'static mut Job> {
+pub fn job<C: EbpfContext>(ctx: &C, slot: u32) -> Option<&'static mut Job> {
     let job = claim(slot)?;
     if job.pid_tgid != bpf_get_current_pid_tgid() {
         count(Counter::UnwindAborted);
+        // Diagnostics, off unless `--debug-bpf` (the level is a constant
+        // patched at load, so the verifier drops this path).
+        warn!(
+            ctx,
+            "recording chain {}: the job slot was taken by another task", slot
+        );
         return None;
     }
     Some(job)
@@ -120,6 +128,10 @@ pub fn next<C: EbpfContext>(ctx: &C, slot: u32, stage: u32) {
     // SAFETY: the programs in the array take the same context type.
     unsafe { programs(slot).tail_call(ctx, stage) };
     count(Counter::UnwindAborted);
+    error!(
+        ctx,
+        "recording chain {}: the tail call to stage {} failed", slot, stage
+    );
 }
 
 /// Start a chain whose job the caller has filled. Returns only when the

@@ -288,8 +288,8 @@ pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
 /// Stage `FINISH` of the allocation chain: store the stack, record the
 /// block.
 #[uprobe]
-pub fn finish_alloc(_ctx: ProbeContext) -> u32 {
-    let Some(job) = stages::job(stages::ALLOC) else {
+pub fn finish_alloc(ctx: ProbeContext) -> u32 {
+    let Some(job) = stages::job(&ctx, stages::ALLOC) else {
         return 0;
     };
     let stack_id = store_stack(job);

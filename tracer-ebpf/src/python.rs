@@ -180,7 +180,7 @@ fn first_frame(job: &mut Job) -> Result<u64, u32> {
 /// `PY_PROCS` (leave it empty for any other), a few frames per run.
 #[inline(always)]
 fn python_step<C: EbpfContext>(ctx: &C, slot: u32) {
-    let Some(job) = stages::job(slot) else {
+    let Some(job) = stages::job(ctx, slot) else {
         return;
     };
     if job.interp_started == 0 {

@@ -135,8 +135,8 @@ pub fn sys_exit(ctx: RawTracePointContext) -> u32 {
 
 /// Stage `FINISH` of the syscall chain: store the stack, send the event.
 #[raw_tracepoint(tracepoint = "sys_exit")]
-pub fn finish_syscall(_ctx: RawTracePointContext) -> u32 {
-    let Some(job) = stages::job(stages::SYSCALL) else {
+pub fn finish_syscall(ctx: RawTracePointContext) -> u32 {
+    let Some(job) = stages::job(&ctx, stages::SYSCALL) else {
         return 0;
     };
     let stack_id = store_stack(job);

@@ -377,7 +377,7 @@ fn walk_one(job: &mut Job) -> bool {
 /// Stage `NATIVE`: a few frames, then this stage again or the next one.
 #[inline(always)]
 fn native_step<C: EbpfContext>(ctx: &C, slot: u32) {
-    if stages::job(slot).is_none() {
+    if stages::job(ctx, slot).is_none() {
         return;
     }
     for _ in 0..FRAMES_PER_STEP {

@@ -105,6 +105,12 @@ pub struct Args {
     /// calls through the exported functions are seen there.
     #[arg(long)]
     pub pymalloc: bool,
+    /// Log the eBPF programs' own diagnostics (a recording chain cut short,
+    /// a job slot taken by another task) through leaktrace's log (set
+    /// LEAKTRACE_LOG=warn or lower to see them). Off, they cost nothing:
+    /// the kernel's verifier removes them.
+    #[arg(long)]
+    pub debug_bpf: bool,
     /// Where OOM reports go when the OOM killer picks a traced process.
     #[arg(long, value_name = "DIR", default_value = ".")]
     pub oom_dir: PathBuf,
@@ -158,6 +164,7 @@ pub struct Config {
     pub go_enable_profiling: Option<u64>,
     /// Probe pymalloc's entry points (`--pymalloc`).
     pub pymalloc: bool,
+    pub debug_bpf: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -340,6 +347,7 @@ impl Args {
             free_probe_at_entry: self.free_probe_at_entry,
             go_enable_profiling: self.go_enable_profiling,
             pymalloc: self.pymalloc,
+            debug_bpf: self.debug_bpf,
         })
     }
 }

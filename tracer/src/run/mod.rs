@@ -154,6 +154,23 @@ fn spawn_demo() -> anyhow::Result<DemoChild> {
     Ok(DemoChild(child))
 }
 
+/// Forward the eBPF programs' log records to leaktrace's log as they come.
+fn spawn_bpf_log(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    // SAFETY: the logger owns the ring buffer's descriptor, which lives
+    // exactly as long as the AsyncFd that wraps it.
+    match unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) } {
+        Ok(mut fd) => {
+            tokio::spawn(async move {
+                while let Ok(mut guard) = fd.readable_mut().await {
+                    guard.get_inner_mut().flush();
+                    guard.clear_ready();
+                }
+            });
+        }
+        Err(e) => log::warn!("--debug-bpf: cannot wait on the eBPF log: {e}"),
+    }
+}
+
 /// Many processes mean many probe links (one descriptor each).
 fn raise_fd_limit() {
     let mut lim = libc::rlimit {
@@ -222,8 +239,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             sample_bytes: cfg.sample_bytes,
             go_enable_profiling: cfg.go_enable_profiling,
             pymalloc: cfg.pymalloc,
+            debug_bpf: cfg.debug_bpf,
         },
     )?;
+    let mut probes = probes;
+    if let Some(logger) = probes.take_bpf_logger() {
+        spawn_bpf_log(logger);
+    }
     let connector = match ProcConnector::open().and_then(|c| {
         // SAFETY: the connector owns its descriptor, which lives exactly as
         // long as the AsyncFd that wraps it.

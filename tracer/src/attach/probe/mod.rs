@@ -34,6 +34,9 @@ mod unwind;
 
 use errors::{attach_reason, error_chain, load_hint, rejected};
 
+/// aya-log's `Level::Debug`: error, warn, info and debug statements run.
+const AYA_LOG_DEBUG: u8 = 4;
+
 /// The eBPF object, built by `build.rs` from `tracer-ebpf`.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
 
@@ -119,6 +122,8 @@ pub struct ProbeOptions {
     pub go_enable_profiling: Option<u64>,
     /// Also probe CPython's pymalloc entry points (`--pymalloc`).
     pub pymalloc: bool,
+    /// Turn on the eBPF programs' diagnostics (aya-log).
+    pub debug_bpf: bool,
 }
 
 /// One function with probes on it.
@@ -295,6 +300,10 @@ impl Probes {
             .map_max_entries(maps::PY_PROCS, sizes.max_processes)
             .map_max_entries(maps::RUNTIMES, sizes.max_processes)
             .map_max_entries(maps::GO_BUCKETS, sizes.max_stacks);
+        // aya-log's level: 0 turns every log statement off, and as a
+        // constant the verifier removes them from the programs.
+        let log_level: u8 = if options.debug_bpf { AYA_LOG_DEBUG } else { 0 };
+        loader.override_global("AYA_LOG_LEVEL", &log_level, false);
         let mut ebpf = loader
             .load(EBPF_OBJECT)
             .map_err(|e| ProbeError::Load(format!("{e:#}"), load_hint(&e)))?;
@@ -560,6 +569,17 @@ fn attach_raw_tp(ebpf: &mut Ebpf, prog: &str, tp: &str) -> Result<(), String> {
 }
 
 impl Probes {
+    /// The reader of the eBPF programs' log records (`--debug-bpf`), for
+    /// the caller to poll; `None` when off or when no program logs.
+    pub fn take_bpf_logger(&mut self) -> Option<aya_log::EbpfLogger<&'static dyn log::Log>> {
+        if !self.options.debug_bpf {
+            return None;
+        }
+        aya_log::EbpfLogger::init(&mut self.ebpf)
+            .map_err(|e| log::warn!("--debug-bpf: the eBPF log is unavailable: {e}"))
+            .ok()
+    }
+
     /// A second descriptor of the event ring buffer, to wait on.
     pub fn events_fd(&self) -> Option<std::os::fd::OwnedFd> {
         use std::os::fd::AsFd as _;
