@@ -491,7 +491,7 @@ fn release(tgid: u32, addr: u64, count_unknown: bool) {
 // ---- free ----------------------------------------------------------------
 
 /// `free(ptr)`, attached past the function's NULL check where the kernel
-/// can emulate the instruction (see `tracer/src/probe/prologue.rs`).
+/// can emulate the instruction (see `tracer/src/attach/prologue.rs`).
 #[uprobe]
 pub fn free_enter(ctx: ProbeContext) -> u32 {
     let addr: u64 = ctx.arg(0).unwrap_or(0);
