@@ -20,7 +20,10 @@ use crate::{cargo, vm};
 /// `(test binary, test name)` run under every kernel of the matrix.
 const SUBSET: &[(&str, &str)] = &[
     ("verifier", "unwinding_programs_keep_a_verifier_margin"),
-    ("verifier", "programs_with_bpf_diagnostics_keep_a_verifier_margin"),
+    (
+        "verifier",
+        "programs_with_bpf_diagnostics_keep_a_verifier_margin",
+    ),
     ("native", "exact_bytes_and_frames_for_known_leaks"),
     ("native", "sigterm_flushes_the_report"),
     ("unwinding", "cfi_stack_through_shared_library_pie"),

@@ -5,7 +5,7 @@
 
 use super::*;
 
-impl Session {
+impl<K: Kernel> Session<K> {
     /// Attach to a process (new, forked, exec'd, or matched by name or
     /// cgroup). Failures are kept as the target's status.
     pub(super) fn add(&mut self, pid: u32) -> Result<(), ProbeError> {

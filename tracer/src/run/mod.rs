@@ -3,10 +3,12 @@
 //! (duration, Ctrl-C, SIGTERM, or every target gone). Data flows one way:
 //! probe -> events -> ledger -> trend -> symbolize -> report.
 
+mod kernel;
 mod lifecycle;
 mod reporting;
 mod sample;
 
+use kernel::Kernel;
 use std::{
     collections::HashMap,
     fs::File,
@@ -63,8 +65,8 @@ impl Drop for DemoChild {
 /// Regions tracked at most (mmap/brk), per trace.
 const MAX_REGIONS: usize = 1 << 20;
 
-struct Session {
-    probes: Probes,
+struct Session<K: Kernel = Probes> {
+    probes: K,
     selector: Selector,
     targets: HashMap<u32, TargetState>,
     ledger: Ledger,
@@ -94,7 +96,33 @@ struct Session {
     pairing_warned: bool,
 }
 
-impl Session {
+impl<K: Kernel> Session<K> {
+    fn new(probes: K, selector: Selector, cfg: &Config) -> Self {
+        let closed_set = !selector.is_open();
+        Session {
+            probes,
+            selector,
+            targets: HashMap::new(),
+            ledger: Ledger::default(),
+            normalizer: Normalizer::default(),
+            symbolizer: Symbolizer::new(),
+            regions: MmapTracker::with_limit(MAX_REGIONS),
+            counters: Counters::default(),
+            started: Instant::now(),
+            min_age_ns: cfg.min_age.map(|d| d.as_nanos() as u64),
+            closed_set,
+            syscall_buf: Vec::new(),
+            oom_dir: cfg.oom_dir.clone(),
+            top: cfg.top,
+            sort: cfg.sort,
+            sample_bytes: cfg.sample_bytes,
+            go_buckets: HashMap::new(),
+            allocator_stacks: HashMap::new(),
+            go_figures: HashMap::new(),
+            pairing_warned: false,
+        }
+    }
+
     fn running(&self) -> usize {
         self.targets
             .values()
@@ -259,28 +287,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             None
         }
     };
-    let mut session = Session {
-        probes,
-        selector: selector.clone(),
-        targets: HashMap::new(),
-        ledger: Ledger::default(),
-        normalizer: Normalizer::default(),
-        symbolizer: Symbolizer::new(),
-        regions: MmapTracker::with_limit(MAX_REGIONS),
-        counters: Counters::default(),
-        started: Instant::now(),
-        min_age_ns: cfg.min_age.map(|d| d.as_nanos() as u64),
-        closed_set: !selector.is_open(),
-        syscall_buf: Vec::new(),
-        oom_dir: cfg.oom_dir.clone(),
-        top: cfg.top,
-        sort: cfg.sort,
-        sample_bytes: cfg.sample_bytes,
-        go_buckets: HashMap::new(),
-        allocator_stacks: HashMap::new(),
-        go_figures: HashMap::new(),
-        pairing_warned: false,
-    };
+    let mut session = Session::new(probes, selector.clone(), &cfg);
     let mut first_err = None;
     for &pid in &pids {
         if let Err(e) = session.add(pid) {
@@ -460,3 +467,6 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     drop(demo);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;

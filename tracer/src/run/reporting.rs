@@ -4,7 +4,7 @@
 
 use super::*;
 
-impl Session {
+impl<K: Kernel> Session<K> {
     /// The OOM black box: the victim's outstanding stacks, its cgroup and
     /// memory figures, as JSON and folded stacks in `--oom-dir`.
     pub(super) fn write_oom_report(&mut self, pid: u32) {
@@ -114,10 +114,10 @@ impl Session {
                 cfg.sample_bytes
             ));
         }
-        if let Err(why) = &self.probes.oom {
+        if let Err(why) = self.probes.oom() {
             notes.push(format!("OOM black box unavailable: {why}"));
         }
-        let un = &self.probes.unwind_notes;
+        let un = self.probes.unwind_notes();
         if !un.table_full.is_empty() {
             notes.push(format!(
                 "unwind table full (raise --max-unwind-rows); frame pointers used for: {}",
@@ -130,9 +130,8 @@ impl Session {
                 un.unreadable.join("; ")
             ));
         }
-        notes.extend(self.probes.python_notes.iter().cloned());
-        notes.extend(self.probes.go_notes.iter().cloned());
-        let mut go: Vec<(u32, &crate::runtime::go::GoTarget)> = self.probes.go_targets().collect();
+        notes.extend(self.probes.runtime_notes());
+        let mut go: Vec<(u32, &crate::runtime::go::GoTarget)> = self.probes.go_targets();
         go.sort_by_key(|(p, _)| *p);
         for (pid, target) in go {
             if target.rate(pid) == Ok(0) {

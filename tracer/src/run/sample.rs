@@ -4,7 +4,7 @@
 
 use super::*;
 
-impl Session {
+impl<K: Kernel> Session<K> {
     /// One reading of the kernel ledger into the ledger's time series.
     pub(super) fn sample(&mut self) -> anyhow::Result<()> {
         let victims = self.drain_events();
@@ -29,6 +29,7 @@ impl Session {
         let go_sampling: std::collections::HashSet<u32> = self
             .probes
             .go_targets()
+            .into_iter()
             .filter(|(pid, t)| t.rate(*pid).is_ok_and(|r| r > 0))
             .map(|(pid, _)| pid)
             .collect();
@@ -127,6 +128,7 @@ impl Session {
             let rate = *rates.entry(pid).or_insert_with(|| {
                 self.probes
                     .go_targets()
+                    .into_iter()
                     .find(|(p, _)| *p == pid)
                     .and_then(|(_, t)| t.rate(pid).ok())
                     .unwrap_or(0)
@@ -171,6 +173,7 @@ impl Session {
         let mut out: Vec<report::GoRuntime> = self
             .probes
             .go_targets()
+            .into_iter()
             .filter(|(pid, _)| only.is_none_or(|o| o == *pid))
             .map(|(pid, t)| {
                 let (then, first) = t.at_attach;
