@@ -118,7 +118,7 @@ pub fn write(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::report::test_support::sample_report;
+    use crate::report::test_support::{sample_report, ClosedPipe};
 
     #[test]
     fn every_file_name_maps_back_to_its_format() {
@@ -137,17 +137,6 @@ mod tests {
     fn every_value_the_cli_accepts_is_in_all() {
         use clap::ValueEnum as _;
         assert_eq!(Format::value_variants(), Format::ALL.as_slice());
-    }
-
-    /// A reader that went away after the first bytes.
-    struct ClosedPipe;
-    impl Write for ClosedPipe {
-        fn write(&mut self, _: &[u8]) -> io::Result<usize> {
-            Err(io::ErrorKind::BrokenPipe.into())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Err(io::ErrorKind::BrokenPipe.into())
-        }
     }
 
     #[test]

@@ -24,7 +24,7 @@ mod tests {
     use super::*;
     use crate::ingest::events::Counters;
     use crate::ingest::ledger::{Ledger, Row};
-    use crate::report::test_support::{check_golden, sample_report};
+    use crate::report::test_support::{check_golden, sample_report, ClosedPipe};
     use crate::report::{build, Inputs, SortBy};
 
     fn render(report: &Report) -> String {
@@ -36,17 +36,6 @@ mod tests {
     #[test]
     fn json_matches_golden() {
         check_golden("json/report.json", &render(&sample_report()));
-    }
-
-    /// A reader that went away.
-    struct ClosedPipe;
-    impl Write for ClosedPipe {
-        fn write(&mut self, _: &[u8]) -> io::Result<usize> {
-            Err(io::ErrorKind::BrokenPipe.into())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Err(io::ErrorKind::BrokenPipe.into())
-        }
     }
 
     #[test]

@@ -256,9 +256,24 @@ pub fn build(
 /// A hand-built report and golden-file checks shared by the writers' tests.
 #[cfg(test)]
 pub(crate) mod test_support {
-    use std::path::{Path, PathBuf};
+    use std::{
+        io::{self, Write},
+        path::{Path, PathBuf},
+    };
 
     use super::*;
+
+    /// A reader that went away: every write fails with `BrokenPipe`.
+    pub(crate) struct ClosedPipe;
+
+    impl Write for ClosedPipe {
+        fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+            Err(io::ErrorKind::BrokenPipe.into())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Err(io::ErrorKind::BrokenPipe.into())
+        }
+    }
 
     fn frame(function: Option<&str>, module: Option<&str>, kind: FrameKind) -> Frame {
         Frame {
