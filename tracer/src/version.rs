@@ -4,13 +4,7 @@
 
 use std::{fmt::Write as _, path::Path};
 
-use crate::{sys::cgroupfs::Mounts, sys::procfs};
-
-/// A kernel release as (major, minor), from `6.12.118+deb12-amd64`.
-pub fn release_version(release: &str) -> Option<(u32, u32)> {
-    let mut it = release.split(|c: char| !c.is_ascii_digit());
-    Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
-}
+use crate::sys::{cgroupfs::Mounts, procfs, procfs::release_version};
 
 /// FNV-1a of the embedded eBPF object: the same bytes give the same value
 /// on any machine.

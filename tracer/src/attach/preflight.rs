@@ -20,6 +20,34 @@ pub enum PreflightError {
          built with CONFIG_UPROBE_EVENTS=y"
     )]
     NoUprobes(String),
+    #[error(
+        "Linux {release} is too old: leaktrace needs {feature}, which Linux {since} added; \
+         run it on Linux {since} or newer"
+    )]
+    TooOld {
+        release: String,
+        feature: &'static str,
+        since: &'static str,
+    },
+}
+
+/// What leaktrace cannot work without, and the release that added it.
+const REQUIRED: &[((u32, u32), &str, &str)] = &[
+    ((5, 5), "bpf_probe_read_user", "5.5"),
+    ((5, 8), "the BPF ring buffer", "5.8"),
+];
+
+/// The first required feature `release` lacks.
+pub fn too_old(release: &str) -> Option<PreflightError> {
+    let version = crate::sys::procfs::release_version(release)?;
+    REQUIRED
+        .iter()
+        .find(|(since, _, _)| version < *since)
+        .map(|(_, feature, since)| PreflightError::TooOld {
+            release: release.to_string(),
+            feature,
+            since,
+        })
 }
 
 const BTF: &str = "/sys/kernel/btf/vmlinux";
@@ -48,6 +76,9 @@ pub fn check() -> Result<(), PreflightError> {
     if !bpf_ok || !has(CAP_SYS_PTRACE) {
         return Err(PreflightError::NotPrivileged);
     }
+    if let Some(e) = too_old(&crate::sys::procfs::kernel_release()) {
+        return Err(e);
+    }
     if !Path::new(UPROBE_PMU).exists() {
         return Err(PreflightError::NoUprobes(UPROBE_PMU.into()));
     }
@@ -55,4 +86,23 @@ pub fn check() -> Result<(), PreflightError> {
         return Err(PreflightError::NoBtf(BTF.into()));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn old_kernels_are_named_with_what_they_lack() {
+        let e = too_old("5.4.0-150-generic").expect("too old").to_string();
+        assert!(
+            e.contains("bpf_probe_read_user") && e.contains("5.5"),
+            "{e}"
+        );
+        let e = too_old("5.7.19").expect("too old").to_string();
+        assert!(e.contains("ring buffer") && e.contains("5.8"), "{e}");
+        assert!(too_old("5.15.0-91-generic").is_none());
+        assert!(too_old("6.1.0-57-amd64").is_none());
+        assert!(too_old("unparsable").is_none());
+    }
 }

@@ -188,6 +188,12 @@ pub fn read_mem(pid: u32, addr: u64, len: usize) -> Result<Vec<u8>, &'static str
     Ok(buf)
 }
 
+/// A kernel release as (major, minor), from `6.12.118+deb12-amd64`.
+pub fn release_version(release: &str) -> Option<(u32, u32)> {
+    let mut it = release.split(|c: char| !c.is_ascii_digit());
+    Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
+}
+
 /// The running kernel's release (`uname -r`), or `unknown`.
 pub fn kernel_release() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")
