@@ -128,6 +128,14 @@ pub fn load_segments(path: &Path) -> Result<Vec<Segment>, ElfError> {
     Ok(segments_of(&file))
 }
 
+/// The virtual address of an executable mapping's `file_offset`: a page
+/// that two segments share (the read-only one and the start of the text)
+/// is the text's, so executable segments are asked first.
+pub fn exec_vaddr_of_file_offset(segments: &[Segment], file_offset: u64) -> Option<u64> {
+    let text: Vec<Segment> = segments.iter().filter(|s| s.executable).copied().collect();
+    vaddr_of_file_offset(&text, file_offset).or_else(|| vaddr_of_file_offset(segments, file_offset))
+}
+
 /// The ELF virtual address that `file_offset` is loaded at, so that a
 /// mapping's load bias is `map.start - vaddr_of_file_offset(map.offset)`.
 ///

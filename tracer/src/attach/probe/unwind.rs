@@ -29,14 +29,7 @@ impl Probes {
             // A file page can belong to two segments (the end of the
             // read-only one and the start of the text): an executable
             // mapping is the text's.
-            let text: Vec<crate::sys::elf::Segment> = obj
-                .segments
-                .iter()
-                .filter(|s| s.executable)
-                .copied()
-                .collect();
-            let Some(vaddr) = crate::sys::elf::vaddr_of_file_offset(&text, m.offset)
-                .or_else(|| crate::sys::elf::vaddr_of_file_offset(&obj.segments, m.offset))
+            let Some(vaddr) = crate::sys::elf::exec_vaddr_of_file_offset(&obj.segments, m.offset)
             else {
                 continue;
             };

@@ -37,7 +37,7 @@ use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
 use crate::{
     runtime::go::code::{rip_relative, RipOp},
     runtime::go::pclntab::GoTable,
-    sys::elf::{vaddr_of_file_offset, Segment},
+    sys::elf::{exec_vaddr_of_file_offset, Segment},
     sys::procfs::read_mem,
     sys::procfs::MapEntry,
 };
@@ -391,14 +391,7 @@ pub struct GoTarget {
 impl GoTarget {
     /// For the executable mapping `m` of a binary described by `info`.
     pub fn new(m: &MapEntry, info: &GoObjectInfo) -> Option<Self> {
-        let text: Vec<Segment> = info
-            .segments
-            .iter()
-            .filter(|s| s.executable)
-            .copied()
-            .collect();
-        let vaddr = vaddr_of_file_offset(&text, m.offset)
-            .or_else(|| vaddr_of_file_offset(&info.segments, m.offset))?;
+        let vaddr = exec_vaddr_of_file_offset(&info.segments, m.offset)?;
         let bias = m.start.wrapping_sub(vaddr);
         let rebase = |v: Option<u64>| v.map(|v| v.wrapping_add(bias));
         Some(Self {

@@ -30,7 +30,7 @@ use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
 use tracer_common::{py_flags, PyProc};
 
 use crate::{
-    sys::elf::{vaddr_of_file_offset, Segment},
+    sys::elf::{exec_vaddr_of_file_offset, Segment},
     sys::procfs::{read_mem, MapEntry},
 };
 
@@ -311,15 +311,7 @@ pub fn detect(
         }
         seen.push((m.dev.as_str(), m.inode));
         let Some(info) = inspect(m) else { continue };
-        let text: Vec<Segment> = info
-            .segments
-            .iter()
-            .filter(|s| s.executable)
-            .copied()
-            .collect();
-        let Some(vaddr) = vaddr_of_file_offset(&text, m.offset)
-            .or_else(|| vaddr_of_file_offset(&info.segments, m.offset))
-        else {
+        let Some(vaddr) = exec_vaddr_of_file_offset(&info.segments, m.offset) else {
             continue;
         };
         let bias = m.start.wrapping_sub(vaddr);
