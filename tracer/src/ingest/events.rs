@@ -105,17 +105,13 @@ pub struct RawInterp {
     pub stop: u32,
 }
 
-/// One interpreter frame as the kernel saw it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RawInterpFrame {
-    /// The runtime's object of the frame (Python: the `PyCodeObject`).
-    pub code: u64,
-    /// Where the frame is in it (negative: not started). Python: a
-    /// bytecode byte offset (3.11+) or `f_lasti` (3.8-3.10); see
-    /// `python::LineFormat`.
-    pub pos: i32,
-    /// The first frame of a C-level call of the interpreter loop.
-    pub entry: bool,
+pub use crate::runtime::RawInterpFrame;
+
+/// The runtimes' records in the kernel, read for `runtime::Runtimes::rows`.
+impl crate::runtime::KernelRecords for Probes {
+    fn go_buckets(&self) -> Result<Vec<(tracer_common::GoBucketKey, StackTotals)>, String> {
+        self.read_go().map_err(|e| e.to_string())
+    }
 }
 
 impl RawStack {

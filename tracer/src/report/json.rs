@@ -81,7 +81,7 @@ mod tests {
                 sort: SortBy::Growth,
                 notes: vec![],
                 sample_bytes: 0,
-                go_runtime: vec![],
+                figures: vec![],
             },
             &mut |idxs| {
                 idxs.iter()

@@ -109,21 +109,8 @@ pub struct Report {
     pub go_runtime: Vec<GoRuntime>,
 }
 
-/// A Go process's runtime figures, read from its memory: at the first
-/// sample after attach and at the last one.
-#[derive(Clone, Debug, Serialize)]
-pub struct GoRuntime {
-    pub pid: u32,
-    /// `go1.19.8`.
-    pub version: String,
-    pub at_attach: crate::runtime::go::stats::GoFigures,
-    pub now: crate::runtime::go::stats::GoFigures,
-    /// Seconds between the two readings.
-    pub elapsed_s: f64,
-    /// Figures that cannot be read, and why.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub unavailable: Vec<String>,
-}
+/// A Go process's runtime figures (`runtime::go`), in a report.
+pub use crate::runtime::go::GoReport as GoRuntime;
 
 /// How stacks are ordered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -145,7 +132,8 @@ pub struct Inputs<'a> {
     pub notes: Vec<String>,
     /// Byte-sampling period (0: exact).
     pub sample_bytes: u64,
-    pub go_runtime: Vec<GoRuntime>,
+    /// The runtimes' own figures (`runtime::Runtime::figures`).
+    pub figures: Vec<crate::runtime::Figures>,
 }
 
 /// Build the report: fit each stack, order, cut to `top`, then symbolize
@@ -249,7 +237,13 @@ pub fn build(
         stacks,
         stacks_omitted: omitted,
         notes: inputs.notes,
-        go_runtime: inputs.go_runtime,
+        go_runtime: inputs
+            .figures
+            .into_iter()
+            .map(|f| match f {
+                crate::runtime::Figures::Go(g) => g,
+            })
+            .collect(),
     }
 }
 
@@ -602,7 +596,7 @@ mod tests {
                 sort: SortBy::Outstanding,
                 notes: vec![],
                 sample_bytes: 0,
-                go_runtime: vec![],
+                figures: vec![],
             },
             &mut |idxs| idxs.iter().map(|_| Vec::new()).collect(),
         );

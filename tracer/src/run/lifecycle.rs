@@ -13,7 +13,7 @@ impl<K: Kernel> Session<K> {
             return Err(ProbeError::NoProcess { pid });
         };
         let comm = procfs::comm(pid).unwrap_or_else(|| "?".into());
-        let res = self.probes.attach_process(pid);
+        let res = self.probes.attach_process(pid, &mut self.runtimes);
         let status = match &res {
             Ok(att) => {
                 for (object, funcs) in &att.objects {
@@ -25,9 +25,6 @@ impl<K: Kernel> Session<K> {
                         })
                         .collect();
                     log::debug!("pid {pid}: {object}: {}", names.join(" "));
-                }
-                if let Some(py) = self.probes.python_target(pid) {
-                    self.normalizer.set_python(pid, py.clone());
                 }
                 if let Ok(maps) = procfs::read_maps(pid) {
                     if let Some(heap) = maps.iter().find(|m| m.pseudo.as_deref() == Some("[heap]"))
@@ -47,14 +44,14 @@ impl<K: Kernel> Session<K> {
     /// Forget everything about a process's address space: it exited, or
     /// exec'd into a new image whose addresses mean something else.
     pub(super) fn drop_address_space(&mut self, pid: u32) {
-        self.probes.detach_process(pid);
+        self.probes.detach_process(pid, &mut self.runtimes);
         if let Err(e) = self.probes.forget_process(pid) {
             log::warn!("{e}");
         }
         self.normalizer.forget_process(pid);
-        self.go_buckets.retain(|(t, _), _| *t != pid);
+        self.runtimes.forget(pid);
+        self.runtime_stacks.retain(|(t, _), _| *t != pid);
         self.allocator_stacks.retain(|(t, _), _| *t != pid);
-        self.go_figures.remove(&pid);
         self.regions.forget(pid);
     }
 
@@ -134,7 +131,7 @@ impl<K: Kernel> Session<K> {
         if self.running() > 0 || !self.closed_set {
             self.drop_address_space(pid);
         } else {
-            self.probes.detach_process(pid);
+            self.probes.detach_process(pid, &mut self.runtimes);
         }
     }
 
@@ -174,14 +171,9 @@ impl<K: Kernel> Session<K> {
             .map(|(p, _)| *p)
             .collect();
         for pid in pids {
-            match self.probes.attach_process(pid) {
-                // A libpython loaded late (an embedding host) is found now.
-                Ok(_) => {
-                    if let Some(py) = self.probes.python_target(pid) {
-                        self.normalizer.set_python(pid, py.clone());
-                    }
-                }
-                Err(e) => log::debug!("refresh of {pid}: {e}"),
+            // A libpython loaded late (an embedding host) is found now.
+            if let Err(e) = self.probes.attach_process(pid, &mut self.runtimes) {
+                log::debug!("refresh of {pid}: {e}");
             }
         }
     }

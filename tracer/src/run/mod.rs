@@ -34,7 +34,7 @@ use crate::{
     ingest::ledger::{Ledger, Row},
     ingest::mmaps::MmapTracker,
     report::{self, Format, Report, Target},
-    runtime::go::stats::GoFigures,
+    runtime::{RuntimeOptions, Runtimes},
     symbolize::{Normalizer, Symbolizer},
     sys::procfs::{self, ProcId},
 };
@@ -83,21 +83,20 @@ struct Session<K: Kernel = Probes> {
     top: usize,
     sort: crate::report::SortBy,
     sample_bytes: u64,
-    /// Go profile buckets seen, per `(tgid, bucket)`: their stack and
-    /// bytes per object (`None`: the bucket could not be read).
-    go_buckets: HashMap<(u32, u64), Option<(crate::ingest::ledger::StackIdx, u64)>>,
+    /// The runtimes (`runtime::Runtimes::registry`): what each attached
+    /// per process, and what it read.
+    runtimes: Runtimes,
+    /// Stacks of the runtimes' own rows, per `(tgid, key)`.
+    runtime_stacks: HashMap<(u32, u64), crate::ingest::ledger::StackIdx>,
     /// Whether a syscall stack passes through an allocator function, per
     /// `(tgid, stack id)` (see `Probes::inside_allocator`).
     allocator_stacks: HashMap<(u32, tracer_common::StackId), bool>,
-    /// The Go runtime's own figures per process at the latest sample
-    /// (those at attach are the target's).
-    go_figures: HashMap<u32, (Instant, GoFigures)>,
     /// Whether the pairing self-check has already warned on stderr.
     pairing_warned: bool,
 }
 
 impl<K: Kernel> Session<K> {
-    fn new(probes: K, selector: Selector, cfg: &Config) -> Self {
+    fn new(probes: K, runtimes: Runtimes, selector: Selector, cfg: &Config) -> Self {
         let closed_set = !selector.is_open();
         Session {
             probes,
@@ -116,9 +115,9 @@ impl<K: Kernel> Session<K> {
             top: cfg.top,
             sort: cfg.sort,
             sample_bytes: cfg.sample_bytes,
-            go_buckets: HashMap::new(),
+            runtimes,
+            runtime_stacks: HashMap::new(),
             allocator_stacks: HashMap::new(),
-            go_figures: HashMap::new(),
             pairing_warned: false,
         }
     }
@@ -265,7 +264,6 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             syscalls: cfg.syscalls,
             oom_any: cfg.oom_any,
             sample_bytes: cfg.sample_bytes,
-            go_enable_profiling: cfg.go_enable_profiling,
             pymalloc: cfg.pymalloc,
             debug_bpf: cfg.debug_bpf,
         },
@@ -287,7 +285,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             None
         }
     };
-    let mut session = Session::new(probes, selector.clone(), &cfg);
+    let runtimes = Runtimes::registry(&RuntimeOptions {
+        go_enable_profiling: cfg.go_enable_profiling,
+    });
+    let mut session = Session::new(probes, runtimes, selector.clone(), &cfg);
     let mut first_err = None;
     for &pid in &pids {
         if let Err(e) = session.add(pid) {

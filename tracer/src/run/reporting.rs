@@ -17,7 +17,7 @@ impl<K: Kernel> Session<K> {
         let mut notes = vec![format!("the OOM killer chose process {pid} ({comm})")];
         notes.extend(crate::oom::victim_facts(pid));
         let ledger = self.ledger.only_pid(pid);
-        let go_runtime = self.go_runtime(Some(pid));
+        let figures = self.runtimes.figures(Some(pid));
         let (normalizer, symbolizer) = (&self.normalizer, &mut self.symbolizer);
         let report = report::build(
             report::Inputs {
@@ -33,7 +33,7 @@ impl<K: Kernel> Session<K> {
                 sort: self.sort,
                 notes,
                 sample_bytes: self.sample_bytes,
-                go_runtime,
+                figures,
             },
             &mut |idxs| symbolizer.symbolize(normalizer, idxs),
         );
@@ -130,14 +130,7 @@ impl<K: Kernel> Session<K> {
                 un.unreadable.join("; ")
             ));
         }
-        notes.extend(self.probes.runtime_notes());
-        let mut go: Vec<(u32, &crate::runtime::go::GoTarget)> = self.probes.go_targets();
-        go.sort_by_key(|(p, _)| *p);
-        for (pid, target) in go {
-            if target.rate(pid) == Ok(0) {
-                notes.push(crate::runtime::go::rate_zero_note(pid, target));
-            }
-        }
+        notes.extend(self.runtimes.notes());
         if let Some(age) = self.min_age_ns {
             notes.push(format!(
                 "only allocations older than {:.1}s are counted (--min-age)",
@@ -169,7 +162,7 @@ impl<K: Kernel> Session<K> {
                 },
             })
             .collect();
-        let go_runtime = self.go_runtime(None);
+        let figures = self.runtimes.figures(None);
         let (normalizer, symbolizer) = (&self.normalizer, &mut self.symbolizer);
         report::build(
             report::Inputs {
@@ -181,7 +174,7 @@ impl<K: Kernel> Session<K> {
                 sort: cfg.sort,
                 notes,
                 sample_bytes: cfg.sample_bytes,
-                go_runtime,
+                figures,
             },
             &mut |idxs| symbolizer.symbolize(normalizer, idxs),
         )

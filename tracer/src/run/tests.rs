@@ -8,6 +8,8 @@ use std::{
 };
 
 use clap::Parser as _;
+use std::{cell::RefCell, num::NonZeroU32, path::Path, rc::Rc, sync::Arc};
+
 use tracer_common::{stop, Counter, GoBucketKey, StackId, StackKey, StackTotals, SyscallEvent};
 
 use super::*;
@@ -15,7 +17,8 @@ use crate::{
     attach::probe::{Attachment, UnwindNotes},
     cli::Args,
     ingest::events::{RawInterp, RawStack, ReadError, Reading},
-    runtime::{go::GoTarget, python::PyTarget},
+    runtime::{AttachFailure, Attacher, Found, KernelRecords, Probed, Runtime, RuntimeRow, Walker},
+    sys::procfs::MapEntry,
 };
 
 /// Records what the session asked, answers with what the test set.
@@ -26,7 +29,6 @@ struct FakeKernel {
     rows: Vec<(StackKey, StackTotals)>,
     stacks: HashMap<StackId, RawStack>,
     counters: Vec<(Counter, u64)>,
-    notes: Vec<String>,
     unwind_notes: UnwindNotes,
     oom: Result<(), String>,
 }
@@ -40,7 +42,6 @@ impl Default for FakeKernel {
             rows: Vec::new(),
             stacks: HashMap::new(),
             counters: Vec::new(),
-            notes: Vec::new(),
             unwind_notes: UnwindNotes::default(),
             oom: Ok(()),
         }
@@ -48,12 +49,39 @@ impl Default for FakeKernel {
 }
 
 impl Kernel for FakeKernel {
-    fn attach_process(&mut self, pid: u32) -> Result<Attachment, ProbeError> {
+    fn attach_process(
+        &mut self,
+        pid: u32,
+        runtimes: &mut Runtimes,
+    ) -> Result<Attachment, ProbeError> {
         self.attached.push(pid);
-        Ok(Attachment::default())
+        let nz = NonZeroU32::new(pid).ok_or(ProbeError::NoProcess { pid })?;
+        let found = runtimes
+            .attach(nz, &[], self)
+            .map_err(|f| ProbeError::Attach {
+                pid,
+                function: f.function,
+                object: f.object,
+                reason: f.reason,
+            })?;
+        let mut att = Attachment::default();
+        for (object, probed) in found.objects {
+            att.objects.push((
+                object,
+                probed
+                    .into_iter()
+                    .map(|p| crate::attach::probe::AttachedFunction {
+                        name: p.function,
+                        offset: p.offset,
+                    })
+                    .collect(),
+            ));
+        }
+        Ok(att)
     }
-    fn detach_process(&mut self, pid: u32) {
+    fn detach_process(&mut self, pid: u32, runtimes: &mut Runtimes) {
         self.detached.push(pid);
+        runtimes.detach(pid, self);
     }
     fn forget_process(&mut self, pid: u32) -> Result<(), ReadError> {
         self.forgotten.push(pid);
@@ -69,9 +97,6 @@ impl Kernel for FakeKernel {
     fn read_aged(&self, _min_age_ns: u64) -> Result<Vec<(StackKey, StackTotals)>, ReadError> {
         Ok(self.rows.clone())
     }
-    fn read_go(&self) -> Result<Vec<(GoBucketKey, StackTotals)>, ReadError> {
-        Ok(Vec::new())
-    }
     fn stack(&self, id: StackId) -> Option<RawStack> {
         self.stacks.get(&id).cloned()
     }
@@ -79,20 +104,108 @@ impl Kernel for FakeKernel {
     fn inside_allocator(&self, _pid: u32, _ips: &[u64]) -> bool {
         false
     }
-    fn python_target(&self, _pid: u32) -> Option<&PyTarget> {
-        None
-    }
-    fn go_targets(&self) -> Vec<(u32, &GoTarget)> {
-        Vec::new()
-    }
     fn unwind_notes(&self) -> &UnwindNotes {
         &self.unwind_notes
     }
-    fn runtime_notes(&self) -> Vec<String> {
-        self.notes.clone()
-    }
     fn oom(&self) -> &Result<(), String> {
         &self.oom
+    }
+}
+
+impl KernelRecords for FakeKernel {
+    fn go_buckets(&self) -> Result<Vec<(GoBucketKey, StackTotals)>, String> {
+        Ok(Vec::new())
+    }
+}
+
+impl Attacher for FakeKernel {
+    fn entry_probe(
+        &mut self,
+        _pid: NonZeroU32,
+        _program: &'static str,
+        _open_path: &Path,
+        _offset: u64,
+    ) -> Result<(), String> {
+        Ok(())
+    }
+    fn register_walker(&mut self, _pid: u32, _walker: &Walker) -> Result<(), String> {
+        Ok(())
+    }
+    fn unregister_walker(&mut self, _pid: u32, _runtime: u32) {}
+    fn fsbase_offset(&self) -> u32 {
+        0
+    }
+}
+
+/// What a [`FakeRuntime`] was asked, shared with the test.
+#[derive(Debug, Default)]
+struct RuntimeLog {
+    attached: Vec<u32>,
+    detached: Vec<u32>,
+    forgotten: Vec<u32>,
+}
+
+/// A runtime that finds itself in every process, accounts 8 KiB per
+/// process itself and has a note per process.
+struct FakeRuntime(Rc<RefCell<RuntimeLog>>);
+
+impl Runtime for FakeRuntime {
+    fn name(&self) -> &'static str {
+        "fake"
+    }
+    fn attach(
+        &mut self,
+        pid: NonZeroU32,
+        _maps: &[MapEntry],
+        _kernel: &mut dyn Attacher,
+    ) -> Result<Found, AttachFailure> {
+        self.0.borrow_mut().attached.push(pid.get());
+        Ok(Found {
+            objects: vec![(
+                "/fake/runtime".into(),
+                vec![Probed {
+                    function: "fake_alloc".into(),
+                    offset: 0,
+                }],
+            )],
+            refusal: None,
+        })
+    }
+    fn detach(&mut self, pid: u32, _kernel: &mut dyn Attacher) {
+        self.0.borrow_mut().detached.push(pid);
+    }
+    fn forget(&mut self, pid: u32) {
+        self.0.borrow_mut().forgotten.push(pid);
+    }
+    fn accounts_heap(&self, _pid: u32) -> bool {
+        true
+    }
+    fn rows(&mut self, _kernel: &dyn KernelRecords) -> Result<Vec<RuntimeRow>, String> {
+        let log = self.0.borrow();
+        Ok(log
+            .attached
+            .iter()
+            .filter(|p| !log.forgotten.contains(p))
+            .map(|&pid| RuntimeRow {
+                pid,
+                key: 1,
+                pcs: Arc::from(vec![own_stack as *const () as u64 + 1]),
+                totals: StackTotals {
+                    outstanding_bytes: 8192,
+                    outstanding_allocs: 2,
+                    total_bytes: 8192,
+                    total_allocs: 2,
+                },
+            })
+            .collect())
+    }
+    fn notes(&self) -> Vec<String> {
+        self.0
+            .borrow()
+            .attached
+            .iter()
+            .map(|p| format!("process {p} runs FakeLang 0.1, which leaktrace does not know"))
+            .collect()
     }
 }
 
@@ -130,8 +243,12 @@ fn config(args: &[&str]) -> Config {
 }
 
 fn session(kernel: FakeKernel, cfg: &Config) -> Session<FakeKernel> {
+    session_with(kernel, Runtimes::none(), cfg)
+}
+
+fn session_with(kernel: FakeKernel, runtimes: Runtimes, cfg: &Config) -> Session<FakeKernel> {
     let selector = Selector::new(&cfg.comms, &cfg.cgroups);
-    Session::new(kernel, selector, cfg)
+    Session::new(kernel, runtimes, selector, cfg)
 }
 
 /// A stack of this test process's own code, so it resolves to a module.
@@ -245,11 +362,12 @@ fn notes_say_what_the_kernel_side_lost_and_why() {
             (Counter::MissingEntry, 3),
             (Counter::RepeatedReturns, 900),
         ],
-        notes: vec!["process 1 runs Python 3.7, which leaktrace does not know".into()],
         oom: Err("the kernel's BTF does not describe task_struct.tgid".into()),
         ..FakeKernel::default()
     };
-    let mut s = session(kernel, &cfg);
+    let log = Rc::new(RefCell::new(RuntimeLog::default()));
+    let runtimes = Runtimes::new(vec![Box::new(FakeRuntime(log.clone()))]);
+    let mut s = session_with(kernel, runtimes, &cfg);
     s.add(p.pid()).expect("attach");
     s.sample().expect("sample");
     let notes = s.report(&cfg).notes.join("\n");
@@ -262,6 +380,38 @@ fn notes_say_what_the_kernel_side_lost_and_why() {
         "{notes}"
     );
     assert!(notes.contains("900 repeated runs, not losses"), "{notes}");
-    assert!(notes.contains("Python 3.7"), "{notes}");
+    assert!(notes.contains("FakeLang 0.1"), "{notes}");
     assert!(notes.contains("OOM black box unavailable"), "{notes}");
+}
+
+#[test]
+fn a_runtime_attaches_accounts_its_rows_and_is_told_of_exits() {
+    let parent = Sleeper::start();
+    let child = Sleeper::start();
+    let cfg = config(&["-p", &parent.pid().to_string()]);
+    let log = Rc::new(RefCell::new(RuntimeLog::default()));
+    let runtimes = Runtimes::new(vec![Box::new(FakeRuntime(log.clone()))]);
+    let mut s = session_with(FakeKernel::default(), runtimes, &cfg);
+    s.add(parent.pid()).expect("attach the parent");
+    s.on_proc_event(ProcEvent::Fork {
+        parent: parent.pid(),
+        child: child.pid(),
+    });
+    assert_eq!(log.borrow().attached, vec![parent.pid(), child.pid()]);
+    s.sample().expect("sample");
+    let r = s.report(&cfg);
+    assert_eq!(
+        r.stacks.len(),
+        1,
+        "one stack for both processes: {:?}",
+        r.stacks
+    );
+    assert_eq!(r.stacks[0].outstanding_bytes, 2 * 8192);
+    s.on_exit(child.pid());
+    assert_eq!(log.borrow().detached, vec![child.pid()]);
+    assert_eq!(log.borrow().forgotten, vec![child.pid()]);
+    s.sample().expect("sample");
+    let r = s.report(&cfg);
+    assert_eq!(r.stacks[0].outstanding_bytes, 8192, "{:?}", r.stacks);
+    assert_eq!(r.stacks[0].pids, vec![parent.pid()]);
 }

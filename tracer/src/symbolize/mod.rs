@@ -10,10 +10,11 @@
 //! calls expanded) with one batched blazesym call per object, and caches
 //! the result for later reports.
 //!
-//! Python frames (code object, instruction offset) are resolved to name,
-//! file and line by the normalizer too, since they need the live process
-//! (see `python`); the symbolizer puts them where the interpreter's eval
-//! loop (`_PyEval_EvalFrameDefault`) ran them.
+//! Interpreter frames (Python's code object and instruction offset) are
+//! resolved by their runtime when the normalizer first sees the stack,
+//! since they need the live process; the symbolizer puts them where the
+//! interpreter's eval loop (`_PyEval_EvalFrameDefault`) ran them (see
+//! `interp`).
 
 use std::{
     collections::HashMap,
@@ -27,21 +28,21 @@ use blazesym::symbolize::{
     Input, Symbolized, Symbolizer as Blaze,
 };
 
-use tracer_common::{py_stop, stop, StackId, STACK_LOST};
+use tracer_common::{stop, StackId, STACK_LOST};
 
 use crate::{
     ingest::events::RawStack,
     ingest::ledger::StackIdx,
-    runtime::python::{CodeCache, PyTarget},
+    runtime::{Language, RuntimeFrame, Runtimes},
     sys::procfs::{self, MapEntry},
 };
 
+mod interp;
 mod normalize;
-mod python;
 
+pub use interp::merge_interp;
+use interp::*;
 pub use normalize::*;
-pub use python::merge_python;
-use python::*;
 
 use serde::Serialize;
 
@@ -105,31 +106,26 @@ pub enum NormFrame {
     /// The walk stopped before the outermost frame; the reason is one of
     /// `tracer_common::stop`.
     Truncated(u32),
-    /// A Python frame, resolved while the process lived. `entry`: the
-    /// first frame of a C-level call of the eval loop.
-    Python {
-        function: String,
-        file: String,
-        line: Option<u32>,
+    /// An interpreter frame, resolved by its runtime while the process
+    /// lived. `entry`: the first frame of a C-level call of the eval loop,
+    /// the native function `eval`.
+    Interp {
+        frame: RuntimeFrame,
         entry: bool,
+        eval: &'static str,
     },
-    /// A Python frame whose code object could not be read.
-    PythonUnreadable {
-        code: u64,
-        reason: &'static str,
-        entry: bool,
+    /// Why the interpreter walk stopped early, after its outermost frame.
+    InterpTail {
+        frame: RuntimeFrame,
+        eval: &'static str,
     },
-    /// The Python walk stopped early; one of `tracer_common::py_stop`.
-    PythonTruncated(u32),
 }
 
 impl NormFrame {
-    fn is_python(&self) -> bool {
+    fn is_interp(&self) -> bool {
         matches!(
             self,
-            NormFrame::Python { .. }
-                | NormFrame::PythonUnreadable { .. }
-                | NormFrame::PythonTruncated(_)
+            NormFrame::Interp { .. } | NormFrame::InterpTail { .. }
         )
     }
 }
@@ -252,37 +248,45 @@ impl Symbolizer {
             .iter()
             .map(|idx| {
                 let stack = norm.stack(*idx);
-                let go = norm.go_stacks.contains(idx);
+                let runtime_row = norm.runtime_stacks.get(idx).copied();
                 let last = stack.len().saturating_sub(1);
                 let native: Vec<Frame> = stack
                     .iter()
                     .enumerate()
-                    .filter(|(_, f)| !f.is_python())
+                    .filter(|(_, f)| !f.is_interp())
                     .flat_map(|(i, f)| {
                         let mut frames = self.frames_for(norm, f);
-                        if go && i != last {
+                        if runtime_row.is_some() && i != last {
                             one_logical_frame(&mut frames);
                         }
                         frames
                     })
                     .collect();
-                let python: Vec<(Frame, bool)> = stack
+                let mut eval = "";
+                let interp: Vec<(Frame, bool)> = stack
                     .iter()
                     .filter_map(|f| match f {
-                        NormFrame::Python { entry, .. }
-                        | NormFrame::PythonUnreadable { entry, .. } => {
-                            Some((python_frame(f), *entry))
+                        NormFrame::Interp {
+                            frame,
+                            entry,
+                            eval: e,
+                        } => {
+                            eval = e;
+                            Some((interp_frame(frame), *entry))
                         }
                         _ => None,
                     })
                     .collect();
                 let tail = stack.iter().find_map(|f| match f {
-                    NormFrame::PythonTruncated(_) => Some(python_frame(f)),
+                    NormFrame::InterpTail { frame, eval: e } => {
+                        eval = e;
+                        Some(interp_frame(frame))
+                    }
                     _ => None,
                 });
-                let mut frames = merge_python(native, python, tail);
-                if go {
-                    drop_runtime_frames(&mut frames);
+                let mut frames = merge_interp(native, interp, tail, eval);
+                if let Some(Some(prefix)) = runtime_row {
+                    drop_runtime_frames(&mut frames, prefix);
                 }
                 frames
             })
@@ -391,9 +395,9 @@ impl Symbolizer {
                 format!("[truncated: {}]", stop_reason(*why)),
                 None,
             )],
-            NormFrame::Python { .. }
-            | NormFrame::PythonUnreadable { .. }
-            | NormFrame::PythonTruncated(_) => vec![python_frame(f)],
+            NormFrame::Interp { frame, .. } | NormFrame::InterpTail { frame, .. } => {
+                vec![interp_frame(frame)]
+            }
             NormFrame::Lost => vec![Frame::marker("[stack lost]".into(), None)],
         }
     }
@@ -411,17 +415,14 @@ fn one_logical_frame(frames: &mut Vec<Frame>) {
     frames.truncate(1);
 }
 
-/// Drop the Go runtime's frames at the allocation end of a bucket stack
-/// (`runtime.makeslice`, `runtime.newobject`, ...), as `runtime/pprof` does
-/// for heap profiles, keeping at least one frame.
-fn drop_runtime_frames(frames: &mut Vec<Frame>) {
+/// Drop a runtime's own frames (named `prefix`...) at the allocation end
+/// of a stack of its own rows (Go's `runtime.makeslice`,
+/// `runtime.newobject`, ...), as `runtime/pprof` does for heap profiles,
+/// keeping at least one frame.
+fn drop_runtime_frames(frames: &mut Vec<Frame>, prefix: &str) {
     let keep_from = frames
         .iter()
-        .position(|f| {
-            !f.function
-                .as_deref()
-                .is_some_and(|n| n.starts_with("runtime."))
-        })
+        .position(|f| !f.function.as_deref().is_some_and(|n| n.starts_with(prefix)))
         .unwrap_or(frames.len().saturating_sub(1));
     frames.drain(..keep_from);
 }
@@ -450,6 +451,8 @@ fn code_loc(ci: Option<&blazesym::symbolize::CodeInfo<'_>>) -> (Option<String>, 
 mod tests {
     use super::*;
 
+    const EVAL_FRAME: &str = "_PyEval_EvalFrameDefault";
+
     fn native(name: &str) -> Frame {
         Frame {
             function: Some(name.into()),
@@ -463,11 +466,11 @@ mod tests {
     }
 
     fn py(name: &str, entry: bool) -> (Frame, bool) {
-        let f = python_frame(&NormFrame::Python {
+        let f = interp_frame(&RuntimeFrame::Code {
             function: name.into(),
             file: "app.py".into(),
             line: Some(1),
-            entry,
+            language: Language::Python,
         });
         (f, entry)
     }
@@ -493,7 +496,7 @@ mod tests {
             py("sort_them", false),
             py("<module>", true),
         ];
-        let out = merge_python(natives, python, None);
+        let out = merge_interp(natives, python, None, EVAL_FRAME);
         assert_eq!(
             names(&out),
             [
@@ -517,8 +520,11 @@ mod tests {
             native("main"),
         ];
         let python = vec![py("a", false), py("b", true)];
-        let tail = python_frame(&NormFrame::PythonTruncated(py_stop::DEPTH));
-        let out = merge_python(natives, python, Some(tail));
+        let tail = interp_frame(&RuntimeFrame::Marker {
+            text: "[python stack truncated: deeper than the frame limit]".into(),
+            offset: None,
+        });
+        let out = merge_interp(natives, python, Some(tail), EVAL_FRAME);
         assert_eq!(
             names(&out),
             [
@@ -532,18 +538,18 @@ mod tests {
     }
 
     #[test]
-    fn unreadable_python_frame_is_a_marked_native_frame() {
-        let f = python_frame(&NormFrame::PythonUnreadable {
-            code: 0x1234,
-            reason: "not a code object",
-            entry: false,
+    fn unreadable_interp_frame_is_a_marked_native_frame() {
+        let f = interp_frame(&RuntimeFrame::Marker {
+            text: "[python frame: not a code object]".into(),
+            offset: Some(0x1234),
         });
         assert_eq!(f.kind, FrameKind::Native);
         assert_eq!(
             f.function.as_deref(),
             Some("[python frame: not a code object]")
         );
-        let out = merge_python(vec![native("main")], vec![], None);
+        assert_eq!(f.offset, Some(0x1234));
+        let out = merge_interp(vec![native("main")], vec![], None, EVAL_FRAME);
         assert_eq!(names(&out), ["main"]);
     }
 }

@@ -24,12 +24,13 @@ pub struct Normalizer {
     pub(super) stack_ids: HashMap<Vec<NormFrame>, StackIdx>,
     pub(super) resolved: HashMap<(u32, StackId), StackIdx>,
     pub(super) maps: HashMap<u32, Vec<MapEntry>>,
-    pub(super) python: CodeCache,
-    /// Modules holding Go code (their frames are of kind "go").
+    /// Modules that stacks of a runtime's own rows pass through (Go code:
+    /// their frames are of kind "go").
     pub(super) go_modules: std::collections::HashSet<u32>,
-    /// Stacks taken from Go profile buckets: leading `runtime.*` frames
-    /// are dropped when symbolized, as `runtime/pprof` does.
-    pub(super) go_stacks: std::collections::HashSet<StackIdx>,
+    /// Stacks of a runtime's own rows (Go profile buckets), with the
+    /// prefix of the runtime's frames dropped from their allocation end,
+    /// as `runtime/pprof` drops `runtime.*`.
+    pub(super) runtime_stacks: HashMap<StackIdx, Option<&'static str>>,
 }
 
 impl Normalizer {
@@ -39,6 +40,7 @@ impl Normalizer {
         &mut self,
         tgid: u32,
         stack_id: StackId,
+        runtimes: &mut Runtimes,
         raw: impl FnOnce() -> Option<RawStack>,
     ) -> StackIdx {
         if let Some(idx) = self.resolved.get(&(tgid, stack_id)) {
@@ -48,7 +50,7 @@ impl Normalizer {
             Some(raw) if !raw.ips.is_empty() => {
                 let why = raw.stop;
                 log::trace!(
-                    "stack {stack_id:#x} of {tgid}: stop {why}, ips {:x?}, python {:x?} (stop {})",
+                    "stack {stack_id:#x} of {tgid}: stop {why}, ips {:x?}, interp {:x?} (stop {})",
                     raw.ips,
                     raw.interp.frames,
                     raw.interp.stop
@@ -58,7 +60,7 @@ impl Normalizer {
                 if why != stop::COMPLETE && !ended_in_anon {
                     frames.push(NormFrame::Truncated(why));
                 }
-                self.normalize_python(tgid, &raw, &mut frames);
+                Self::interp_frames(tgid, &raw, runtimes, &mut frames);
                 frames
             }
             _ => vec![NormFrame::Lost],
@@ -68,9 +70,16 @@ impl Normalizer {
         idx
     }
 
-    /// The stack of a Go profile bucket: `pcs` are return PCs, innermost
-    /// first, read from the process (which must still live).
-    pub fn intern_go(&mut self, tgid: u32, pcs: &[u64]) -> StackIdx {
+    /// The stack of a runtime's own row (a Go profile bucket): `pcs` are
+    /// return PCs, innermost first, read from the process (which must
+    /// still live); `drop_prefix` names the runtime's own frames at its
+    /// allocation end.
+    pub fn intern_pcs(
+        &mut self,
+        tgid: u32,
+        pcs: &[u64],
+        drop_prefix: Option<&'static str>,
+    ) -> StackIdx {
         let frames = if pcs.is_empty() {
             vec![NormFrame::Lost]
         } else {
@@ -82,7 +91,7 @@ impl Normalizer {
             }
         }
         let idx = self.intern(frames);
-        self.go_stacks.insert(idx);
+        self.runtime_stacks.insert(idx, drop_prefix);
         idx
     }
 
@@ -103,37 +112,31 @@ impl Normalizer {
     pub fn forget_process(&mut self, tgid: u32) {
         self.resolved.retain(|(t, _), _| *t != tgid);
         self.maps.remove(&tgid);
-        self.python.forget(tgid);
     }
 
-    /// The process runs this Python: its code objects can be read.
-    pub fn set_python(&mut self, tgid: u32, target: PyTarget) {
-        self.python.set_target(tgid, target);
-    }
-
-    /// Python frames go after the native ones (the symbolizer puts them in
-    /// place), resolved now because the code objects live in the process.
-    fn normalize_python(&mut self, tgid: u32, raw: &RawStack, frames: &mut Vec<NormFrame>) {
-        if raw.interp.runtime != tracer_common::runtime::PYTHON {
+    /// Interpreter frames go after the native ones (the symbolizer puts
+    /// them in place), resolved now by their runtime because what they
+    /// point to lives in the process.
+    fn interp_frames(
+        tgid: u32,
+        raw: &RawStack,
+        runtimes: &mut Runtimes,
+        frames: &mut Vec<NormFrame>,
+    ) {
+        let Some(interp) = runtimes.frames(
+            tgid,
+            raw.interp.runtime,
+            &raw.interp.frames,
+            raw.interp.stop,
+        ) else {
             return;
+        };
+        let eval = interp.eval_function;
+        for (frame, entry) in interp.frames {
+            frames.push(NormFrame::Interp { frame, entry, eval });
         }
-        for f in &raw.interp.frames {
-            frames.push(match self.python.code(tgid, f.code) {
-                Ok(code) => NormFrame::Python {
-                    function: code.qualname.clone(),
-                    file: code.filename.clone(),
-                    line: code.line(f.pos),
-                    entry: f.entry,
-                },
-                Err(reason) => NormFrame::PythonUnreadable {
-                    code: f.code,
-                    reason,
-                    entry: f.entry,
-                },
-            });
-        }
-        if matches!(raw.interp.stop, py_stop::DEPTH | py_stop::UNREADABLE) {
-            frames.push(NormFrame::PythonTruncated(raw.interp.stop));
+        if let Some(frame) = interp.tail {
+            frames.push(NormFrame::InterpTail { frame, eval });
         }
     }
 

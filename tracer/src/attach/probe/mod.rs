@@ -23,7 +23,10 @@ use aya::{
 use tracer_common::{maps, ExecMap, ProcMaps, PyProc, UnwindRow, MAX_PROC_MAPS};
 
 use crate::{
-    attach::prologue, runtime::go, runtime::python, sys::elf, sys::procfs,
+    attach::prologue,
+    runtime::{AttachFailure, Runtimes},
+    sys::elf,
+    sys::procfs,
     unwind::table as unwind_table,
 };
 
@@ -119,9 +122,6 @@ pub struct ProbeOptions {
     pub oom_any: bool,
     /// Mean bytes between sampled allocations (0: record every one).
     pub sample_bytes: u64,
-    /// Write this into `runtime.MemProfileRate` of Go processes whose
-    /// runtime samples nothing (`--go-enable-profiling`).
-    pub go_enable_profiling: Option<u64>,
     /// Also probe CPython's pymalloc entry points (`--pymalloc`).
     pub pymalloc: bool,
     /// Turn on the eBPF programs' diagnostics (aya-log).
@@ -225,21 +225,11 @@ pub struct Probes {
     pub unwind_notes: UnwindNotes,
     /// Whether the OOM black box is armed, or why not.
     pub oom: Result<(), String>,
-    /// What each object says about a CPython in it, by (device, inode).
-    python_objects: HashMap<(String, u64), Option<python::PyObjectInfo>>,
-    /// The CPython found per process.
-    python: HashMap<u32, python::PyTarget>,
-    /// Why Python frames are not shown, per process, for the report.
-    pub python_notes: Vec<String>,
     /// Byte offset of `thread.fsbase` in `task_struct` (0: unknown, no
-    /// Python frames).
+    /// interpreter frames).
     fsbase_offset: u32,
-    /// What each executable says about a Go runtime in it, by (device, inode).
-    go_objects: HashMap<(String, u64), Option<go::GoObjectInfo>>,
-    /// The Go runtime traced per process.
-    go: HashMap<u32, go::GoTarget>,
-    /// Why a Go heap is not shown, for the report.
-    pub go_notes: Vec<String>,
+    /// Processes where a runtime probed functions of its own.
+    runtime_probed: std::collections::HashSet<u32>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -377,20 +367,20 @@ impl Probes {
             unwind_epoch: 0,
             unwind_notes: UnwindNotes::default(),
             oom,
-            python_objects: HashMap::new(),
-            python: HashMap::new(),
-            python_notes: Vec::new(),
             fsbase_offset,
-            go_objects: HashMap::new(),
-            go: HashMap::new(),
-            go_notes: Vec::new(),
+            runtime_probed: Default::default(),
         })
     }
 
     /// Attach allocator probes to every object in `pid` that defines them
-    /// and is not probed in it yet (call again after dlopen or exec), and
-    /// mark the process as traced for the syscall programs.
-    pub fn attach_process(&mut self, pid: u32) -> Result<Attachment, ProbeError> {
+    /// and is not probed in it yet (call again after dlopen or exec), let
+    /// each runtime attach what it needs, and mark the process as traced
+    /// for the syscall programs.
+    pub fn attach_process(
+        &mut self,
+        pid: u32,
+        runtimes: &mut Runtimes,
+    ) -> Result<Attachment, ProbeError> {
         let nz = NonZeroU32::new(pid).ok_or(ProbeError::NoProcess { pid })?;
         let maps = procfs::read_maps(pid).map_err(|source| {
             if source.kind() == io::ErrorKind::NotFound {
@@ -403,7 +393,6 @@ impl Probes {
         let wanted: Vec<&str> = wanted.iter().map(String::as_str).collect();
         let mut attachment = Attachment::default();
         let mut seen: Vec<(String, u64)> = Vec::new();
-        let mut go_refusal = None;
         for entry in maps.iter().filter(|m| m.executable) {
             let Some(path) = entry.path.clone() else {
                 continue;
@@ -421,25 +410,6 @@ impl Probes {
             let Some(open_path) = entry.open_path(pid) else {
                 continue;
             };
-            let go_info = self
-                .go_objects
-                .entry(key.clone())
-                .or_insert_with(|| go::inspect_object(&open_path))
-                .clone();
-            if let Some(info) = go_info {
-                match self.attach_go(nz, entry, &path, &open_path, &info)? {
-                    Ok(attached) => attachment.objects.push((path.clone(), attached)),
-                    Err(why) => {
-                        log::warn!("{why}");
-                        self.go_notes.push(format!("process {pid}: {why}"));
-                        go_refusal = Some(why);
-                    }
-                }
-                self.attached_objects
-                    .entry(pid)
-                    .or_default()
-                    .push(key.clone());
-            }
             let functions = self
                 .elf_cache
                 .entry(key.clone())
@@ -468,12 +438,36 @@ impl Probes {
                 attachment.objects.push((path, attached));
             }
         }
-        let already = self
-            .attached_objects
-            .get(&pid)
-            .is_some_and(|v| !v.is_empty());
+        let found = runtimes
+            .attach(nz, &maps, self)
+            .map_err(|f: AttachFailure| ProbeError::Attach {
+                pid,
+                function: f.function,
+                object: f.object,
+                reason: f.reason,
+            })?;
+        if !found.objects.is_empty() {
+            self.runtime_probed.insert(pid);
+        }
+        for (object, probed) in found.objects {
+            attachment.objects.push((
+                object,
+                probed
+                    .into_iter()
+                    .map(|p| AttachedFunction {
+                        name: p.function,
+                        offset: p.offset,
+                    })
+                    .collect(),
+            ));
+        }
+        let already = self.runtime_probed.contains(&pid)
+            || self
+                .attached_objects
+                .get(&pid)
+                .is_some_and(|v| !v.is_empty());
         if attachment.objects.is_empty() && !already {
-            if let Some(reason) = go_refusal {
+            if let Some(reason) = found.refusal {
                 return Err(ProbeError::Unsupported { pid, reason });
             }
             return Err(ProbeError::NoAllocator {
@@ -483,7 +477,6 @@ impl Probes {
         }
         self.set_target(pid, true);
         self.register_unwind(pid, &maps);
-        self.register_python(pid, &maps);
         Ok(attachment)
     }
 
@@ -503,7 +496,8 @@ impl Probes {
             .any(|&ip| ranges.iter().any(|&(start, end)| ip > start && ip <= end))
     }
 
-    pub fn detach_process(&mut self, pid: u32) {
+    pub fn detach_process(&mut self, pid: u32, runtimes: &mut Runtimes) {
+        runtimes.detach(pid, self);
         // Closing a uprobe link takes ~0.1 s on this kernel: let a thread
         // do it, so the event loop keeps following forks meanwhile.
         let mut owned = Vec::new();
@@ -518,17 +512,10 @@ impl Probes {
             std::thread::spawn(move || drop(owned));
         }
         self.attached_objects.remove(&pid);
+        self.runtime_probed.remove(&pid);
         self.allocator_ranges.remove(&pid);
         self.registered.remove(&pid);
-        self.go.remove(&pid);
         self.set_target(pid, false);
-        if self.python.remove(&pid).is_some() {
-            if let Some(map) = self.ebpf.map_mut(maps::PY_PROCS) {
-                if let Ok(mut pp) = BpfHashMap::<&mut MapData, u32, PyProc>::try_from(map) {
-                    let _ = pp.remove(&pid);
-                }
-            }
-        }
         if let Some(Ok(mut rt)) = self
             .ebpf
             .map_mut(maps::RUNTIMES)
@@ -558,5 +545,3 @@ impl Probes {
         };
     }
 }
-
-impl Probes {}

@@ -117,3 +117,52 @@ pub fn stack_switch_return_pcs(data: &[u8]) -> Vec<u64> {
         })
         .collect()
 }
+
+/// The offset of the cheapest correct probe point for an entry-only probe
+/// on a Go function (register ABI). Go 1.21+ functions start with the
+/// stack check `CMPQ SP, 16(R14)` and `JBE <grow the stack>` (single-
+/// stepped; the grow path jumps back to the entry, which passes the check
+/// again) and then `PUSHQ BP` (emulated): a probe there runs once per call
+/// with every argument register as at entry. Any other start (Go 1.19's
+/// `SUBQ $n, SP` frame, a frameless function) stays at 0.
+pub fn go_probe_offset(code: &[u8]) -> u64 {
+    const STACK_CHECK: [u8; 4] = [0x49, 0x3b, 0x66, 0x10];
+    let Some(rest) = code.strip_prefix(&STACK_CHECK[..]) else {
+        return 0;
+    };
+    let jbe = match rest {
+        [0x76, _, ..] => 2,
+        [0x0f, 0x86, _, _, _, _, ..] => 6,
+        _ => return 0,
+    };
+    match rest.get(jbe) {
+        Some(0x55) => (STACK_CHECK.len() + jbe) as u64,
+        _ => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn go_probes_skip_the_stack_check() {
+        // go1.25 setprofilebucket: CMPQ SP,0x10(R14); JBE rel32; PUSHQ BP
+        let go125 = [
+            0x49, 0x3b, 0x66, 0x10, 0x0f, 0x86, 0x7c, 0x00, 0x00, 0x00, 0x55, 0x48, 0x89, 0xe5,
+        ];
+        assert_eq!(go_probe_offset(&go125), 10);
+        // JBE rel8
+        assert_eq!(
+            go_probe_offset(&[0x49, 0x3b, 0x66, 0x10, 0x76, 0x7c, 0x55]),
+            6
+        );
+        // go1.19: CMPQ; JBE; SUBQ $0x28,SP -> nothing emulated: 0.
+        let go119 = [
+            0x49, 0x3b, 0x66, 0x10, 0x0f, 0x86, 0x80, 0x00, 0x00, 0x00, 0x48, 0x83, 0xec, 0x28,
+        ];
+        assert_eq!(go_probe_offset(&go119), 0);
+        assert_eq!(go_probe_offset(&[0x55]), 0);
+        assert_eq!(go_probe_offset(&[]), 0);
+    }
+}

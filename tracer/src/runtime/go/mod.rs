@@ -26,9 +26,11 @@
 mod buckets;
 pub mod code;
 pub mod pclntab;
+mod seam;
 pub mod stats;
 
 pub use buckets::*;
+pub use seam::*;
 
 use std::{fs, path::Path};
 

@@ -36,9 +36,11 @@ use crate::{
 
 mod code;
 mod layouts;
+mod seam;
 
 pub use code::*;
 pub use layouts::*;
+pub use seam::*;
 
 /// A CPython found in a process.
 #[derive(Clone, Debug, PartialEq, Eq)]
