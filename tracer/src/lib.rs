@@ -13,8 +13,9 @@
 //! Imports go one way, down this list (each room may import those below
 //! it, never those above): `run` > `report` > `symbolize` > `ingest` >
 //! `attach` > `unwind` > `runtime` > `sys`. (`attach` loads `unwind`'s
-//! tables and what each `runtime` needs; `unwind` asks `runtime::go` where
-//! Go switches stacks.)
+//! tables and attaches what each runtime asks for; `unwind` asks the
+//! runtimes where their code switches stacks.) The rooms above `runtime`
+//! reach a runtime only through its seam, `runtime::Runtime`.
 
 pub mod attach;
 pub mod cli;

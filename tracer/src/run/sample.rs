@@ -77,7 +77,7 @@ impl<K: Kernel> Session<K> {
     /// buckets), each stack normalized once per process.
     fn runtime_rows(&mut self, rows: &mut Vec<Row>) {
         for set in self.runtimes.rows(&self.probes) {
-            let prefix = set.drop_prefix;
+            let code = set.code;
             let runtime_rows = match set.rows {
                 Ok(r) => r,
                 Err(e) => {
@@ -90,7 +90,7 @@ impl<K: Kernel> Session<K> {
                 let stack = *self
                     .runtime_stacks
                     .entry((r.pid, r.key))
-                    .or_insert_with(|| normalizer.intern_pcs(r.pid, &r.pcs, prefix));
+                    .or_insert_with(|| normalizer.intern_pcs(r.pid, &r.pcs, code));
                 rows.push(Row {
                     stack,
                     pid: r.pid,

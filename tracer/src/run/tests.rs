@@ -3,12 +3,16 @@
 //! rows, and the report's notes, without root.
 
 use std::{
+    cell::RefCell,
     collections::HashMap,
+    num::NonZeroU32,
+    path::Path,
     process::{Child, Command},
+    rc::Rc,
+    sync::Arc,
 };
 
 use clap::Parser as _;
-use std::{cell::RefCell, num::NonZeroU32, path::Path, rc::Rc, sync::Arc};
 
 use tracer_common::{stop, Counter, GoBucketKey, StackId, StackKey, StackTotals, SyscallEvent};
 
@@ -17,7 +21,10 @@ use crate::{
     attach::probe::{Attachment, UnwindNotes},
     cli::Args,
     ingest::events::{RawInterp, RawStack, ReadError, Reading},
-    runtime::{AttachFailure, Attacher, Found, KernelRecords, Probed, Runtime, RuntimeRow, Walker},
+    runtime::{
+        AttachFailure, Attacher, Found, KernelRecords, Language, Probed, RowCode, Runtime,
+        RuntimeRow, Walker,
+    },
     sys::procfs::MapEntry,
 };
 
@@ -179,6 +186,12 @@ impl Runtime for FakeRuntime {
     }
     fn accounts_heap(&self, _pid: u32) -> bool {
         true
+    }
+    fn row_code(&self) -> Option<RowCode> {
+        Some(RowCode {
+            language: Language::Go,
+            drop_prefix: "fake_",
+        })
     }
     fn rows(&mut self, _kernel: &dyn KernelRecords) -> Result<Vec<RuntimeRow>, String> {
         let log = self.0.borrow();

@@ -121,6 +121,7 @@ pub struct AttachFailure {
 pub enum Language {
     Python,
     Lua,
+    Go,
 }
 
 /// One interpreter frame, resolved while its process lived.
@@ -164,13 +165,56 @@ pub struct RuntimeRow {
     pub totals: StackTotals,
 }
 
-/// One runtime's rows at a sample, or why they could not be read, and
-/// the prefix of its own frames at their stacks' allocation end
-/// ([`Runtime::row_frames_prefix`]).
+/// Whose code the stacks of a runtime's own rows are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RowCode {
+    /// The language of the code those stacks pass through.
+    pub language: Language,
+    /// The runtime's own frames at the allocation end (named with this
+    /// prefix), dropped as its profiler drops them (`runtime.`).
+    pub drop_prefix: &'static str,
+}
+
+/// One runtime's rows at a sample, or why they could not be read.
 #[derive(Debug)]
 pub struct RowSet {
     pub rows: Result<Vec<RuntimeRow>, String>,
-    pub drop_prefix: Option<&'static str>,
+    pub code: RowCode,
+}
+
+/// A runtime's own symbol table for an object's native code, where the
+/// object's ELF symbols do not name it (a stripped Go binary's
+/// `.gopclntab`).
+pub trait ObjectSymbols {
+    fn language(&self) -> Language;
+    /// Frames for the return address at `file_offset`, innermost first
+    /// (inlined calls expanded), or `None` when the table does not cover
+    /// it.
+    fn frames(&self, file_offset: u64) -> Option<Vec<CodeFrame>>;
+}
+
+/// A function in a runtime's own symbol table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CodeFrame {
+    pub function: String,
+    pub file: Option<String>,
+    pub line: Option<u32>,
+    /// Inlined into the next frame.
+    pub inlined: bool,
+}
+
+/// Return addresses in the object file `data` (virtual addresses) where a
+/// runtime's code has switched stacks: the caller's frame is on another
+/// stack, reached by the frame pointer (Go's `runtime.asmcgocall` and
+/// `runtime.systemstack`).
+pub fn stack_switch_return_pcs(data: &[u8]) -> Vec<u64> {
+    go::code::stack_switch_return_pcs(data)
+}
+
+/// The runtime symbol table of the object file at `path`, if a runtime
+/// has one for it.
+pub fn object_symbols(path: &Path) -> Option<Box<dyn ObjectSymbols>> {
+    go::StrippedTable::load(path).map(|t| Box::new(t) as Box<dyn ObjectSymbols>)
 }
 
 /// A runtime's figures for the report.
@@ -216,9 +260,9 @@ pub trait Runtime {
     fn rows(&mut self, _kernel: &dyn KernelRecords) -> Result<Vec<RuntimeRow>, String> {
         Ok(Vec::new())
     }
-    /// Whether stacks from [`Self::rows`] start with the runtime's own
-    /// frames (named with this prefix), dropped as its profiler does.
-    fn row_frames_prefix(&self) -> Option<&'static str> {
+    /// Whose code the stacks of [`Self::rows`] are (a runtime with rows
+    /// has this).
+    fn row_code(&self) -> Option<RowCode> {
         None
     }
     /// Read the runtime's figures of the running processes.
@@ -323,9 +367,12 @@ impl Runtimes {
     pub fn rows(&mut self, kernel: &dyn KernelRecords) -> Vec<RowSet> {
         self.all
             .iter_mut()
-            .map(|r| RowSet {
-                rows: r.rows(kernel),
-                drop_prefix: r.row_frames_prefix(),
+            .filter_map(|r| {
+                let code = r.row_code()?;
+                Some(RowSet {
+                    rows: r.rows(kernel),
+                    code,
+                })
             })
             .collect()
     }

@@ -18,10 +18,7 @@ pub(super) fn interp_frame(f: &RuntimeFrame) -> Frame {
             module: None,
             file: Some(file.clone()),
             line: *line,
-            kind: match language {
-                Language::Python => FrameKind::Python,
-                Language::Lua => FrameKind::Lua,
-            },
+            kind: frame_kind(*language),
             inlined: false,
             offset: None,
         },

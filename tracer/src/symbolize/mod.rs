@@ -33,7 +33,7 @@ use tracer_common::{stop, StackId, STACK_LOST};
 use crate::{
     ingest::events::RawStack,
     ingest::ledger::StackIdx,
-    runtime::{Language, RuntimeFrame, Runtimes},
+    runtime::{Language, ObjectSymbols, RowCode, RuntimeFrame, Runtimes},
     sys::procfs::{self, MapEntry},
 };
 
@@ -130,75 +130,22 @@ impl NormFrame {
     }
 }
 
+/// The report's frame kind for a runtime's language.
+fn frame_kind(language: Language) -> FrameKind {
+    match language {
+        Language::Python => FrameKind::Python,
+        Language::Lua => FrameKind::Lua,
+        Language::Go => FrameKind::Go,
+    }
+}
+
 /// Symbolizes normalized frames, caching per `(module, offset)`.
 pub struct Symbolizer {
     blaze: Blaze,
     cache: HashMap<(u32, u64), Vec<Frame>>,
-    /// Go function tables of modules without `.symtab` (stripped Go
-    /// binaries), read once per module.
-    go_tables: HashMap<u32, Option<StrippedGo>>,
-}
-
-/// A stripped Go executable's `.gopclntab` and its load segments (frames
-/// arrive as file offsets, the table speaks virtual addresses).
-struct StrippedGo {
-    table: crate::runtime::go::pclntab::GoTable,
-    segments: Vec<crate::sys::elf::Segment>,
-}
-
-impl StrippedGo {
-    /// `None` unless `path` is an ELF file with `.gopclntab` and no
-    /// `.symtab`; a table that does not parse is logged and skipped
-    /// (frames then stay `[module+offset]`).
-    fn load(path: &std::path::Path) -> Option<Self> {
-        use object::Object as _;
-        let data = std::fs::read(path).ok()?;
-        let file = object::File::parse(&*data).ok()?;
-        if file.section_by_name(".symtab").is_some() {
-            return None;
-        }
-        match crate::runtime::go::pclntab::GoTable::from_elf(&data) {
-            Ok(table) => Some(Self {
-                table,
-                segments: crate::sys::elf::segments_of(&file),
-            }),
-            Err(crate::runtime::go::pclntab::PclnError::NoSection) => None,
-            Err(e) => {
-                log::warn!("{}: {e}; its Go frames stay unnamed", path.display());
-                None
-            }
-        }
-    }
-
-    /// Frames for the return address at `file_offset`, or `None` when it
-    /// is not Go code of this table.
-    fn frames(&self, file_offset: u64, module: &str) -> Option<Vec<Frame>> {
-        let text: Vec<_> = self
-            .segments
-            .iter()
-            .copied()
-            .filter(|s| s.executable)
-            .collect();
-        let vaddr = crate::sys::elf::vaddr_of_file_offset(&text, file_offset)?;
-        let frames = self.table.frames(vaddr.checked_sub(1)?);
-        if frames.is_empty() {
-            return None;
-        }
-        Some(
-            frames
-                .into_iter()
-                .map(|f| Frame {
-                    function: Some(f.function),
-                    module: Some(module.to_string()),
-                    file: f.file,
-                    line: f.line,
-                    kind: FrameKind::Go,
-                    inlined: f.inlined,
-                    offset: None,
-                })
-                .collect(),
-        )
-    }
+    /// A runtime's own symbol table of each module, where it has one
+    /// (a stripped Go binary's `.gopclntab`), read once per module.
+    runtime_tables: HashMap<u32, Option<Box<dyn ObjectSymbols>>>,
 }
 
 impl Default for Symbolizer {
@@ -217,7 +164,7 @@ impl Symbolizer {
         Self {
             blaze,
             cache: HashMap::new(),
-            go_tables: HashMap::new(),
+            runtime_tables: HashMap::new(),
         }
     }
 
@@ -285,7 +232,7 @@ impl Symbolizer {
                     _ => None,
                 });
                 let mut frames = merge_interp(native, interp, tail, eval);
-                if let Some(Some(prefix)) = runtime_row {
+                if let Some(prefix) = runtime_row {
                     drop_runtime_frames(&mut frames, prefix);
                 }
                 frames
@@ -303,23 +250,39 @@ impl Symbolizer {
         let src = Source::Elf(Elf::new(&m.read_path));
         // A stripped Go binary: its own table names its Go frames (the
         // few dynamic symbols of a cgo build would name them wrongly).
-        let stripped_go = self
-            .go_tables
+        let table = self
+            .runtime_tables
             .entry(module)
-            .or_insert_with(|| StrippedGo::load(&m.read_path));
-        let kind = if norm.is_go_module(module) || stripped_go.is_some() {
-            FrameKind::Go
-        } else {
-            FrameKind::Native
+            .or_insert_with(|| crate::runtime::object_symbols(&m.read_path))
+            .as_deref();
+        let kind = match (norm.module_language(module), table) {
+            (Some(language), _) => frame_kind(language),
+            (None, Some(t)) => frame_kind(t.language()),
+            (None, None) => FrameKind::Native,
         };
         let results = self
             .blaze
             .symbolize(&src, Input::FileOffset(&lookup))
             .unwrap_or_default();
         for (i, off) in offsets.iter().enumerate() {
-            if let Some(frames) = stripped_go.as_ref().and_then(|g| g.frames(*off, &m.path)) {
-                self.cache.insert((module, *off), frames);
-                continue;
+            if let Some(t) = table {
+                if let Some(frames) = t.frames(*off) {
+                    let kind = frame_kind(t.language());
+                    let frames = frames
+                        .into_iter()
+                        .map(|f| Frame {
+                            function: Some(f.function),
+                            module: Some(m.path.clone()),
+                            file: f.file,
+                            line: f.line,
+                            kind,
+                            inlined: f.inlined,
+                            offset: None,
+                        })
+                        .collect();
+                    self.cache.insert((module, *off), frames);
+                    continue;
+                }
             }
             let frames = match results.get(i) {
                 Some(Symbolized::Sym(sym)) => {

@@ -24,13 +24,13 @@ pub struct Normalizer {
     pub(super) stack_ids: HashMap<Vec<NormFrame>, StackIdx>,
     pub(super) resolved: HashMap<(u32, StackId), StackIdx>,
     pub(super) maps: HashMap<u32, Vec<MapEntry>>,
-    /// Modules that stacks of a runtime's own rows pass through (Go code:
-    /// their frames are of kind "go").
-    pub(super) go_modules: std::collections::HashSet<u32>,
+    /// Modules that stacks of a runtime's own rows pass through, with the
+    /// runtime's language (Go code: frames of kind "go").
+    pub(super) row_modules: HashMap<u32, Language>,
     /// Stacks of a runtime's own rows (Go profile buckets), with the
     /// prefix of the runtime's frames dropped from their allocation end,
     /// as `runtime/pprof` drops `runtime.*`.
-    pub(super) runtime_stacks: HashMap<StackIdx, Option<&'static str>>,
+    pub(super) runtime_stacks: HashMap<StackIdx, &'static str>,
 }
 
 impl Normalizer {
@@ -72,14 +72,8 @@ impl Normalizer {
 
     /// The stack of a runtime's own row (a Go profile bucket): `pcs` are
     /// return PCs, innermost first, read from the process (which must
-    /// still live); `drop_prefix` names the runtime's own frames at its
-    /// allocation end.
-    pub fn intern_pcs(
-        &mut self,
-        tgid: u32,
-        pcs: &[u64],
-        drop_prefix: Option<&'static str>,
-    ) -> StackIdx {
+    /// still live); `code` says whose code they are.
+    pub fn intern_pcs(&mut self, tgid: u32, pcs: &[u64], code: RowCode) -> StackIdx {
         let frames = if pcs.is_empty() {
             vec![NormFrame::Lost]
         } else {
@@ -87,17 +81,17 @@ impl Normalizer {
         };
         for f in &frames {
             if let NormFrame::Object { module, .. } = f {
-                self.go_modules.insert(*module);
+                self.row_modules.insert(*module, code.language);
             }
         }
         let idx = self.intern(frames);
-        self.runtime_stacks.insert(idx, drop_prefix);
+        self.runtime_stacks.insert(idx, code.drop_prefix);
         idx
     }
 
-    /// Whether `module` holds Go code.
-    pub fn is_go_module(&self, module: u32) -> bool {
-        self.go_modules.contains(&module)
+    /// The language of a module's code, when a runtime's rows said.
+    pub fn module_language(&self, module: u32) -> Option<Language> {
+        self.row_modules.get(&module).copied()
     }
 
     /// Keep a process's memory map from the moment it is attached, so

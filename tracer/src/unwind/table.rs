@@ -345,13 +345,13 @@ pub fn build(path: &Path) -> Result<UnwindTable, UnwindTableError> {
 
     let mut ranges = Vec::new();
     let mut stats = Stats::default();
-    // Go switches stacks in runtime.asmcgocall (cgo) and
-    // runtime.systemstack (runtime work on g0): at their calls' return
-    // addresses the frame is on the system stack while its caller is on
-    // the goroutine's, which the CFI does not describe. %rbp there is
-    // still a frame pointer on the goroutine stack: the walk crosses over
-    // by it (earlier ranges win). See `go::stack_switch_return_pcs`.
-    for ret in crate::runtime::go::code::stack_switch_return_pcs(&data) {
+    // A runtime that switches stacks (Go in runtime.asmcgocall and
+    // runtime.systemstack) leaves, at those calls' return addresses, a
+    // frame on the system stack whose caller is on another stack, which
+    // the CFI does not describe. %rbp there is still a frame pointer on
+    // the caller's stack: the walk crosses over by it (earlier ranges
+    // win). See `runtime::stack_switch_return_pcs`.
+    for ret in crate::runtime::stack_switch_return_pcs(&data) {
         ranges.push(CfiRange {
             start: ret - 1,
             end: ret,

@@ -28,9 +28,11 @@ pub mod code;
 pub mod pclntab;
 mod seam;
 pub mod stats;
+mod symbols;
 
 pub use buckets::*;
 pub use seam::*;
+pub use symbols::*;
 
 use std::{fs, path::Path};
 

@@ -14,7 +14,8 @@ use tracer_common::StackTotals;
 
 use super::{stats::GoFigures, *};
 use crate::runtime::{
-    AttachFailure, Attacher, Figures, Found, KernelRecords, Probed, Runtime, RuntimeRow,
+    AttachFailure, Attacher, Figures, Found, KernelRecords, Language, Probed, RowCode, Runtime,
+    RuntimeRow,
 };
 
 /// A Go process's runtime figures, read from its memory: at the first
@@ -289,10 +290,13 @@ impl Runtime for Go {
         Ok(rows)
     }
 
-    /// Bucket stacks start in the runtime's allocator (`runtime.mallocgc`),
-    /// dropped as `runtime/pprof` drops them.
-    fn row_frames_prefix(&self) -> Option<&'static str> {
-        Some("runtime.")
+    /// Bucket stacks are Go code and start in the runtime's allocator
+    /// (`runtime.mallocgc`), dropped as `runtime/pprof` drops them.
+    fn row_code(&self) -> Option<RowCode> {
+        Some(RowCode {
+            language: Language::Go,
+            drop_prefix: "runtime.",
+        })
     }
 
     fn sample(&mut self, running: &dyn Fn(u32) -> bool) {
