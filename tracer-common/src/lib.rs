@@ -9,6 +9,14 @@
 
 use core::mem::size_of;
 
+mod go;
+mod python;
+mod unwind;
+
+pub use go::*;
+pub use python::*;
+pub use unwind::*;
+
 /// Deepest user stack the kernel records, in frames.
 pub const MAX_FRAMES: usize = 64;
 
@@ -452,200 +460,6 @@ pub mod runtime {
     /// Highest id a walker stage is reserved for.
     pub const MAX: u32 = 5;
 }
-
-/// Why a Python stack walk ended (or did not start).
-pub mod py_stop {
-    /// Not a Python process (or its version has no layout): no frames.
-    pub const NONE: u32 = 0;
-    /// Reached the thread's outermost Python frame.
-    pub const COMPLETE: u32 = 1;
-    /// Hit `MAX_INTERP_FRAMES`.
-    pub const DEPTH: u32 = 2;
-    /// The allocating thread has no Python thread state it can be matched
-    /// with (a C thread, or one not holding the GIL).
-    pub const NO_THREAD: u32 = 3;
-    /// Interpreter memory could not be read (paged out, torn down).
-    pub const UNREADABLE: u32 = 4;
-}
-
-/// Where a traced process's CPython keeps its state, and the byte offsets
-/// of the fields the kernel walk reads. Set by user space per process from
-/// a layout it knows for the interpreter's version (3.8-3.13); `flags`
-/// (`py_flags::*`) say how the version's frames are shaped.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PyProc {
-    /// Runtime address of `_PyRuntime`.
-    pub runtime_addr: u64,
-    /// `Py_Version` (`0x030b02f0` for 3.11.2); `(major << 24) | (minor << 16)`
-    /// when the build does not say more.
-    pub version: u32,
-    /// `_PyRuntime.gilstate.tstate_current`: the GIL holder's thread state
-    /// (0: the version has none, 3.12+).
-    pub tstate_current: u32,
-    /// `_PyRuntime.gilstate.autoTSSkey` + 4 (`_PyRuntime.autoTSSkey` + 4 in
-    /// 3.12+): the pthread key whose value is each thread's own thread
-    /// state (0: not used).
-    pub tss_key: u32,
-    /// `PyThreadState.thread_id` (`pthread_self()`, equal to the thread's
-    /// fsbase with glibc on x86-64).
-    pub tstate_thread_id: u32,
-    /// `PyThreadState.cframe` (3.11, 3.12); with `py_flags::FRAME_IN_TSTATE`
-    /// the field holding the innermost frame itself (`frame` 3.8-3.10,
-    /// `current_frame` 3.13).
-    pub tstate_cframe: u32,
-    /// `_PyCFrame.current_frame` (unused with `py_flags::FRAME_IN_TSTATE`).
-    pub cframe_current_frame: u32,
-    /// `_PyInterpreterFrame.f_code` (`f_executable` 3.13, `PyFrameObject.f_code`
-    /// 3.8-3.10).
-    pub frame_code: u32,
-    /// `_PyInterpreterFrame.previous` (`PyFrameObject.f_back` 3.8-3.10).
-    pub frame_previous: u32,
-    /// `_PyInterpreterFrame.prev_instr` (`instr_ptr` 3.13), a pointer into
-    /// the bytecode; with `py_flags::INSTR_LASTI` the `int f_lasti`.
-    pub frame_prev_instr: u32,
-    /// `_PyInterpreterFrame.is_entry` (one byte, 3.11); with
-    /// `py_flags::ENTRY_OWNER_SHIM` the `owner` byte (3.12+); unused with
-    /// `py_flags::ENTRY_EVERY_FRAME`.
-    pub frame_is_entry: u32,
-    /// `PyCodeObject.co_code_adaptive`: where the bytecode starts (unused
-    /// with `py_flags::INSTR_LASTI`).
-    pub code_bytecode: u32,
-    /// `py_flags::*`.
-    pub flags: u32,
-}
-const _: () = assert!(size_of::<PyProc>() == 56);
-
-/// How a CPython version's frames are shaped ([`PyProc::flags`]).
-pub mod py_flags {
-    /// `PyProc::tstate_cframe` holds the innermost frame itself: no
-    /// `_PyCFrame` in between (3.8-3.10, 3.13).
-    pub const FRAME_IN_TSTATE: u32 = 1 << 0;
-    /// `PyProc::frame_prev_instr` is `int f_lasti`, recorded as it is (in
-    /// bytes 3.8-3.9, in code units 3.10; -1: not started).
-    pub const INSTR_LASTI: u32 = 1 << 1;
-    /// Every frame is its own C-level call of the eval loop (3.8-3.10).
-    pub const ENTRY_EVERY_FRAME: u32 = 1 << 2;
-    /// `PyProc::frame_is_entry` is the frame's `owner`: frames owned by the
-    /// C stack (`FRAME_OWNED_BY_CSTACK`) are the shims the eval loop
-    /// pushes when called from C. They are not recorded; the frame just
-    /// inside one is an entry frame (3.12+).
-    pub const ENTRY_OWNER_SHIM: u32 = 1 << 3;
-    /// `_PyInterpreterFrame.owner` of a C-stack shim frame.
-    pub const FRAME_OWNED_BY_CSTACK: u8 = 3;
-}
-
-/// Why an unwind ended.
-pub mod stop {
-    /// Reached the outermost frame (`_start`, a thread's entry).
-    pub const COMPLETE: u32 = 0;
-    /// Hit `MAX_FRAMES`.
-    pub const DEPTH: u32 = 1;
-    /// An address outside any file mapping: JIT or other generated code.
-    pub const ANON_CODE: u32 = 2;
-    /// No unwind rule covers the address (a gap in the object's CFI).
-    pub const NO_CFI: u32 = 3;
-    /// Stack memory could not be read.
-    pub const UNREADABLE: u32 = 4;
-    /// A CFI rule the unwinder does not evaluate (signal frame, ...).
-    pub const UNSUPPORTED: u32 = 5;
-    /// The walk produced an implausible frame (frame-pointer fallback in
-    /// code built without frame pointers).
-    pub const BAD_FRAME: u32 = 6;
-}
-
-/// One executable mapping of a traced process, for the unwinder.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ExecMap {
-    pub start: u64,
-    pub end: u64,
-    /// Runtime address minus ELF virtual address.
-    pub bias: u64,
-    /// First row of the object's table in `UNWIND_ROWS`.
-    pub rows_start: u32,
-    /// Rows in the table; 0: no CFI, unwind through frame pointers.
-    pub rows_len: u32,
-}
-const _: () = assert!(size_of::<ExecMap>() == 32);
-
-/// Executable mappings of one process, sorted by `start`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-pub struct ProcMaps {
-    pub len: u32,
-    pub _pad: u32,
-    pub maps: [ExecMap; MAX_PROC_MAPS],
-}
-const _: () = assert!(size_of::<ProcMaps>() == 8 + 32 * MAX_PROC_MAPS);
-
-/// One row of a compact x86-64 unwind table, derived from DWARF CFI
-/// (`.eh_frame` / `.debug_frame`) by user space and evaluated by the eBPF
-/// unwinder. A row applies from `pc` up to the next row's `pc`. The return
-/// address is always at `CFA - 8` (x86-64 System V).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct UnwindRow {
-    /// Start of the range, as an ELF virtual address of the object (add the
-    /// mapping's load bias for a runtime address).
-    pub pc: u32,
-    /// Added to the register named by `cfa_reg`.
-    pub cfa_offset: i32,
-    /// With `rbp_rule == RBP_AT_CFA_OFFSET`: the caller's `%rbp` is saved
-    /// at `CFA + rbp_offset`.
-    pub rbp_offset: i16,
-    /// One of the `CFA_*` constants.
-    pub cfa_reg: u8,
-    /// One of the `RBP_*` constants.
-    pub rbp_rule: u8,
-}
-const _: () = assert!(size_of::<UnwindRow>() == 12);
-
-/// `CFA = %rsp + cfa_offset`.
-pub const CFA_RSP: u8 = 0;
-/// `CFA = %rbp + cfa_offset`.
-pub const CFA_RBP: u8 = 1;
-/// PLT stubs: `CFA = %rsp + 8 + (((%rip & 15) >= 11) ? 8 : 0)`.
-/// In these rows `cfa_offset` carries the threshold the CFI tests against:
-/// 11 for the usual lazy PLT (`DW_OP_lit11`), 10 for the variant binutils
-/// emits with `DW_OP_lit10`; compare with `cfa_offset` rather than 11.
-pub const CFA_PLT: u8 = 2;
-/// No rule here (a gap between functions, a signal frame, or an
-/// expression the unwinder does not evaluate): the walk stops, marked.
-pub const CFA_UNDEFINED: u8 = 3;
-/// `%rbp` is the outermost frame marker: the walk ends here normally
-/// (the CFI marks the return address undefined, as `_start` does).
-pub const CFA_END_OF_STACK: u8 = 4;
-/// The frame switched stacks and its caller's frame is found through
-/// `%rbp` alone (Go's `runtime.asmcgocall`, which calls C on the system
-/// stack while `%rbp` still holds the goroutine frame's pointer): one
-/// frame-pointer step, without the check that the caller's frame lies
-/// above this one on the same stack.
-pub const CFA_STACK_SWITCH: u8 = 5;
-
-/// The caller's `%rbp` equals the current one.
-pub const RBP_SAME: u8 = 0;
-/// The caller's `%rbp` is saved at `CFA + rbp_offset`.
-pub const RBP_AT_CFA_OFFSET: u8 = 1;
-/// The caller's `%rbp` cannot be recovered (the walk can go on while no
-/// later rule needs it).
-pub const RBP_UNDEFINED: u8 = 2;
-
-/// Key of `GO_BUCKETS`: a Go runtime profile bucket (`*runtime.bucket`,
-/// which holds the allocation stack) in one process.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct GoBucketKey {
-    pub tgid: u32,
-    pub _pad: u32,
-    /// Address of the bucket in the process.
-    pub bucket: u64,
-}
-const _: () = assert!(size_of::<GoBucketKey>() == 16);
-
-/// Byte offset of `size` (bytes per object) in a Go `runtime.bucket`
-/// (Go 1.17-1.25).
-pub const GO_BUCKET_SIZE_OFFSET: u64 = 32;
 
 #[cfg(feature = "user")]
 mod pod {
