@@ -17,6 +17,8 @@
 //! runtimes where their code switches stacks.) The rooms above `runtime`
 //! reach a runtime only through its seam, `runtime::Runtime`.
 
+#[cfg(test)]
+mod architecture;
 pub mod attach;
 pub mod cli;
 pub mod demo;
