@@ -10,7 +10,9 @@
 //! - workers of a pre-forking master are followed by pid, by name and by
 //!   cgroup, merged into one row per stack, and a killed worker's memory
 //!   leaves the totals; forks and exits are still followed after the
-//!   process event socket overran;
+//!   process event socket overran; workers that run before leaktrace
+//!   attaches to their master are traced from the start, and
+//!   `--no-children` traces neither them nor later forks;
 //! - a library loaded with dlopen after attach, and a custom allocator
 //!   under `--allocator-prefix`, are counted once;
 //! - two threads at full speed do not cost a byte of the known leak, and
@@ -654,6 +656,151 @@ fn forks_and_exits_are_followed_after_an_event_overrun() {
     );
     let out = tracer.interrupt();
     assert!(out.status.success(), "leaktrace failed: {out:?}");
+}
+
+/// The master's "forked" lines for its three workers: slot -> pid.
+fn three_workers(fx: &mut Fixture) -> BTreeMap<usize, u32> {
+    (0..3)
+        .map(|_| {
+            let (pid, slot) = forked(&fx.expect_line("forked"));
+            (slot, pid)
+        })
+        .collect()
+}
+
+/// A report's notes, one a line.
+fn notes(r: &Value) -> String {
+    r["notes"]
+        .as_array()
+        .expect("notes")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// `-p MASTER` on a pool that already runs: the workers are attached at
+/// start, their leaks are one row with every worker's exact bytes, and the
+/// report says how many descendants were taken in.
+#[test]
+fn workers_running_before_attach_are_traced_through_the_master() {
+    const TEST: &str = "workers_running_before_attach_are_traced_through_the_master";
+    if !require_bpf(TEST) {
+        return;
+    }
+    let _turn = shared();
+    let mut fx = Fixture::start(&fixture("forking_master"), &["lt-wk-exist"]);
+    let master = fx.pid();
+    fx.send("go");
+    let workers = three_workers(&mut fx);
+    let master_s = master.to_string();
+    let tracer = Tracer::attach(&["-p", &master_s, "-i", "0", "--format", "json"]);
+    for pid in workers.values() {
+        assert!(
+            taken_in(&tracer, *pid, usize::MAX),
+            "{TEST}: worker {pid} is not listed as attached: {:#?}",
+            tracer.stderr_lines()
+        );
+    }
+    for pid in workers.values() {
+        fx.send(&format!("leak {pid}"));
+        fx.expect(&format!("worker {pid} leaked"));
+    }
+    let out = tracer.interrupt();
+    assert!(out.status.success(), "{TEST}: leaktrace failed: {out:?}");
+    let r = out.json();
+    let all = summary(&r);
+    let rows = stacks_from(&r, "worker_leak");
+    assert_eq!(rows.len(), 1, "{TEST}: want one worker_leak row:\n{all}");
+    let mut want_pids: Vec<u64> = workers.values().map(|p| *p as u64).collect();
+    want_pids.sort_unstable();
+    let got_pids: Vec<u64> = rows[0]["pids"]
+        .as_array()
+        .expect("pids")
+        .iter()
+        .filter_map(Value::as_u64)
+        .collect();
+    assert_eq!(got_pids, want_pids, "{TEST}: pids of the row:\n{all}");
+    let want_bytes: i64 = workers.keys().map(|slot| worker_bytes(*slot)).sum();
+    assert_eq!(
+        rows[0]["outstanding_bytes"].as_i64(),
+        Some(want_bytes),
+        "{TEST}:\n{all}"
+    );
+    let notes = notes(&r);
+    assert!(
+        notes.contains(&format!(
+            "process {master} (lt-master): 3 existing descendants traced"
+        )),
+        "{TEST}: notes:\n{notes}"
+    );
+}
+
+/// `--no-children`: only the master, neither the workers it had when
+/// leaktrace attached nor the one it forks afterwards to replace a dead
+/// one.
+#[test]
+fn no_children_traces_neither_running_nor_later_workers() {
+    const TEST: &str = "no_children_traces_neither_running_nor_later_workers";
+    if !require_bpf(TEST) {
+        return;
+    }
+    let _turn = shared();
+    let mut fx = Fixture::start(&fixture("forking_master"), &["lt-wk-nochild"]);
+    let master = fx.pid();
+    fx.send("go");
+    let mut workers = three_workers(&mut fx);
+    let master_s = master.to_string();
+    let tracer = Tracer::attach(&[
+        "-p",
+        &master_s,
+        "--no-children",
+        "-i",
+        "0",
+        "--format",
+        "json",
+    ]);
+    // A fork after attach: the master replaces a killed worker.
+    let victim = workers[&1];
+    // SAFETY: kill(2) on a worker of our own fixture.
+    assert_eq!(unsafe { libc::kill(victim as i32, libc::SIGKILL) }, 0);
+    fx.expect(&format!("respawned {victim}"));
+    let (fresh, slot) = forked(&fx.expect_line("forked"));
+    workers.insert(slot, fresh);
+    for pid in workers.values() {
+        fx.send(&format!("leak {pid}"));
+        fx.expect(&format!("worker {pid} leaked"));
+    }
+    let out = tracer.interrupt();
+    assert!(out.status.success(), "{TEST}: leaktrace failed: {out:?}");
+    let r = out.json();
+    let all = summary(&r);
+    let targets: Vec<u64> = r["targets"]
+        .as_array()
+        .expect("targets")
+        .iter()
+        .filter_map(|t| t["pid"].as_u64())
+        .collect();
+    assert_eq!(
+        targets,
+        vec![master as u64],
+        "{TEST}: only the master is a target"
+    );
+    assert!(
+        stacks_from(&r, "worker_leak").is_empty(),
+        "{TEST}: the workers' leaks are not traced:\n{all}"
+    );
+    assert!(
+        !out.stderr.contains("following child"),
+        "{TEST}: {}",
+        out.stderr
+    );
+    let notes = notes(&r);
+    assert!(notes.contains("(--no-children)"), "{TEST}: notes:\n{notes}");
+    assert!(
+        !notes.contains("existing descendant"),
+        "{TEST}: notes:\n{notes}"
+    );
 }
 
 // ---------------------------------------------------------------------------

@@ -8,7 +8,9 @@
 //! workers exist, must follow the four forks, name `load_author_profiles`
 //! at the leaking line as the top growing stack, as one row for all four
 //! workers with the bytes their caches hold, classify the LRU as a plateau,
-//! and show nothing outstanding for the churn.
+//! and show nothing outstanding for the churn. The same holds when the
+//! workers already run when leaktrace attaches to the master (a uwsgi or
+//! gunicorn pool in production): they are attached at start.
 
 use std::path::{Path, PathBuf};
 
@@ -65,7 +67,30 @@ fn summary(r: &Value) -> String {
         .collect::<String>()
 }
 
-fn check_pool(test: &str, python: &str) {
+/// When the pool's workers are forked, relative to leaktrace's attach to
+/// the master.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Workers {
+    /// After: leaktrace follows the forks.
+    ForkedLater,
+    /// Before (the pool already serves): leaktrace attaches them at start.
+    AlreadyRunning,
+}
+
+/// "forked 1,2,3" or "done 1,2,3 BYTES" -> the sorted pids.
+fn pids_in(line: &str) -> Vec<u64> {
+    let mut pids: Vec<u64> = line
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_else(|| panic!("no worker pids in {line:?}"))
+        .split(',')
+        .map(|p| p.parse().expect("a pid"))
+        .collect();
+    pids.sort();
+    pids
+}
+
+fn check_pool(test: &str, python: &str, when: Workers) {
     if !require_bpf(test) {
         return;
     }
@@ -77,6 +102,10 @@ fn check_pool(test: &str, python: &str) {
     let script_s = script.display().to_string();
     let mut fx = Fixture::start(Path::new(python), &[&script_s]);
     let master = fx.pid().to_string();
+    let running = (when == Workers::AlreadyRunning).then(|| {
+        fx.send("fork");
+        pids_in(&fx.expect_line("forked"))
+    });
     let tracer = Tracer::attach(&[
         "-p",
         &master,
@@ -91,14 +120,14 @@ fn check_pool(test: &str, python: &str) {
     ]);
     fx.send("go");
     let line = fx.expect_line("done");
-    let mut words = line.split_whitespace().skip(1);
-    let mut workers: Vec<u64> = words
-        .next()
-        .expect("worker pids")
-        .split(',')
-        .map(|p| p.parse().expect("a pid"))
-        .collect();
-    workers.sort();
+    let workers = pids_in(&line);
+    if let Some(running) = &running {
+        assert_eq!(
+            running, &workers,
+            "{test}: the workers forked before attach did the work"
+        );
+    }
+    let mut words = line.split_whitespace().skip(2);
     let held: i64 = words
         .next()
         .and_then(|b| b.parse().ok())
@@ -112,6 +141,18 @@ fn check_pool(test: &str, python: &str) {
         "{test}: {}",
         all.lines().take(2).collect::<Vec<_>>().join("; ")
     );
+    if when == Workers::AlreadyRunning {
+        let note = format!(": {} existing descendants traced", workers.len());
+        assert!(
+            r["notes"]
+                .as_array()
+                .expect("notes")
+                .iter()
+                .filter_map(Value::as_str)
+                .any(|n| n.starts_with(&format!("process {master} (")) && n.ends_with(&note)),
+            "{test}: the report says the workers were attached at start:\n{all}"
+        );
+    }
 
     // The leak: the top stack, one row for the four workers.
     let leak_line = line_of("# LEAK");
@@ -176,6 +217,7 @@ fn distro_python_worker_pool_leak_is_one_growing_row() {
     check_pool(
         "distro_python_worker_pool_leak_is_one_growing_row",
         "/usr/bin/python3.11",
+        Workers::ForkedLater,
     );
 }
 
@@ -184,6 +226,27 @@ fn pyenv_python_worker_pool_leak_is_one_growing_row() {
     check_pool(
         "pyenv_python_worker_pool_leak_is_one_growing_row",
         "/root/.pyenv/versions/3.11.7/bin/python3.11",
+        Workers::ForkedLater,
+    );
+}
+
+/// The uwsgi incident's shape: `-p MASTER` on a pool whose workers are
+/// already running must trace them, not report nothing outstanding.
+#[test]
+fn distro_python_pool_running_before_attach_is_traced_through_its_master() {
+    check_pool(
+        "distro_python_pool_running_before_attach_is_traced_through_its_master",
+        "/usr/bin/python3.11",
+        Workers::AlreadyRunning,
+    );
+}
+
+#[test]
+fn pyenv_python_pool_running_before_attach_is_traced_through_its_master() {
+    check_pool(
+        "pyenv_python_pool_running_before_attach_is_traced_through_its_master",
+        "/root/.pyenv/versions/3.11.7/bin/python3.11",
+        Workers::AlreadyRunning,
     );
 }
 

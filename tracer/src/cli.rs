@@ -30,9 +30,16 @@ pub struct Args {
     /// and the kernel features it finds.
     #[arg(short = 'V', long)]
     pub version: bool,
-    /// Process to trace (repeatable). Its children are traced too.
+    /// Process to trace (repeatable), with every descendant it has now
+    /// (the workers of an nginx, uwsgi, gunicorn or php-fpm master) and
+    /// every child forked later.
     #[arg(short = 'p', long = "pid", value_name = "PID")]
     pub pids: Vec<u32>,
+    /// Trace only the processes named by --pid, --comm and --cgroup: not
+    /// the descendants a --pid has at start, nor any child forked later
+    /// (a child is still traced if it matches --comm or --cgroup itself).
+    #[arg(long)]
+    pub no_children: bool,
     /// Trace every process with this name, now and later (repeatable).
     #[arg(long = "comm", value_name = "NAME")]
     pub comms: Vec<String>,
@@ -138,6 +145,9 @@ pub struct Args {
 #[derive(Clone, Debug)]
 pub struct Config {
     pub pids: Vec<u32>,
+    /// Trace the descendants of `pids` at start, and children of traced
+    /// processes as they fork (not `--no-children`).
+    pub follow_children: bool,
     pub comms: Vec<String>,
     pub cgroups: Vec<String>,
     pub allocator_prefixes: Vec<String>,
@@ -325,6 +335,7 @@ impl Args {
         };
         Ok(Config {
             pids: self.pids,
+            follow_children: !self.no_children,
             comms: self.comms,
             cgroups: self.cgroups,
             allocator_prefixes: self.allocator_prefixes,
@@ -379,6 +390,13 @@ mod tests {
         assert!(!c.demo);
         assert!(c.interval.is_none());
         assert!(c.duration.is_none());
+    }
+
+    #[test]
+    fn children_are_followed_unless_told_not_to() {
+        assert!(parse(&["-p", "1"]).expect("valid").follow_children);
+        let c = parse(&["-p", "1", "--no-children"]).expect("valid");
+        assert!(!c.follow_children);
     }
 
     #[test]

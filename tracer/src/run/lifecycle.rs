@@ -1,5 +1,6 @@
-//! Process lifecycle: attaching a process (new, forked, exec'd, or
-//! matched by name or cgroup), following forks, execs and exits from the
+//! Process lifecycle: attaching a process (new, forked, exec'd, matched
+//! by name or cgroup, or a descendant a `--pid` had at start; children
+//! only without `--no-children`), following forks, execs and exits from the
 //! kernel's process events (or a /proc rescan), and dropping what an
 //! exited process held.
 
@@ -41,6 +42,40 @@ impl<K: Kernel> Session<K> {
         res.map(|_| ())
     }
 
+    /// Attach to a process named by `--pid` and, unless `--no-children`,
+    /// to every descendant it has now: the workers of a prefork master
+    /// that already runs. Only the root's failure is returned; a
+    /// descendant that exits during the walk is skipped, one that cannot
+    /// be traced keeps its reason as its status (the report names it).
+    pub(super) fn add_tree(&mut self, root: u32) -> Result<(), ProbeError> {
+        let res = self.add(root);
+        if !self.follow_children || !self.targets.contains_key(&root) {
+            return res;
+        }
+        let mut attached = 0;
+        for pid in procfs::descendants(root) {
+            if self.targets.contains_key(&pid) {
+                continue;
+            }
+            match self.add(pid) {
+                Ok(()) => attached += 1,
+                // Gone between the walk and the attach.
+                Err(ProbeError::NoProcess { .. }) => {}
+                // Exiting while being attached: its maps or its probes
+                // were already gone.
+                Err(_) if procfs::exiting(pid) => {
+                    self.targets.remove(&pid);
+                }
+                Err(e) => log::warn!("not tracing process {pid}, a descendant of {root}: {e}"),
+            }
+        }
+        if attached > 0 {
+            log::info!("process {root}: {attached} existing descendants traced");
+        }
+        self.descendants_at_start.insert(root, attached);
+        res
+    }
+
     /// Forget everything about a process's address space: it exited, or
     /// exec'd into a new image whose addresses mean something else.
     pub(super) fn drop_address_space(&mut self, pid: u32) {
@@ -58,10 +93,11 @@ impl<K: Kernel> Session<K> {
     pub(super) fn on_proc_event(&mut self, ev: ProcEvent) {
         match ev {
             ProcEvent::Fork { parent, child } => {
-                let traced_parent = self
-                    .targets
-                    .get(&parent)
-                    .is_some_and(|t| t.status == Status::Running);
+                let traced_parent = self.follow_children
+                    && self
+                        .targets
+                        .get(&parent)
+                        .is_some_and(|t| t.status == Status::Running);
                 if (traced_parent || self.selector.matches(child))
                     && !self.targets.contains_key(&child)
                 {
@@ -151,11 +187,12 @@ impl<K: Kernel> Session<K> {
             if self.targets.contains_key(&pid) {
                 continue;
             }
-            let parent_traced = procfs::ppid(pid).is_some_and(|pp| {
-                self.targets
-                    .get(&pp)
-                    .is_some_and(|t| t.status == Status::Running)
-            });
+            let parent_traced = self.follow_children
+                && procfs::ppid(pid).is_some_and(|pp| {
+                    self.targets
+                        .get(&pp)
+                        .is_some_and(|t| t.status == Status::Running)
+                });
             if parent_traced || self.selector.matches(pid) {
                 let _ = self.add(pid);
             }

@@ -93,6 +93,11 @@ struct Session<K: Kernel = Probes> {
     allocator_stacks: HashMap<(u32, tracer_common::StackId), bool>,
     /// Whether the pairing self-check has already warned on stderr.
     pairing_warned: bool,
+    /// Whether children of traced processes are traced, existing and
+    /// forked later (not `--no-children`).
+    follow_children: bool,
+    /// How many descendants each `--pid` had that were attached at start.
+    descendants_at_start: std::collections::BTreeMap<u32, usize>,
 }
 
 impl<K: Kernel> Session<K> {
@@ -119,6 +124,8 @@ impl<K: Kernel> Session<K> {
             runtime_stacks: HashMap::new(),
             allocator_stacks: HashMap::new(),
             pairing_warned: false,
+            follow_children: cfg.follow_children,
+            descendants_at_start: Default::default(),
         }
     }
 
@@ -216,12 +223,15 @@ fn raise_fd_limit() {
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     // A bad pid is named whoever runs leaktrace; then the privilege; then
     // the outputs, before tracing starts: a typo must not cost the trace.
-    let mut pids = Vec::new();
+    let mut roots = Vec::new();
     for &pid in &cfg.pids {
         // A thread id names its process.
         let tgid = procfs::tgid(pid).ok_or(ProbeError::NoProcess { pid })?;
-        pids.push(tgid);
+        roots.push(tgid);
     }
+    roots.sort_unstable();
+    roots.dedup();
+    let mut pids = Vec::new();
     preflight::check()?;
     cfg.check_paths()?;
     // Handlers first: once "attached" is printed, Ctrl-C must give a report.
@@ -290,7 +300,17 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     });
     let mut session = Session::new(probes, runtimes, selector.clone(), &cfg);
     let mut first_err = None;
+    // After the connector is open: a fork during the walk is either found
+    // by it or reported as an event of a parent traced by then.
+    for &pid in &roots {
+        if let Err(e) = session.add_tree(pid) {
+            first_err.get_or_insert(e);
+        }
+    }
     for &pid in &pids {
+        if session.targets.contains_key(&pid) {
+            continue;
+        }
         if let Err(e) = session.add(pid) {
             first_err.get_or_insert(e);
         }

@@ -1,6 +1,7 @@
 //! Building a report from the session: the ledger's stacks, the notes
-//! (losses, pairing self-check, unwinder and runtime notes), the Go
-//! runtime figures; and the OOM black box's files.
+//! (losses, pairing self-check, unwinder and runtime notes, descendants
+//! attached at start), the Go runtime figures; and the OOM black box's
+//! files.
 
 use super::*;
 
@@ -136,6 +137,22 @@ impl<K: Kernel> Session<K> {
                 "only allocations older than {:.1}s are counted (--min-age)",
                 age as f64 / 1e9
             ));
+        }
+        for (root, n) in &self.descendants_at_start {
+            if *n > 0 {
+                let comm = self.targets.get(root).map_or("?", |t| t.comm.as_str());
+                let what = if *n == 1 { "descendant" } else { "descendants" };
+                notes.push(format!(
+                    "process {root} ({comm}): {n} existing {what} traced"
+                ));
+            }
+        }
+        if !self.follow_children {
+            notes.push(
+                "children of traced processes are not traced (--no-children), existing or \
+                 forked later"
+                    .into(),
+            );
         }
         let mut pids: Vec<&u32> = self.targets.keys().collect();
         pids.sort();

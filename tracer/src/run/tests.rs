@@ -38,6 +38,9 @@ struct FakeKernel {
     counters: Vec<(Counter, u64)>,
     unwind_notes: UnwindNotes,
     oom: Result<(), String>,
+    /// Processes that exit while being attached (killed, then the attach
+    /// fails as the real one would).
+    exit_on_attach: Vec<u32>,
 }
 
 impl Default for FakeKernel {
@@ -51,6 +54,7 @@ impl Default for FakeKernel {
             counters: Vec::new(),
             unwind_notes: UnwindNotes::default(),
             oom: Ok(()),
+            exit_on_attach: Vec::new(),
         }
     }
 }
@@ -62,6 +66,23 @@ impl Kernel for FakeKernel {
         runtimes: &mut Runtimes,
     ) -> Result<Attachment, ProbeError> {
         self.attached.push(pid);
+        if self.exit_on_attach.contains(&pid) {
+            // SAFETY: kill(2) on a process of the test's own tree.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            // The real attach fails once the exit has begun; kill(2)
+            // returns before: wait until it is a zombie or reaped.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|s| !s.contains(") Z "))
+            {
+                assert!(std::time::Instant::now() < deadline, "{pid} never died");
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            return Err(ProbeError::Maps {
+                pid,
+                source: io::Error::from(io::ErrorKind::NotFound),
+            });
+        }
         let nz = NonZeroU32::new(pid).ok_or(ProbeError::NoProcess { pid })?;
         let found = runtimes
             .attach(nz, &[], self)
@@ -246,6 +267,72 @@ impl Drop for Sleeper {
     }
 }
 
+/// A process tree that exists before the session starts, the shape of a
+/// prefork master and its workers: `sh` with two children, one of which
+/// (`sh`) has a child of its own. Every process is killed on drop.
+struct Tree {
+    root: Child,
+    /// The root's children.
+    children: Vec<u32>,
+    grandchild: u32,
+}
+
+impl Tree {
+    fn start() -> Self {
+        use std::io::BufRead as _;
+        let mut root = Command::new("sh")
+            .args([
+                "-c",
+                r#"sleep 60 & a=$!; sh -c 'sleep 60 & echo "grandchild $!"; wait' & b=$!; echo "children $a $b"; wait"#,
+            ])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start sh");
+        let out = std::io::BufReader::new(root.stdout.take().expect("piped stdout"));
+        let (mut children, mut grandchild) = (Vec::new(), None);
+        for line in out.lines().take(2) {
+            let line = line.expect("read the tree's pids");
+            let pids: Vec<u32> = line
+                .split_whitespace()
+                .skip(1)
+                .map(|p| p.parse().expect("a pid"))
+                .collect();
+            match line.split_whitespace().next() {
+                Some("children") => children = pids,
+                Some("grandchild") => grandchild = pids.first().copied(),
+                _ => panic!("unexpected line from the tree: {line:?}"),
+            }
+        }
+        assert_eq!(children.len(), 2, "the root's two children");
+        Tree {
+            root,
+            children,
+            grandchild: grandchild.expect("the grandchild's pid"),
+        }
+    }
+    fn pid(&self) -> u32 {
+        self.root.id()
+    }
+    /// Every descendant, sorted.
+    fn descendants(&self) -> Vec<u32> {
+        let mut all = self.children.clone();
+        all.push(self.grandchild);
+        all.sort_unstable();
+        all
+    }
+}
+
+impl Drop for Tree {
+    fn drop(&mut self) {
+        for pid in self.descendants() {
+            // SAFETY: kill(2) on a process this tree started.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+        let _ = self.root.kill();
+        let _ = self.root.wait();
+    }
+}
+
 fn config(args: &[&str]) -> Config {
     let mut v = vec!["leaktrace"];
     v.extend_from_slice(args);
@@ -427,4 +514,97 @@ fn a_runtime_attaches_accounts_its_rows_and_is_told_of_exits() {
     let r = s.report(&cfg);
     assert_eq!(r.stacks[0].outstanding_bytes, 8192, "{:?}", r.stacks);
     assert_eq!(r.stacks[0].pids, vec![parent.pid()]);
+}
+
+#[test]
+fn a_pid_s_existing_descendants_are_attached_at_start_and_noted() {
+    let tree = Tree::start();
+    let root = tree.pid();
+    let cfg = config(&["-p", &root.to_string()]);
+    let mut s = session(FakeKernel::default(), &cfg);
+    s.add_tree(root).expect("attach the tree");
+    assert_eq!(s.probes.attached.first(), Some(&root), "the root first");
+    let mut rest = s.probes.attached[1..].to_vec();
+    rest.sort_unstable();
+    assert_eq!(rest, tree.descendants(), "children and grandchild");
+    assert_eq!(s.running(), 4);
+
+    // A fork event for a child the walk found does not attach it twice.
+    s.on_proc_event(ProcEvent::Fork {
+        parent: root,
+        child: tree.children[0],
+    });
+    assert_eq!(s.probes.attached.len(), 4, "{:?}", s.probes.attached);
+
+    s.sample().expect("sample");
+    let notes = s.report(&cfg).notes.join("\n");
+    assert!(
+        notes.contains(&format!(
+            "process {root} (sh): 3 existing descendants traced"
+        )),
+        "{notes}"
+    );
+}
+
+#[test]
+fn a_descendant_that_exits_during_the_walk_is_not_an_error() {
+    let tree = Tree::start();
+    let root = tree.pid();
+    let gone = tree.grandchild;
+    let cfg = config(&["-p", &root.to_string()]);
+    let kernel = FakeKernel {
+        exit_on_attach: vec![gone],
+        ..FakeKernel::default()
+    };
+    let mut s = session(kernel, &cfg);
+    s.add_tree(root).expect("the root attached");
+    assert!(s.probes.attached.contains(&gone), "it was tried");
+    assert!(
+        !s.targets.contains_key(&gone),
+        "an exited descendant is no target"
+    );
+    assert_eq!(s.running(), 3);
+    s.sample().expect("sample");
+    let notes = s.report(&cfg).notes.join("\n");
+    assert!(notes.contains("2 existing descendants traced"), "{notes}");
+    assert!(!notes.contains("not traced"), "{notes}");
+}
+
+#[test]
+fn no_children_traces_only_the_given_pid_neither_existing_nor_forked_children() {
+    let tree = Tree::start();
+    let root = tree.pid();
+    let cfg = config(&["-p", &root.to_string(), "--no-children"]);
+    let mut s = session(FakeKernel::default(), &cfg);
+    s.add_tree(root).expect("attach the root");
+    assert_eq!(s.probes.attached, vec![root], "existing children are not");
+    s.on_proc_event(ProcEvent::Fork {
+        parent: root,
+        child: tree.children[0],
+    });
+    // Without the process connector, children are found by a rescan.
+    s.rescan();
+    assert_eq!(s.probes.attached, vec![root], "forked children are not");
+    s.sample().expect("sample");
+    let notes = s.report(&cfg).notes.join("\n");
+    assert!(notes.contains("(--no-children)"), "{notes}");
+    assert!(!notes.contains("existing descendant"), "{notes}");
+}
+
+#[test]
+fn without_the_connector_a_rescan_follows_a_traced_process_s_children() {
+    // The counterpart of the test above: the rescan does find them.
+    let tree = Tree::start();
+    let root = tree.pid();
+    let cfg = config(&["-p", &root.to_string()]);
+    let mut s = session(FakeKernel::default(), &cfg);
+    s.add(root).expect("attach the root alone");
+    s.rescan();
+    for child in &tree.children {
+        assert!(
+            s.probes.attached.contains(child),
+            "the rescan finds child {child}: {:?}",
+            s.probes.attached
+        );
+    }
 }

@@ -1,5 +1,5 @@
 //! Reading `/proc`: does a process exist (and is it still the same one),
-//! its name, and its memory map.
+//! its name, its descendants, and its memory map.
 //!
 //! Parsing is pure and unit-tested; the readers are thin.
 
@@ -33,6 +33,22 @@ impl ProcId {
             None => false,
         }
     }
+}
+
+/// Whether process `pid` is gone or on its way out: a zombie, or past the
+/// start of `exit(2)` (`PF_EXITING` in the flags of `/proc/PID/stat`),
+/// where its memory map may already be torn down.
+pub fn exiting(pid: u32) -> bool {
+    const PF_EXITING: u64 = 0x4;
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return true;
+    };
+    let Some(fields) = stat_fields_after_comm(&stat) else {
+        return true;
+    };
+    // State is field 3 overall, flags field 9: the 1st and 7th after comm.
+    let flags: u64 = fields.get(6).and_then(|f| f.parse().ok()).unwrap_or(0);
+    matches!(fields.first(), Some(&"Z" | &"X" | &"x")) || flags & PF_EXITING != 0
 }
 
 fn is_zombie(pid: u32) -> bool {
@@ -168,6 +184,49 @@ pub fn all_pids() -> Vec<u32> {
         .collect()
 }
 
+/// Every descendant of `root` now running (children, grandchildren, ...),
+/// from each process's parent in `/proc/PID/stat`. A process that exits
+/// during the walk is simply not listed; one forked during it may be
+/// missed (the caller follows forks from then on).
+pub fn descendants(root: u32) -> Vec<u32> {
+    let parents: Vec<(u32, u32)> = all_pids()
+        .into_iter()
+        .filter_map(|pid| Some((pid, ppid(pid)?)))
+        .collect();
+    descendants_in(root, &parents)
+}
+
+/// The descendants of `root` in a snapshot of `(pid, parent pid)` pairs,
+/// nearest first (children before grandchildren), each once.
+pub fn descendants_in(root: u32, parents: &[(u32, u32)]) -> Vec<u32> {
+    let mut children: std::collections::HashMap<u32, Vec<u32>> = Default::default();
+    for &(pid, parent) in parents {
+        // pid 0's "children" are init and kthreadd, not descendants.
+        if pid != parent && pid != 0 {
+            children.entry(parent).or_default().push(pid);
+        }
+    }
+    for kids in children.values_mut() {
+        kids.sort_unstable();
+    }
+    let mut seen = std::collections::HashSet::from([root]);
+    let mut out = Vec::new();
+    let mut next = 0;
+    let mut frontier = vec![root];
+    // Breadth first over a snapshot: `seen` stops a cycle, which a pid
+    // reused between two reads of a live /proc could make.
+    while let Some(&pid) = frontier.get(next) {
+        next += 1;
+        for &kid in children.get(&pid).map(Vec::as_slice).unwrap_or_default() {
+            if seen.insert(kid) {
+                out.push(kid);
+                frontier.push(kid);
+            }
+        }
+    }
+    out
+}
+
 /// `len` bytes of process `pid` at `addr`.
 pub fn read_mem(pid: u32, addr: u64, len: usize) -> Result<Vec<u8>, &'static str> {
     let mut buf = vec![0u8; len];
@@ -204,6 +263,50 @@ pub fn kernel_release() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn descendants_are_children_then_grandchildren_and_nothing_else() {
+        // 1 -> 100 -> {200, 201}, 201 -> 300; 100 -> 202 listed before its
+        // parent; 150 is a sibling of 100, 400 a stranger.
+        let procs = [
+            (1, 0),
+            (202, 100),
+            (100, 1),
+            (150, 1),
+            (200, 100),
+            (201, 100),
+            (300, 201),
+            (400, 150),
+        ];
+        assert_eq!(descendants_in(100, &procs), vec![200, 201, 202, 300]);
+        assert_eq!(descendants_in(300, &procs), Vec::<u32>::new());
+        assert_eq!(descendants_in(999, &procs), Vec::<u32>::new());
+        // A cycle (pids reused between reads) ends.
+        assert_eq!(descendants_in(5, &[(5, 6), (6, 5)]), vec![6]);
+    }
+
+    #[test]
+    fn a_live_process_is_not_exiting_and_a_reaped_one_is() {
+        assert!(!exiting(std::process::id()));
+        let mut child = std::process::Command::new("true")
+            .spawn()
+            .expect("start true");
+        let pid = child.id();
+        let _ = child.wait();
+        assert!(exiting(pid), "reaped");
+    }
+
+    #[test]
+    fn descendants_of_this_process_include_a_child_it_started() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("start sleep");
+        let found = descendants(std::process::id());
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(found.contains(&child.id()), "{found:?}");
+    }
 
     const MAPS: &str = "\
 55d0c0a00000-55d0c0a01000 r--p 00000000 fe:01 1234                       /usr/bin/demo
