@@ -41,10 +41,15 @@ impl<K: Kernel> Session<K> {
                 .totals_older_than(crate::ingest::events::monotonic_ns().saturating_sub(age)),
             None => self.regions.totals(),
         };
+        // A runtime that accounts its heap itself (a sampling Go runtime)
+        // would count its mmaps twice; asked once per process per sample
+        // (Go reads its sampling rate from the process).
+        let mut own_heap: HashMap<u32, bool> = HashMap::new();
         for r in region_totals {
-            // A runtime that accounts its heap itself (a sampling Go
-            // runtime) would count its mmaps twice.
-            if runtimes.accounts_heap(r.tgid) {
+            if *own_heap
+                .entry(r.tgid)
+                .or_insert_with(|| runtimes.accounts_heap(r.tgid))
+            {
                 continue;
             }
             let bytes = i64::try_from(r.bytes).unwrap_or(i64::MAX);
