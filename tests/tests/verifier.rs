@@ -24,14 +24,19 @@ const PROGRAMS: &[&str] = &[
     "alloc_exit",
     "native_alloc",
     "python_alloc",
+    "lua_alloc",
     "finish_alloc",
     "sys_exit",
     "native_syscall",
     "python_syscall",
+    "lua_syscall",
     "finish_syscall",
     "oom_mark_victim",
     "go_setprofilebucket",
     "go_mprof_free",
+    "lua_malloc_enter",
+    "lua_realloc_enter",
+    "lua_free_enter",
 ];
 
 const BPF_PROG_GET_NEXT_ID: libc::c_long = 11;

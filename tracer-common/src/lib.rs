@@ -10,10 +10,12 @@
 use core::mem::size_of;
 
 mod go;
+mod lua;
 mod python;
 mod unwind;
 
 pub use go::*;
+pub use lua::*;
 pub use python::*;
 pub use unwind::*;
 
@@ -65,6 +67,8 @@ pub mod maps {
     /// tgid -> [`crate::PyProc`]: processes running a CPython whose frame
     /// layout leaktrace knows.
     pub const PY_PROCS: &str = "PY_PROCS";
+    /// tgid -> [`crate::LuaProc`]: processes running LuaJIT VMs.
+    pub const LUA_PROCS: &str = "LUA_PROCS";
     /// tgid -> one of [`crate::runtime`]: processes whose interpreter's
     /// frames are walked, and by which runtime's walker.
     pub const RUNTIMES: &str = "RUNTIMES";
@@ -96,16 +100,18 @@ pub mod chain {
     /// Slots of each program array.
     pub const SLOTS: u32 = runtime_stage(crate::runtime::MAX) + 1;
     /// `(stage, program)` of the allocation chain.
-    pub const ALLOC_PROGRAMS: [(u32, &str); 3] = [
+    pub const ALLOC_PROGRAMS: [(u32, &str); 4] = [
         (NATIVE, "native_alloc"),
         (FINISH, "finish_alloc"),
         (runtime_stage(crate::runtime::PYTHON), "python_alloc"),
+        (runtime_stage(crate::runtime::LUA), "lua_alloc"),
     ];
     /// `(stage, program)` of the syscall chain.
-    pub const SYSCALL_PROGRAMS: [(u32, &str); 3] = [
+    pub const SYSCALL_PROGRAMS: [(u32, &str); 4] = [
         (NATIVE, "native_syscall"),
         (FINISH, "finish_syscall"),
         (runtime_stage(crate::runtime::PYTHON), "python_syscall"),
+        (runtime_stage(crate::runtime::LUA), "lua_syscall"),
     ];
 }
 
@@ -433,18 +439,20 @@ pub struct InterpFrames {
     /// Frames recorded.
     pub len: u32,
     /// Why the walk ended: one of the runtime's reasons ([`py_stop`] for
-    /// Python; 0 always means "no walk").
+    /// Python, [`lua_stop`] for Lua; 0 always means "no walk").
     pub stop: u32,
     /// Bit `i`: frame `i` is the first of a C-level call of the
     /// interpreter (Python: `is_entry` 3.11, just inside a C-stack shim
     /// 3.12+, every frame 3.8-3.10), so frames `0..=i` since the previous
     /// entry ran in one native call of the interpreter loop.
     pub entry_mask: u32,
-    /// The runtime's object of each frame (Python: `PyCodeObject *`).
+    /// The runtime's object of each frame (Python: `PyCodeObject *`; Lua:
+    /// `GCproto *`, or the `GCfunc *` of a C function).
     pub code: [u64; MAX_INTERP_FRAMES],
     /// Where each frame is in it, as `i32` (negative: not started yet).
     /// Python: the byte offset of the last instruction started from the
-    /// start of the bytecode (3.11+), or `f_lasti` (3.8-3.10).
+    /// start of the bytecode (3.11+), or `f_lasti` (3.8-3.10). Lua: see
+    /// [`lua_pos`].
     pub pos: [u32; MAX_INTERP_FRAMES],
 }
 const _: () = assert!(size_of::<InterpFrames>() == 16 + 12 * MAX_INTERP_FRAMES);
@@ -457,6 +465,8 @@ pub mod runtime {
     pub const NONE: u32 = 0;
     /// CPython 3.8-3.13 (`PY_PROCS` has the layout).
     pub const PYTHON: u32 = 1;
+    /// LuaJIT 2.1, GC64 (`LUA_PROCS` has the VMs and layout).
+    pub const LUA: u32 = 2;
     /// Highest id a walker stage is reserved for.
     pub const MAX: u32 = 5;
 }
@@ -469,6 +479,7 @@ mod pod {
     unsafe impl aya::Pod for ExecMap {}
     unsafe impl aya::Pod for ProcMaps {}
     unsafe impl aya::Pod for PyProc {}
+    unsafe impl aya::Pod for LuaProc {}
     unsafe impl aya::Pod for SyscallEvent {}
     use super::*;
     // SAFETY: all are repr(C), Copy, made of integers with explicit padding.

@@ -28,7 +28,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, ProgramArray},
     EbpfContext,
 };
-use tracer_common::{chain, runtime, Counter, PyProc, StackBuf, SyscallEvent};
+use tracer_common::{chain, runtime, Counter, LuaProc, PyProc, StackBuf, SyscallEvent};
 
 use aya_log_ebpf::warn;
 
@@ -69,6 +69,11 @@ pub struct Job {
     pub bp: u64,
     /// Why the native walk stopped (a `stop::*`).
     pub why: u32,
+    /// 1 + the index of the first native frame outside every registered
+    /// mapping (generated code: a JIT trace), 0 for none.
+    pub unmapped_at: u32,
+    /// The stack pointer the walk began with.
+    pub start_sp: u64,
     /// Interpreter walk: 1 once the thread's innermost frame was found.
     pub interp_started: u32,
     /// Interpreter walk: the frame being walked.
@@ -78,6 +83,18 @@ pub struct Job {
     pub _pad: u32,
     /// The Python layout of the process, copied from `PY_PROCS`.
     pub py: PyProc,
+    /// The Lua walk: the process's VMs and layout (from `LUA_PROCS`),
+    /// the running VM's C frame, the position of the frame being walked
+    /// (0: unknown), the coroutine stack's bottom, 1 when the frame at
+    /// `interp_frame` is a vararg frame's pseudo-frame (not recorded), and
+    /// 1 when the native walk must go on from the VM's C frame afterwards
+    /// (a trace's machine code has no unwind rows).
+    pub lua: LuaProc,
+    pub lua_cframe: u64,
+    pub lua_pc: u64,
+    pub lua_bottom: u64,
+    pub lua_skip: u32,
+    pub lua_resume: u32,
     pub alloc: AllocRecord,
     pub event: SyscallEvent,
     /// The stack itself, as stored in `STACKS`.

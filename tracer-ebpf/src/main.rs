@@ -22,6 +22,8 @@ mod counters;
 #[cfg(target_arch = "bpf")]
 mod go;
 #[cfg(target_arch = "bpf")]
+mod lua;
+#[cfg(target_arch = "bpf")]
 mod probes;
 #[cfg(target_arch = "bpf")]
 mod python;

@@ -56,7 +56,7 @@ fn sp_of(regs: *mut aya_ebpf::bindings::pt_regs) -> u64 {
 // ---- entry ---------------------------------------------------------------
 
 #[inline(always)]
-fn enter(ctx: &ProbeContext, kind: AllocKind, size_bytes: u64, old_addr: u64) -> u32 {
+pub(crate) fn enter(ctx: &ProbeContext, kind: AllocKind, size_bytes: u64, old_addr: u64) -> u32 {
     let tid = bpf_get_current_pid_tgid() as u32;
     let entry_sp = sp_of(ctx.regs);
     // SAFETY: bpf_probe_read_user checks the user address.
@@ -465,7 +465,7 @@ pub(crate) fn add_totals(t: *mut StackTotals, bytes: i64, allocs: i64, total: u6
 /// `count_unknown` is false where a miss is expected (realloc after an
 /// internal free already seen).
 #[inline(always)]
-fn release(tgid: u32, addr: u64, count_unknown: bool) {
+pub(crate) fn release(tgid: u32, addr: u64, count_unknown: bool) {
     let key = AllocKey {
         addr,
         tgid,

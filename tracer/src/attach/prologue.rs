@@ -18,9 +18,21 @@ const MAX_WALK_BYTES: usize = 48;
 /// The offset (from the function start) of the cheapest correct probe
 /// point for a function whose first argument is the pointer to free.
 pub fn free_probe_offset(code: &[u8]) -> u64 {
+    free_probe_offset_of(code, 0)
+}
+
+/// System V argument registers, by argument index.
+const ARG_REGS: [u8; 6] = [7, 6, 2, 1, 8, 9];
+
+/// [`free_probe_offset`] for a function whose pointer is argument
+/// `pointer_arg` (0-based: LuaJIT's `lj_alloc_free(msp, ptr)` is 1).
+pub fn free_probe_offset_of(code: &[u8], pointer_arg: usize) -> u64 {
+    let Some(&reg) = ARG_REGS.get(pointer_arg) else {
+        return 0;
+    };
     let mut off = 0usize;
-    // Whether the last instruction was `test %rdi,%rdi`, so a following
-    // `je` can only leave when the pointer is NULL.
+    // Whether the last instruction was `test %reg,%reg` on the pointer, so
+    // a following `je` can only leave when the pointer is NULL.
     let mut after_null_test = false;
     while off < code.len().min(MAX_WALK_BYTES) {
         let rest = &code[off..];
@@ -30,8 +42,8 @@ pub fn free_probe_offset(code: &[u8]) -> u64 {
                 after_null_test = false;
                 off += 4;
             }
-            Some(Insn::TestRdiRdi) => {
-                after_null_test = true;
+            Some(Insn::TestSelf(r)) => {
+                after_null_test = r == reg;
                 off += 3;
             }
             Some(Insn::Je(len)) if after_null_test => {
@@ -66,7 +78,7 @@ pub fn alloc_probe_offset(code: &[u8]) -> u64 {
             Some(Insn::Push) => return off as u64,
             Some(Insn::Endbr64) => off += 4,
             Some(Insn::FlagsOnly(len)) => off += len,
-            Some(Insn::TestRdiRdi) => off += 3,
+            Some(Insn::TestSelf(_)) => off += 3,
             Some(Insn::MovRegReg { dst, len }) if !clobbers_arg(dst) => off += len,
             _ => return 0,
         }
@@ -78,7 +90,8 @@ pub fn alloc_probe_offset(code: &[u8]) -> u64 {
 enum Insn {
     Endbr64,
     Push,
-    TestRdiRdi,
+    /// `test %reg,%reg` (64-bit, legacy registers), with the register.
+    TestSelf(u8),
     /// `je rel8` / `je rel32`, with its length.
     Je(usize),
     /// An instruction that only sets flags (compare with a RIP-relative
@@ -95,7 +108,10 @@ fn decode(b: &[u8]) -> Option<Insn> {
     match *b {
         [0xf3, 0x0f, 0x1e, 0xfa, ..] => Some(Insn::Endbr64),
         [0x50..=0x57, ..] | [0x41, 0x50..=0x57, ..] => Some(Insn::Push),
-        [0x48, 0x85, 0xff, ..] => Some(Insn::TestRdiRdi),
+        // test r64, r64 with both operands the same register.
+        [0x48, 0x85, modrm, ..] if modrm >> 6 == 0b11 && (modrm >> 3) & 7 == modrm & 7 => {
+            Some(Insn::TestSelf(modrm & 7))
+        }
         [0x74, _, ..] => Some(Insn::Je(2)),
         [0x0f, 0x84, _, _, _, _, ..] => Some(Insn::Je(6)),
         // cmpb $imm8, disp32(%rip)
@@ -128,6 +144,17 @@ mod tests {
             0x48, 0x85, 0xff, 0x0f, 0x84, 0xbf, 0x00, 0x00, 0x00, 0x55, 0x48, 0x8d, 0x77, 0xf0,
         ];
         assert_eq!(free_probe_offset(&code), 9);
+    }
+
+    #[test]
+    fn luajit_free_tests_its_second_argument() {
+        // lj_alloc_free(msp, ptr): test %rsi,%rsi; je rel32; push %r15
+        let code = [
+            0x48, 0x85, 0xf6, 0x0f, 0x84, 0x5f, 0x01, 0x00, 0x00, 0x41, 0x57,
+        ];
+        assert_eq!(free_probe_offset_of(&code, 1), 9);
+        // The same test is no NULL check of the first argument.
+        assert_eq!(free_probe_offset(&code), 0);
     }
 
     #[test]

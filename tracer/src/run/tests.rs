@@ -156,6 +156,27 @@ impl Attacher for FakeKernel {
     ) -> Result<(), String> {
         Ok(())
     }
+    fn allocator_probe(
+        &mut self,
+        _pid: NonZeroU32,
+        _program: &'static str,
+        _open_path: &Path,
+        _offset: u64,
+        _code: &[u8],
+    ) -> Result<u64, String> {
+        Ok(0)
+    }
+    fn free_probe(
+        &mut self,
+        _pid: NonZeroU32,
+        _program: &'static str,
+        _open_path: &Path,
+        _offset: u64,
+        _code: &[u8],
+        _pointer_arg: usize,
+    ) -> Result<u64, String> {
+        Ok(0)
+    }
     fn register_walker(&mut self, _pid: u32, _walker: &Walker) -> Result<(), String> {
         Ok(())
     }

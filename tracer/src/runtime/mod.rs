@@ -4,6 +4,10 @@
 //! - `python`: CPython 3.8-3.13: the interpreter and its layout found in a
 //!   process, handed to the kernel's Python walker, and the recorded
 //!   `(code object, offset)` frames turned into `function at file:line`.
+//! - `lua`: LuaJIT 2.1 (GC64, x86-64; OpenResty's luajit2 in nginx): its
+//!   allocator found in the library's code and probed by address, its VMs
+//!   found in the process's memory and handed to the kernel's Lua walker,
+//!   and the recorded prototypes turned into `function at chunk:line`.
 //! - `go`: a Go executable's runtime and its profiling hooks (`go/mod.rs`),
 //!   its heap profile buckets (`go/buckets.rs`), symbol and line tables
 //!   (`go/pclntab.rs`, stripped binaries included), what its machine code
@@ -24,11 +28,12 @@
 
 use std::{collections::HashMap, num::NonZeroU32, path::Path, sync::Arc};
 
-use tracer_common::{GoBucketKey, PyProc, StackTotals};
+use tracer_common::{GoBucketKey, LuaProc, PyProc, StackTotals};
 
 use crate::sys::procfs::MapEntry;
 
 pub mod go;
+pub mod lua;
 pub mod python;
 
 /// What a runtime asks of the loaded eBPF object; implemented by
@@ -43,6 +48,29 @@ pub trait Attacher {
         open_path: &Path,
         offset: u64,
     ) -> Result<(), String>;
+    /// Probe an allocation function the runtime found (by file offset;
+    /// `code` is its first bytes) with `program` at its entry and the
+    /// shared return program, at the cheapest correct point; returns that
+    /// point's offset from the function's start.
+    fn allocator_probe(
+        &mut self,
+        pid: NonZeroU32,
+        program: &'static str,
+        open_path: &Path,
+        offset: u64,
+        code: &[u8],
+    ) -> Result<u64, String>;
+    /// Probe a free-like function whose pointer is argument `pointer_arg`
+    /// (0-based) with `program`, past its NULL check where it can.
+    fn free_probe(
+        &mut self,
+        pid: NonZeroU32,
+        program: &'static str,
+        open_path: &Path,
+        offset: u64,
+        code: &[u8],
+        pointer_arg: usize,
+    ) -> Result<u64, String>;
     /// Register `pid` with its runtime's kernel walker: the walker's
     /// per-process layout, then the `RUNTIMES` entry that sends the
     /// process's stacks to it.
@@ -59,6 +87,8 @@ pub trait Attacher {
 pub enum Walker {
     /// `PY_PROCS`, walked by `tracer-ebpf/src/python.rs`.
     Python(PyProc),
+    /// `LUA_PROCS`, walked by `tracer-ebpf/src/lua.rs`.
+    Lua(LuaProc),
 }
 
 impl Walker {
@@ -66,6 +96,7 @@ impl Walker {
     pub fn id(&self) -> u32 {
         match self {
             Walker::Python(_) => tracer_common::runtime::PYTHON,
+            Walker::Lua(_) => tracer_common::runtime::LUA,
         }
     }
 }
@@ -186,7 +217,8 @@ pub struct RowSet {
 /// object's ELF symbols do not name it (a stripped Go binary's
 /// `.gopclntab`).
 pub trait ObjectSymbols {
-    fn language(&self) -> Language;
+    /// The language of the code it names (`None`: native code).
+    fn language(&self) -> Option<Language>;
     /// Frames for the return address at `file_offset`, innermost first
     /// (inlined calls expanded), or `None` when the table does not cover
     /// it.
@@ -214,7 +246,9 @@ pub fn stack_switch_return_pcs(data: &[u8]) -> Vec<u64> {
 /// The runtime symbol table of the object file at `path`, if a runtime
 /// has one for it.
 pub fn object_symbols(path: &Path) -> Option<Box<dyn ObjectSymbols>> {
-    go::StrippedTable::load(path).map(|t| Box::new(t) as Box<dyn ObjectSymbols>)
+    go::StrippedTable::load(path)
+        .map(|t| Box::new(t) as Box<dyn ObjectSymbols>)
+        .or_else(|| lua::LuajitSymbols::load(path).map(|t| Box::new(t) as Box<dyn ObjectSymbols>))
 }
 
 /// A runtime's figures for the report.
@@ -295,6 +329,7 @@ impl Runtimes {
     pub fn registry(options: &RuntimeOptions) -> Self {
         Self::new(vec![
             Box::new(python::Python::default()),
+            Box::new(lua::Lua::default()),
             Box::new(go::Go::new(options.go_enable_profiling)),
         ])
     }

@@ -257,7 +257,7 @@ impl Symbolizer {
             .as_deref();
         let kind = match (norm.module_language(module), table) {
             (Some(language), _) => frame_kind(language),
-            (None, Some(t)) => frame_kind(t.language()),
+            (None, Some(t)) => t.language().map_or(FrameKind::Native, frame_kind),
             (None, None) => FrameKind::Native,
         };
         let results = self
@@ -267,7 +267,7 @@ impl Symbolizer {
         for (i, off) in offsets.iter().enumerate() {
             if let Some(t) = table {
                 if let Some(frames) = t.frames(*off) {
-                    let kind = frame_kind(t.language());
+                    let kind = t.language().map_or(FrameKind::Native, frame_kind);
                     let frames = frames
                         .into_iter()
                         .map(|f| Frame {

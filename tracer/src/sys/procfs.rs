@@ -98,6 +98,7 @@ pub struct MapEntry {
     pub start: u64,
     pub end: u64,
     pub readable: bool,
+    pub writable: bool,
     pub executable: bool,
     /// File offset of `start`.
     pub offset: u64,
@@ -158,6 +159,7 @@ fn parse_maps_line(line: &str) -> Option<MapEntry> {
         start,
         end,
         readable: perms.first() == Some(&b'r'),
+        writable: perms.get(1) == Some(&b'w'),
         executable: perms.get(2) == Some(&b'x'),
         offset,
         dev,

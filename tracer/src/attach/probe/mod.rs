@@ -290,6 +290,7 @@ impl Probes {
             .map_max_entries(maps::UNWIND_ROWS, sizes.max_unwind_rows)
             .map_max_entries(maps::PROC_MAPS, sizes.max_processes)
             .map_max_entries(maps::PY_PROCS, sizes.max_processes)
+            .map_max_entries(maps::LUA_PROCS, sizes.max_processes)
             .map_max_entries(maps::RUNTIMES, sizes.max_processes)
             .map_max_entries(maps::GO_BUCKETS, sizes.max_stacks);
         // aya-log's level: 0 turns every log statement off, and as a

@@ -4,6 +4,7 @@
 
 use super::*;
 use crate::runtime::{Attacher, Walker};
+use tracer_common::LuaProc;
 
 impl Attacher for Probes {
     fn entry_probe(
@@ -17,8 +18,57 @@ impl Attacher for Probes {
             .map_err(|e| attach_reason(&e))
     }
 
+    fn allocator_probe(
+        &mut self,
+        pid: NonZeroU32,
+        program: &'static str,
+        open_path: &Path,
+        offset: u64,
+        code: &[u8],
+    ) -> Result<u64, String> {
+        // As for malloc: one trap serves the entry and the return probe.
+        let at = if self.options.free_at_entry {
+            0
+        } else {
+            prologue::alloc_probe_offset(code)
+        };
+        self.attach_one(program, offset + at, open_path, pid)
+            .and_then(|()| self.attach_one(EXIT_PROGRAM, offset + at, open_path, pid))
+            .map_err(|e| attach_reason(&e))?;
+        Ok(at)
+    }
+
+    fn free_probe(
+        &mut self,
+        pid: NonZeroU32,
+        program: &'static str,
+        open_path: &Path,
+        offset: u64,
+        code: &[u8],
+        pointer_arg: usize,
+    ) -> Result<u64, String> {
+        let at = if self.options.free_at_entry {
+            0
+        } else {
+            prologue::free_probe_offset_of(code, pointer_arg)
+        };
+        self.attach_one(program, offset + at, open_path, pid)
+            .map_err(|e| attach_reason(&e))?;
+        Ok(at)
+    }
+
     fn register_walker(&mut self, pid: u32, walker: &Walker) -> Result<(), String> {
         match walker {
+            Walker::Lua(layout) => {
+                let map = self
+                    .ebpf
+                    .map_mut(maps::LUA_PROCS)
+                    .ok_or_else(|| format!("map {} missing", maps::LUA_PROCS))?;
+                BpfHashMap::<&mut MapData, u32, LuaProc>::try_from(map)
+                    .map_err(|e| e.to_string())?
+                    .insert(pid, layout, 0)
+                    .map_err(|e| e.to_string())?;
+            }
             Walker::Python(layout) => {
                 let map = self
                     .ebpf
@@ -49,20 +99,24 @@ impl Attacher for Probes {
     }
 
     fn unregister_walker(&mut self, pid: u32, runtime: u32) {
-        let layouts = match runtime {
-            tracer_common::runtime::PYTHON => maps::PY_PROCS,
-            _ => return,
-        };
-        if let Some(Ok(mut m)) = self
-            .ebpf
-            .map_mut(layouts)
-            .map(BpfHashMap::<&mut MapData, u32, PyProc>::try_from)
-        {
-            let _ = m.remove(&pid);
+        match runtime {
+            tracer_common::runtime::PYTHON => remove::<PyProc>(self, maps::PY_PROCS, pid),
+            tracer_common::runtime::LUA => remove::<LuaProc>(self, maps::LUA_PROCS, pid),
+            _ => {}
         }
     }
 
     fn fsbase_offset(&self) -> u32 {
         self.fsbase_offset
+    }
+}
+
+fn remove<V: aya::Pod>(probes: &mut Probes, map: &str, pid: u32) {
+    if let Some(Ok(mut m)) = probes
+        .ebpf
+        .map_mut(map)
+        .map(BpfHashMap::<&mut MapData, u32, V>::try_from)
+    {
+        let _ = m.remove(&pid);
     }
 }

@@ -48,8 +48,8 @@ impl StrippedTable {
 }
 
 impl ObjectSymbols for StrippedTable {
-    fn language(&self) -> Language {
-        Language::Go
+    fn language(&self) -> Option<Language> {
+        Some(Language::Go)
     }
 
     fn frames(&self, file_offset: u64) -> Option<Vec<CodeFrame>> {
