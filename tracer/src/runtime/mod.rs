@@ -29,6 +29,7 @@ use tracer_common::{GoBucketKey, PyProc, StackTotals};
 use crate::sys::procfs::MapEntry;
 
 pub mod go;
+pub mod lua;
 pub mod python;
 
 /// What a runtime asks of the loaded eBPF object; implemented by
