@@ -45,8 +45,18 @@ pub struct LuaProc {
     pub func_ffid: u32,
     /// `sizeof(GCproto)`.
     pub proto_size: u32,
+    /// `jit_State.trace` from `g` (`GG_State.J - GG_State.g` plus the
+    /// field's offset): the traces by number; `GCtrace.mcode` and
+    /// `.szmcode`: a trace's machine code. A native frame outside every
+    /// mapping is taken for the running trace only when it is in that
+    /// trace's code (a library loaded since the mappings were registered
+    /// is not).
+    pub g_traces: u32,
+    pub trace_mcode: u32,
+    pub trace_szmcode: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<LuaProc>() == 96);
+const _: () = assert!(size_of::<LuaProc>() == 112);
 
 /// How [`crate::InterpFrames::pos`] reads for a Lua frame. Non-negative:
 /// the bytecode position after the one running (`proto_bcpos` of the

@@ -129,6 +129,29 @@ fn through_vm(job: &Job) -> bool {
     false
 }
 
+/// Whether the first native frame outside every mapping is in trace
+/// `traceno`'s machine code.
+#[inline(always)]
+fn in_trace(job: &Job, p: &LuaProc, g: u64, traceno: u64) -> bool {
+    let i = (job.unmapped_at as usize).wrapping_sub(1) & (MAX_FRAMES - 1);
+    let pc = job.buf.ips[i].wrapping_sub(1);
+    let Some(traces) = read_u64(g + p.g_traces as u64) else {
+        return false;
+    };
+    let Some(t) = read_u64(traces + 8 * (traceno & 0xffff)) else {
+        return false;
+    };
+    let t = t & GC64_MASK;
+    let (Some(mcode), Some(size)) = (
+        read_u64(t + p.trace_mcode as u64),
+        // SAFETY: bpf_probe_read_user checks the user address.
+        unsafe { bpf_probe_read_user((t + p.trace_szmcode as u64) as *const u32) }.ok(),
+    ) else {
+        return false;
+    };
+    pc >= mcode && pc < mcode + size as u64
+}
+
 /// Find the VM running on this thread and set the walk up; `Err` is the
 /// `lua_stop` reason to record instead.
 #[inline(always)]
@@ -158,7 +181,7 @@ fn start(job: &mut Job) -> Result<(), u32> {
         // SAFETY: bpf_probe_read_user checks the user address.
         let vmstate: i32 =
             unsafe { bpf_probe_read_user((g + p.g_vmstate as u64) as *const i32) }.unwrap_or(-1);
-        let trace = vmstate >= 0 && job.unmapped_at > 0;
+        let trace = vmstate >= 0 && job.unmapped_at > 0 && in_trace(job, &p, g, vmstate as u64);
         if !trace && !vm {
             continue;
         }

@@ -90,6 +90,10 @@ pub fn layout(vm: (u64, u64), gs: &[u64]) -> LuaProc {
         func_pc: gc64::FUNC_PC,
         func_ffid: gc64::FUNC_FFID,
         proto_size: gc64::PROTO_SIZE,
+        g_traces: (gc64::G_TO_J + gc64::J_TRACE) as u32,
+        trace_mcode: gc64::TRACE_MCODE as u32,
+        trace_szmcode: gc64::TRACE_SZMCODE as u32,
+        _pad: 0,
     }
 }
 
