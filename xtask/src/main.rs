@@ -59,8 +59,9 @@ enum Cmd {
         #[arg(long)]
         no_vm: bool,
     },
-    /// Measure what tracing costs (microbenchmark, nginx, bcc memleak,
-    /// footprint); prints a table and writes docs/benchmarks.md.
+    /// Measure what tracing costs (microbenchmark, nginx, nginx with Lua,
+    /// bcc memleak, footprint); prints a table and writes
+    /// docs/benchmarks.md.
     Bench {
         /// Measured phases per configuration (median reported).
         #[arg(long, default_value_t = 5)]

@@ -345,6 +345,9 @@ pub(super) fn signal(pid: u32, sig: &str) {
 pub(super) struct LeaktraceReport {
     pub(super) lost_events: Option<u64>,
     pub(super) allocs: Option<u64>,
+    /// Reported stacks with at least one Lua frame, and all reported
+    /// stacks.
+    pub(super) lua_stacks: (usize, usize),
 }
 
 /// Found by key rather than parsed (two numbers; the keys are unique
@@ -356,7 +359,23 @@ pub(super) fn read_report(path: &Path) -> Result<LeaktraceReport> {
     Ok(LeaktraceReport {
         lost_events: json_u64(&text, "lost_events"),
         allocs: json_u64(counters, "allocs"),
+        lua_stacks: lua_stacks(&text),
     })
+}
+
+/// Stacks of the report with a Lua frame, of all its stacks. A frame
+/// holds no array, so a stack's frames end at the first `]`.
+fn lua_stacks(text: &str) -> (usize, usize) {
+    let stacks: Vec<&str> = text
+        .split("\"frames\":")
+        .skip(1)
+        .map(|rest| rest.split(']').next().unwrap_or_default())
+        .collect();
+    let lua = stacks
+        .iter()
+        .filter(|frames| frames.contains("\"kind\": \"lua\""))
+        .count();
+    (lua, stacks.len())
 }
 
 fn json_u64(text: &str, key: &str) -> Option<u64> {
@@ -380,5 +399,16 @@ mod tests {
         let c = &t[t.find("\"counters\"").unwrap()..];
         assert_eq!(json_u64(c, "allocs"), Some(800002));
         assert_eq!(json_u64(t, "missing"), None);
+    }
+
+    #[test]
+    fn stacks_with_lua_frames() {
+        let t = r#"{"stacks": [
+            {"pids": [7], "frames": [{"function": "f", "kind": "native"}]},
+            {"pids": [7], "frames": [
+              {"function": "lj_alloc_malloc", "kind": "native"},
+              {"function": "handle", "kind": "lua"}]},
+            {"pids": [7], "frames": []}]}"#;
+        assert_eq!(lua_stacks(t), (1, 3));
     }
 }

@@ -1,7 +1,8 @@
 //! `cargo xtask bench`: what tracing costs a process, as a table.
 //!
 //! Inputs: the release `leaktrace` binary, the C programs in `bench/`
-//! (built here with gcc -O2), Debian's nginx, wrk and bcc's memleak.
+//! (built here with gcc -O2), Debian's nginx and its Lua module, wrk and
+//! bcc's memleak.
 //! Output: Markdown tables on stdout and, between the `bench:begin` and
 //! `bench:end` markers, in `docs/benchmarks.md` (text outside the markers is
 //! kept, so the interpretation written by hand survives a re-run).
@@ -20,6 +21,12 @@
 //!   a Python and a Go program.
 //! - nginx (1 worker, loopback, own config and pid file in
 //!   `target/bench/nginx`) under `wrk`: requests/s untraced and traced.
+//! - nginx with its Lua module (`target/bench/nginx-lua`): a location whose
+//!   `content_by_lua_block` runs `bench/luabench.lua` (a record of 20 fields
+//!   and a few strings per request, concatenated into the answer, kept in a
+//!   cache bounded to 1,000 records) under `wrk`: requests/s and worker CPU
+//!   per request untraced, under leaktrace exact (every allocation, LuaJIT's
+//!   `lj_alloc_*` included) and under `--sample-bytes 524288`.
 //!
 //! bcc tools run through `bench/bcc_refctr0.py`, which fixes the
 //! ref_ctr_offset their Python binding leaves to chance (iovisor/bcc#5236)
@@ -69,13 +76,15 @@ use crate::{ensure_packages, is_root, output, setup, workspace_root};
 use footprint::Footprint;
 use harness::{read_report, LeaktraceReport, Tracer};
 use micro::Micro;
-use nginx::NginxResult;
+use nginx::{NginxResult, Site};
 use watch::Watch;
 
 /// Always needed: the compiler, GNU time (tracer CPU and RSS), kill.
 const CORE_PACKAGES: &[&str] = &["gcc", "libc6-dev", "time", "procps"];
 /// The realistic workload.
 const NGINX_PACKAGES: &[&str] = &["nginx", "wrk"];
+/// nginx's Lua module (with LuaJIT and lua-resty-core), for the Lua rows.
+const LUA_PACKAGES: &[&str] = &["libnginx-mod-http-lua"];
 
 pub(crate) fn bench(reps: usize) -> Result<()> {
     if reps == 0 {
@@ -88,9 +97,12 @@ pub(crate) fn bench(reps: usize) -> Result<()> {
     setup(false)?;
     ensure_packages(CORE_PACKAGES)?;
     let nginx_ready = ensure_packages(NGINX_PACKAGES).map_err(|e| format!("{e:#}"));
+    let lua_ready = nginx_ready
+        .clone()
+        .and_then(|()| ensure_packages(LUA_PACKAGES).map_err(|e| format!("{e:#}")));
     let bcc_ready = memleak::ready();
     let ctx = Ctx::prepare(reps)?;
-    let results = measure_all(&ctx, nginx_ready, &bcc_ready);
+    let results = measure_all(&ctx, nginx_ready, lua_ready, &bcc_ready);
     let doc = render::render(&ctx, &results, started.elapsed())?;
     println!("{doc}");
     let path = workspace_root().join("docs").join("benchmarks.md");
@@ -109,11 +121,12 @@ const FOOTPRINT_ALLOCS: u64 = 1_000_000;
 const REPORT_ALLOCS: u64 = 100_000;
 const FOOTPRINT_STACKS: u64 = 10_000;
 
-/// Every row: malloc/free, footprint, Python, Go, then nginx when its
-/// packages could be installed.
+/// Every row: malloc/free, footprint, Python, Go, then nginx and nginx
+/// with Lua when their packages could be installed.
 fn measure_all(
     ctx: &Ctx,
     nginx_ready: Result<(), String>,
+    lua_ready: Result<(), String>,
     bcc_ready: &Result<(), String>,
 ) -> Results {
     let micro = micro_rows(ctx, bcc_ready);
@@ -145,12 +158,17 @@ fn measure_all(
         .collect();
     let nginx = nginx_ready.and_then(|()| {
         eprintln!("xtask: bench: nginx under wrk");
-        nginx::measure(ctx, bcc_ready).map_err(|e| format!("{e:#}"))
+        nginx::measure(ctx, Site::Static, nginx_specs(ctx), bcc_ready).map_err(|e| format!("{e:#}"))
+    });
+    let nginx_lua = lua_ready.and_then(|()| {
+        eprintln!("xtask: bench: nginx with Lua under wrk");
+        nginx::measure(ctx, Site::Lua, lua_specs(ctx), bcc_ready).map_err(|e| format!("{e:#}"))
     });
     Results {
         micro,
         footprint,
         nginx,
+        nginx_lua,
         python,
         go,
     }
@@ -215,6 +233,8 @@ struct Results {
     /// 1,000,000 live allocations (peak RSS), then 100,000 (final report).
     footprint: [Row<Footprint>; 2],
     nginx: Result<Vec<Row<NginxResult>>, String>,
+    /// The same nginx serving `bench/luabench.lua`.
+    nginx_lua: Result<Vec<Row<NginxResult>>, String>,
     python: Vec<Row<Micro>>,
     go: Vec<Row<Micro>>,
 }
@@ -248,6 +268,8 @@ struct Ctx {
     footprint: PathBuf,
     floor_py: PathBuf,
     pyalloc: PathBuf,
+    /// The Lua rows' module, copied next to their nginx config.
+    luabench: PathBuf,
     /// `bench/goalloc.go` built with Debian's `go` and with the newest
     /// official toolchain of the test matrix: (label, build or why not).
     goalloc: Vec<(String, workloads::GoBuild)>,
@@ -279,6 +301,7 @@ impl Ctx {
             footprint,
             floor_py: src.join("floor.py"),
             pyalloc: src.join("pyalloc.py"),
+            luabench: src.join("luabench.lua"),
             goalloc,
             bcc_refctr0: src.join("bcc_refctr0.py"),
             has_sample_bytes: help.contains("--sample-bytes"),
@@ -411,6 +434,22 @@ fn nginx_specs(ctx: &Ctx) -> Vec<(&'static str, Kind)> {
         ));
     }
     specs.push(("bcc memleak-bpfcc", Kind::Memleak));
+    specs
+}
+
+/// The Lua rows: exact (the default) and sampled, the modes a Lua
+/// server would run under (the sampled one only when the binary has it).
+fn lua_specs(ctx: &Ctx) -> Vec<(&'static str, Kind)> {
+    let mut specs = vec![
+        ("untraced", Kind::Untraced),
+        ("leaktrace (exact)", Kind::leaktrace(&[])),
+    ];
+    if ctx.has_sample_bytes {
+        specs.push((
+            "leaktrace --sample-bytes 524288",
+            Kind::leaktrace(&["--sample-bytes", SAMPLE_BYTES]),
+        ));
+    }
     specs
 }
 

@@ -1,7 +1,9 @@
-//! A realistic workload: Debian's nginx (1 worker, a static page on
-//! loopback, its own config, pid file and logs under `target/bench/nginx`)
-//! under `wrk`, untraced and with the tracer on the worker: requests/s and
-//! the worker's CPU per request.
+//! A realistic workload: Debian's nginx (1 worker, loopback, its own
+//! config, pid file and logs under `target/bench/<site>`) under `wrk`,
+//! untraced and with the tracer on the worker: requests/s and the worker's
+//! CPU per request. Two sites, one nginx each ([`Site`]): a static page,
+//! and a location whose content is made by Lua (nginx's Lua module,
+//! `bench/luabench.lua`), where leaktrace also probes LuaJIT's allocator.
 //!
 //! Imports: `super` (configurations), `harness`, `procfs`.
 
@@ -18,7 +20,7 @@ use anyhow::{bail, Context as _, Result};
 
 use super::{
     harness::{signal, LeaktraceReport, Proc, Usage},
-    measure_row, median, nginx_specs,
+    measure_row, median,
     procfs::{children, schedstat_ns},
     Ctx, Kind, Row,
 };
@@ -36,14 +38,46 @@ pub(super) struct NginxResult {
     pub(super) report: Option<LeaktraceReport>,
 }
 
-/// Every nginx row, against one nginx.
-pub(super) fn measure(ctx: &Ctx, bcc_ready: &Result<(), String>) -> Result<Vec<Row<NginxResult>>> {
-    let nginx = Nginx::start(&ctx.dir.join("nginx"))?;
+/// What the nginx of a set of rows serves at `/`.
+#[derive(Clone, Copy)]
+pub(super) enum Site {
+    /// A static page of about 600 bytes.
+    Static,
+    /// `bench/luabench.lua` run by `content_by_lua_block`.
+    Lua,
+}
+
+/// The Lua module's shared objects (Debian's `libnginx-mod-http-lua`
+/// and the development kit it needs), loaded by the Lua site's config.
+const LUA_MODULES: [&str; 2] = [
+    "/usr/lib/nginx/modules/ndk_http_module.so",
+    "/usr/lib/nginx/modules/ngx_http_lua_module.so",
+];
+
+impl Site {
+    /// Its directory under `target/bench`, its leaktrace report, and the
+    /// section in the log.
+    fn name(self) -> &'static str {
+        match self {
+            Site::Static => "nginx",
+            Site::Lua => "nginx-lua",
+        }
+    }
+}
+
+/// Every row of `specs`, against one nginx serving `site`.
+pub(super) fn measure(
+    ctx: &Ctx,
+    site: Site,
+    specs: Vec<(&'static str, Kind)>,
+    bcc_ready: &Result<(), String>,
+) -> Result<Vec<Row<NginxResult>>> {
+    let nginx = Nginx::start(ctx, site)?;
     let url = format!("http://127.0.0.1:{}/", nginx.port);
-    let rows = nginx_specs(ctx)
+    let rows = specs
         .into_iter()
         .map(|(label, kind)| {
-            measure_row(ctx, "nginx", label.to_string(), || {
+            measure_row(ctx, site.name(), label.to_string(), || {
                 match (&kind, bcc_ready) {
                     (Kind::Memleak, Err(why)) => bail!("{why}"),
                     _ => run(ctx, &nginx, &url, &kind),
@@ -57,7 +91,7 @@ pub(super) fn measure(ctx: &Ctx, bcc_ready: &Result<(), String>) -> Result<Vec<R
 
 /// One row: a 1 s warm-up, then `WRK_REPS` wrk runs under one tracer.
 fn run(ctx: &Ctx, nginx: &Nginx, url: &str, kind: &Kind) -> Result<NginxResult> {
-    let json = ctx.fresh_report("nginx.json");
+    let json = ctx.fresh_report(&format!("{}.json", nginx.site.name()));
     let mut tracer = kind.attach(ctx, nginx.worker, &json, None)?;
     wrk(url, 1)?;
     let cpu0 = tracer.as_ref().and_then(|t| t.cpu_s(ctx));
@@ -117,6 +151,18 @@ fn wrk(url: &str, secs: u32) -> Result<Wrk> {
         .iter()
         .find_map(|l| l.split_once(" requests in ")?.0.trim().parse().ok())
         .with_context(|| format!("wrk printed no request count{}", p.tail()))?;
+    // An error page is fast: a broken site (a Lua error answers 500) must
+    // fail the row rather than measure its errors.
+    if let Some(bad) = p
+        .seen
+        .iter()
+        .find_map(|l| l.trim().strip_prefix("Non-2xx or 3xx responses:"))
+    {
+        bail!(
+            "nginx answered {} of {requests} requests with an error status; its error.log is under target/bench",
+            bad.trim()
+        );
+    }
     Ok(Wrk { rps, requests })
 }
 
@@ -126,10 +172,12 @@ struct Nginx {
     master: Option<Child>,
     worker: u32,
     port: u16,
+    site: Site,
 }
 
 impl Nginx {
-    fn start(dir: &Path) -> Result<Nginx> {
+    fn start(ctx: &Ctx, site: Site) -> Result<Nginx> {
+        let dir = &ctx.dir.join(site.name());
         let conf = dir.join("nginx.conf");
         stop_stale(&dir.join("nginx.pid"), &conf);
         let _ = fs::remove_dir_all(dir);
@@ -137,7 +185,7 @@ impl Nginx {
             .and_then(|l| l.local_addr())
             .context("failed to find a free loopback port")?
             .port();
-        write_site(dir, &conf, port)?;
+        write_site(ctx, site, dir, &conf, port)?;
         let master = Command::new("nginx")
             .arg("-p")
             .arg(dir)
@@ -152,6 +200,7 @@ impl Nginx {
             worker: 0,
             port,
             master: Some(master),
+            site,
         };
         nginx.worker = nginx.wait_serving(dir)?;
         Ok(nginx)
@@ -233,34 +282,118 @@ fn stop_stale(pid_file: &Path, conf: &Path) {
     }
 }
 
-/// The page and the config, under `dir` only.
-fn write_site(dir: &Path, conf: &Path, port: u16) -> Result<()> {
+/// The page or the Lua module, and the config, under `dir` only.
+fn write_site(ctx: &Ctx, site: Site, dir: &Path, conf: &Path, port: u16) -> Result<()> {
     let www = dir.join("www");
     let tmp = dir.join("tmp");
     fs::create_dir_all(&www).with_context(|| format!("failed to create {}", www.display()))?;
     fs::create_dir_all(&tmp)?;
-    fs::write(
-        www.join("index.html"),
-        format!(
-            "<!doctype html><title>bench</title><p>{}</p>\n",
-            "leaktrace benchmark page. ".repeat(20)
-        ),
-    )?;
+    match site {
+        Site::Static => fs::write(
+            www.join("index.html"),
+            format!(
+                "<!doctype html><title>bench</title><p>{}</p>\n",
+                "leaktrace benchmark page. ".repeat(20)
+            ),
+        )?,
+        Site::Lua => {
+            for module in LUA_MODULES {
+                if !Path::new(module).exists() {
+                    bail!("{module} is missing; install libnginx-mod-http-lua");
+                }
+            }
+            let lua = dir.join("lua");
+            fs::create_dir_all(&lua)?;
+            fs::copy(&ctx.luabench, lua.join("luabench.lua")).with_context(|| {
+                format!(
+                    "failed to copy {} to {}",
+                    ctx.luabench.display(),
+                    lua.display()
+                )
+            })?;
+        }
+    }
+    fs::write(conf, config(site, dir, port))
+        .with_context(|| format!("failed to write {}", conf.display()))
+}
+
+/// The config of `site` served from `dir` on `port`.
+fn config(site: Site, dir: &Path, port: u16) -> String {
     let d = dir.display();
-    fs::write(
-        conf,
-        format!(
-            "# Written by `cargo xtask bench`.\n\
-             daemon off;\nmaster_process on;\nworker_processes 1;\nuser root;\n\
-             pid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
-             events {{ worker_connections 1024; }}\n\
-             http {{\n  access_log off;\n\
-             \x20 client_body_temp_path {d}/tmp/body;\n  proxy_temp_path {d}/tmp/proxy;\n\
-             \x20 fastcgi_temp_path {d}/tmp/fastcgi;\n  uwsgi_temp_path {d}/tmp/uwsgi;\n\
-             \x20 scgi_temp_path {d}/tmp/scgi;\n\
-             \x20 server {{\n    listen 127.0.0.1:{port};\n    root {d}/www;\n\
-             \x20   location / {{ }}\n  }}\n}}\n"
+    // Main-context lines before the common ones, http-context lines after
+    // the temp paths, and the location's body.
+    let (main, http, location) = match site {
+        Site::Static => (String::new(), String::new(), " "),
+        Site::Lua => (
+            LUA_MODULES.map(|m| format!("load_module {m};\n")).concat(),
+            // `;;` keeps the default path, where lua-resty-core is.
+            format!("\x20 lua_package_path \"{d}/lua/?.lua;;\";\n"),
+            r#" content_by_lua_block { require("luabench").handle() } "#,
         ),
-    )?;
-    Ok(())
+    };
+    format!(
+        "# Written by `cargo xtask bench`.\n{main}\
+         daemon off;\nmaster_process on;\nworker_processes 1;\nuser root;\n\
+         pid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
+         events {{ worker_connections 1024; }}\n\
+         http {{\n  access_log off;\n\
+         \x20 client_body_temp_path {d}/tmp/body;\n  proxy_temp_path {d}/tmp/proxy;\n\
+         \x20 fastcgi_temp_path {d}/tmp/fastcgi;\n  uwsgi_temp_path {d}/tmp/uwsgi;\n\
+         \x20 scgi_temp_path {d}/tmp/scgi;\n{http}\
+         \x20 server {{\n    listen 127.0.0.1:{port};\n    root {d}/www;\n\
+         \x20   location / {{{location}}}\n  }}\n}}\n"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STATIC: &str = "# Written by `cargo xtask bench`.
+daemon off;
+master_process on;
+worker_processes 1;
+user root;
+pid /b/nginx.pid;
+error_log /b/error.log warn;
+events { worker_connections 1024; }
+http {
+  access_log off;
+  client_body_temp_path /b/tmp/body;
+  proxy_temp_path /b/tmp/proxy;
+  fastcgi_temp_path /b/tmp/fastcgi;
+  uwsgi_temp_path /b/tmp/uwsgi;
+  scgi_temp_path /b/tmp/scgi;
+  server {
+    listen 127.0.0.1:8080;
+    root /b/www;
+    location / { }
+  }
+}
+";
+
+    #[test]
+    fn the_static_site_is_a_plain_location() {
+        assert_eq!(config(Site::Static, Path::new("/b"), 8080), STATIC);
+    }
+
+    #[test]
+    fn the_lua_site_loads_the_module_and_runs_luabench() {
+        let want = STATIC
+            .replace(
+                "daemon off;",
+                "load_module /usr/lib/nginx/modules/ndk_http_module.so;\n\
+                 load_module /usr/lib/nginx/modules/ngx_http_lua_module.so;\n\
+                 daemon off;",
+            )
+            .replace(
+                "  server {",
+                "  lua_package_path \"/b/lua/?.lua;;\";\n  server {",
+            )
+            .replace(
+                "location / { }",
+                r#"location / { content_by_lua_block { require("luabench").handle() } }"#,
+            );
+        assert_eq!(config(Site::Lua, Path::new("/b"), 8080), want);
+    }
 }

@@ -1,4 +1,5 @@
-//! The document: the malloc/free and footprint table, the nginx table,
+//! The document: the malloc/free and footprint table, the nginx tables
+//! (a static page, and a Lua location),
 //! the runtime sections (`render_runtimes`), the machine they ran on, and
 //! the generated block of `docs/benchmarks.md`.
 //!
@@ -46,6 +47,8 @@ pub(super) fn render(ctx: &Ctx, results: &Results, elapsed: Duration) -> Result<
     render_micro(&mut s, ctx, &results.micro, &results.footprint)?;
     writeln!(s)?;
     render_nginx(&mut s, &results.nginx)?;
+    writeln!(s)?;
+    render_nginx_lua(&mut s, &results.nginx_lua)?;
     writeln!(s)?;
     render_python(&mut s, &results.python, ctx.reps.max(1))?;
     writeln!(s)?;
@@ -271,12 +274,59 @@ fn micro_notes(s: &mut String, reps: usize, untraced_pairs: u64, floor_src: &str
 }
 
 fn render_nginx(s: &mut String, nginx: &Result<Vec<Row<NginxResult>>, String>) -> Result<()> {
-    writeln!(
-        s,
+    let heading = format!(
         "### nginx (Debian, 1 worker, static page on 127.0.0.1) under wrk -t1 -c{WRK_CONNECTIONS} -d{WRK_SECS}s, keep-alive"
-    )?;
+    );
+    wrk_table(s, &heading, nginx, None, &[])
+}
+
+fn render_nginx_lua(s: &mut String, rows: &Result<Vec<Row<NginxResult>>, String>) -> Result<()> {
+    let heading = format!(
+        "### nginx with Lua (Debian's nginx and Lua module, LuaJIT; 1 worker, \
+         `content_by_lua_block` on 127.0.0.1) under wrk -t1 -c{WRK_CONNECTIONS} -d{WRK_SECS}s, keep-alive"
+    );
+    let lua_stacks: Column = ("reported stacks with Lua frames", |n| {
+        n.report.as_ref().map_or("—".into(), |r| {
+            let (lua, all) = r.lua_stacks;
+            format!("{lua} of {all}")
+        })
+    });
+    let notes = [
+        "- the location runs `bench/luabench.lua`, loaded once per worker: per request a \
+         record of 20 numeric fields and a few strings (an id, the method, the URI), \
+         concatenated into a ~200-byte answer with `table.concat` and sent with `ngx.say`, then \
+         kept in a cache of 1,000 records that evicts the oldest; about half the requests also \
+         look up an earlier record. The cache stays bounded, so LuaJIT's collector frees as much \
+         as the requests allocate and nothing leaks."
+            .to_string(),
+        "- leaktrace probes LuaJIT's allocator (`lj_alloc_malloc`, `lj_alloc_realloc`, \
+         `lj_alloc_free`, found by address in the stripped library) besides libc's, and walks \
+         the Lua stack of each recorded allocation; exact mode records every allocation, \
+         `--sample-bytes 524288` one sample point every 512 KiB on average. The last column \
+         counts the stacks of leaktrace's report (its top stacks by outstanding bytes) that \
+         have a Lua frame."
+            .to_string(),
+    ];
+    wrk_table(s, &heading, rows, Some(lua_stacks), &notes)
+}
+
+/// A column after the common ones of a wrk table: its title, and a row's
+/// cell.
+type Column = (&'static str, fn(&NginxResult) -> String);
+
+/// A table of nginx rows under wrk: its heading, the rows (or why there
+/// are none), an extra last column (title, cell) and notes after the
+/// common one.
+fn wrk_table(
+    s: &mut String,
+    heading: &str,
+    rows: &Result<Vec<Row<NginxResult>>, String>,
+    extra: Option<Column>,
+    notes: &[String],
+) -> Result<()> {
+    writeln!(s, "{heading}")?;
     writeln!(s)?;
-    let rows = match nginx {
+    let rows = match rows {
         Ok(rows) => rows,
         Err(why) => {
             writeln!(s, "Not measured: {}", one_line(why))?;
@@ -291,22 +341,21 @@ fn render_nginx(s: &mut String, nginx: &Result<Vec<Row<NginxResult>>, String>) -
     let vs = |b: Option<f64>, x: f64, digits: usize| {
         b.map_or("n/a".into(), |b| format!("{:.*}x", digits, x / b))
     };
-    let mut table = Table::new(
-        s,
-        &[
-            "configuration (tracing the worker)",
-            "requests/s (median)",
-            "throughput vs untraced",
-            "worker CPU per request (median)",
-            "worker CPU vs untraced",
-            "tracer CPU: total (while measuring)",
-            "tracer peak RSS",
-            "events lost",
-        ],
-    )?;
+    let mut header = vec![
+        "configuration (tracing the worker)",
+        "requests/s (median)",
+        "throughput vs untraced",
+        "worker CPU per request (median)",
+        "worker CPU vs untraced",
+        "tracer CPU: total (while measuring)",
+        "tracer peak RSS",
+        "events lost",
+    ];
+    header.extend(extra.map(|(title, _)| title));
+    let mut table = Table::new(s, &header)?;
     for r in rows {
         table.measured(r, |n| {
-            vec![
+            let mut cells = vec![
                 format!("{:.0}", n.rps),
                 vs(base.map(|b| b.0), n.rps, 2),
                 format!("{:.1} µs", n.worker_ns_per_request / 1e3),
@@ -316,7 +365,9 @@ fn render_nginx(s: &mut String, nginx: &Result<Vec<Row<NginxResult>>, String>) -
                 }),
                 n.usage.map_or("—".into(), |u| mib(u.max_rss_kib)),
                 n.report.as_ref().map_or("—".into(), lost_cell),
-            ]
+            ];
+            cells.extend(extra.map(|(_, cell)| cell(n)));
+            cells
         })?;
     }
     let crowded = table.finish()?;
@@ -329,6 +380,9 @@ fn render_nginx(s: &mut String, nginx: &Result<Vec<Row<NginxResult>>, String>) -
          the requests wrk completed; it moves much less with other load than requests/s.",
         procfs::cores()
     )?;
+    for note in notes {
+        writeln!(s, "{note}")?;
+    }
     crowded_note(s, &crowded)
 }
 
@@ -369,10 +423,12 @@ fn versions_line() -> String {
     .map(|s| s.trim().to_string())
     .unwrap_or_else(|_| "unknown".into());
     format!(
-        "leaktrace built from {commit} plus the working tree; glibc {}, bpfcc-tools {}, nginx {}, wrk {}, gcc {}.",
+        "leaktrace built from {commit} plus the working tree; glibc {}, bpfcc-tools {}, nginx {}, libnginx-mod-http-lua {} (LuaJIT: libluajit2-5.1-2 {}), wrk {}, gcc {}.",
         ver("libc6"),
         ver("bpfcc-tools"),
         ver("nginx"),
+        ver("libnginx-mod-http-lua"),
+        ver("libluajit2-5.1-2"),
         ver("wrk"),
         ver("gcc")
     )
