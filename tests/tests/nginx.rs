@@ -608,11 +608,20 @@ fn lua_pure_leak_one_row_two_workers() {
     );
 
     let line = line_of(LEAKMOD, "-- LEAK");
-    let top = &r["stacks"][0];
+    // The leak's top row. (Not always the report's top: the churn's
+    // garbage waits for a collector that runs less often as the heap
+    // grows, and in a 20 s trace its row can rank above the leak's; see
+    // issue 15's note, "GC debt".)
+    let top = r["stacks"]
+        .as_array()
+        .expect("stacks")
+        .iter()
+        .find(|s| !lua_frames(s, "M.leak", "leakmod.lua").is_empty())
+        .unwrap_or_else(|| panic!("{test}: no stack through M.leak:\n{all}"));
     let at = lua_frames(top, "remember_request", "leakmod.lua");
     assert!(
         !at.is_empty(),
-        "{test}: the top stack has no Lua frame remember_request in leakmod.lua:\n{all}\n{top:#}"
+        "{test}: the leak's top stack has no Lua frame remember_request in leakmod.lua:\n{all}\n{top:#}"
     );
     assert_eq!(
         at[0]["line"].as_u64(),

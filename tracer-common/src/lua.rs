@@ -47,10 +47,8 @@ pub struct LuaProc {
     pub proto_size: u32,
     /// `jit_State.trace` from `g` (`GG_State.J - GG_State.g` plus the
     /// field's offset): the traces by number; `GCtrace.mcode` and
-    /// `.szmcode`: a trace's machine code. A native frame outside every
-    /// mapping is taken for the running trace only when it is in that
-    /// trace's code (a library loaded since the mappings were registered
-    /// is not).
+    /// `.szmcode`: a trace's machine code, where the walker looks for
+    /// the trace's native frame (the native walk cannot unwind it).
     pub g_traces: u32,
     pub trace_mcode: u32,
     pub trace_szmcode: u32,

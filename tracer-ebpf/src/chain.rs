@@ -69,8 +69,8 @@ pub struct Job {
     pub bp: u64,
     /// Why the native walk stopped (a `stop::*`).
     pub why: u32,
-    /// 1 + the index of the first native frame outside every registered
-    /// mapping (generated code: a JIT trace), 0 for none.
+    /// Lua: 1 + the index of the native frame in the running trace's
+    /// machine code, 0 for none (set by the Lua stage).
     pub unmapped_at: u32,
     /// The stack pointer the walk began with.
     pub start_sp: u64,

@@ -19,7 +19,7 @@
 //! its current `lua_State`'s C frame (`L->cframe`) is on this thread's
 //! stack above the allocation and either the native walk passed through
 //! the interpreter (`lj_vm`) or the VM is in a trace (`vmstate >= 0`) and
-//! the native walk met machine code outside every mapping (the trace). In
+//! one of the native frames is in that trace's machine code. In
 //! a trace the frames start at `jit_base`, and the native walk, which
 //! cannot unwind a trace's machine code, is cut there and resumed from
 //! the VM's C frame; the trace's frame is recorded as an `lj_vm` frame,
@@ -129,17 +129,16 @@ fn through_vm(job: &Job) -> bool {
     false
 }
 
-/// Whether the first native frame outside every mapping is in trace
-/// `traceno`'s machine code.
+/// 1 + the index of the first native frame in trace `traceno`'s machine
+/// code, 0 for none. (The native walk cannot unwind a trace; it went on
+/// by the frame-pointer rule, so what follows that frame is not a stack.)
 #[inline(always)]
-fn in_trace(job: &Job, p: &LuaProc, g: u64, traceno: u64) -> bool {
-    let i = (job.unmapped_at as usize).wrapping_sub(1) & (MAX_FRAMES - 1);
-    let pc = job.buf.ips[i].wrapping_sub(1);
+fn trace_frame(job: &Job, p: &LuaProc, g: u64, traceno: u64) -> u32 {
     let Some(traces) = read_u64(g + p.g_traces as u64) else {
-        return false;
+        return 0;
     };
     let Some(t) = read_u64(traces + 8 * (traceno & 0xffff)) else {
-        return false;
+        return 0;
     };
     let t = t & GC64_MASK;
     let (Some(mcode), Some(size)) = (
@@ -147,9 +146,19 @@ fn in_trace(job: &Job, p: &LuaProc, g: u64, traceno: u64) -> bool {
         // SAFETY: bpf_probe_read_user checks the user address.
         unsafe { bpf_probe_read_user((t + p.trace_szmcode as u64) as *const u32) }.ok(),
     ) else {
-        return false;
+        return 0;
     };
-    pc >= mcode && pc < mcode + size as u64
+    let end = mcode + size as u64;
+    for i in 0..MAX_FRAMES {
+        if i as u32 >= job.buf.len {
+            break;
+        }
+        let pc = job.buf.ips[i].wrapping_sub(1);
+        if pc >= mcode && pc < end {
+            return i as u32 + 1;
+        }
+    }
+    0
 }
 
 /// Find the VM running on this thread and set the walk up; `Err` is the
@@ -181,7 +190,12 @@ fn start(job: &mut Job) -> Result<(), u32> {
         // SAFETY: bpf_probe_read_user checks the user address.
         let vmstate: i32 =
             unsafe { bpf_probe_read_user((g + p.g_vmstate as u64) as *const i32) }.unwrap_or(-1);
-        let trace = vmstate >= 0 && job.unmapped_at > 0 && in_trace(job, &p, g, vmstate as u64);
+        job.unmapped_at = if vmstate >= 0 {
+            trace_frame(job, &p, g, vmstate as u64)
+        } else {
+            0
+        };
+        let trace = job.unmapped_at > 0;
         if !trace && !vm {
             continue;
         }

@@ -72,8 +72,6 @@ struct CachedStep {
 
 const RULE_CFI: u32 = 1;
 const RULE_FP: u32 = 2;
-/// The frame-pointer rule, for a pc outside every registered mapping.
-const RULE_FP_UNMAPPED: u32 = 3;
 /// Entries per CPU (a power of two): direct-mapped by pc and tgid.
 const STEP_CACHE_SLOTS: u32 = 4096;
 
@@ -264,8 +262,7 @@ fn find_rule(tgid: u32, pc: u64) -> (u32, UnwindRow) {
         // registration (dlopen), or generated code. Frame pointers are the
         // best guess; user space marks the frame if it is not in a file
         // mapping and ends the stack there.
-        None => (RULE_FP_UNMAPPED, none),
-        Some((_, _, 0)) => (RULE_FP, none),
+        None | Some((_, _, 0)) => (RULE_FP, none),
         Some((bias, start, rows)) => {
             let rel = pc.wrapping_sub(1).wrapping_sub(bias);
             match find_row(start, rows, rel as u32) {
@@ -353,12 +350,6 @@ fn walk_one(job: &mut Job) -> bool {
     let step = match rule {
         RULE_CFI => cfi_step(&row, pc, sp, bp),
         RULE_FP => fp_step(sp, bp),
-        RULE_FP_UNMAPPED => {
-            if job.unmapped_at == 0 {
-                job.unmapped_at = i as u32 + 1;
-            }
-            fp_step(sp, bp)
-        }
         _ => Step::Stop(stop::NO_CFI),
     };
     match step {
