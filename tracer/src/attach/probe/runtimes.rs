@@ -59,26 +59,8 @@ impl Attacher for Probes {
 
     fn register_walker(&mut self, pid: u32, walker: &Walker) -> Result<(), String> {
         match walker {
-            Walker::Lua(layout) => {
-                let map = self
-                    .ebpf
-                    .map_mut(maps::LUA_PROCS)
-                    .ok_or_else(|| format!("map {} missing", maps::LUA_PROCS))?;
-                BpfHashMap::<&mut MapData, u32, LuaProc>::try_from(map)
-                    .map_err(|e| e.to_string())?
-                    .insert(pid, layout, 0)
-                    .map_err(|e| e.to_string())?;
-            }
-            Walker::Python(layout) => {
-                let map = self
-                    .ebpf
-                    .map_mut(maps::PY_PROCS)
-                    .ok_or_else(|| format!("map {} missing", maps::PY_PROCS))?;
-                BpfHashMap::<&mut MapData, u32, PyProc>::try_from(map)
-                    .map_err(|e| e.to_string())?
-                    .insert(pid, layout, 0)
-                    .map_err(|e| e.to_string())?;
-            }
+            Walker::Lua(layout) => insert(self, maps::LUA_PROCS, pid, layout)?,
+            Walker::Python(layout) => insert(self, maps::PY_PROCS, pid, layout)?,
         }
         // The native walk hands this process to the runtime's walker.
         if let Some(Ok(mut rt)) = self
@@ -109,6 +91,18 @@ impl Attacher for Probes {
     fn fsbase_offset(&self) -> u32 {
         self.fsbase_offset
     }
+}
+
+/// A walker's per-process layout into its map.
+fn insert<V: aya::Pod>(probes: &mut Probes, map: &str, pid: u32, layout: &V) -> Result<(), String> {
+    let m = probes
+        .ebpf
+        .map_mut(map)
+        .ok_or_else(|| format!("map {map} missing"))?;
+    BpfHashMap::<&mut MapData, u32, V>::try_from(m)
+        .map_err(|e| e.to_string())?
+        .insert(pid, layout, 0)
+        .map_err(|e| e.to_string())
 }
 
 fn remove<V: aya::Pod>(probes: &mut Probes, map: &str, pid: u32) {
