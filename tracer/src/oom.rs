@@ -5,8 +5,10 @@ use std::fs;
 
 use crate::sys::cgroupfs::Mounts;
 
-/// One line per fact, for the OOM report's notes.
-pub fn victim_facts(pid: u32) -> Vec<String> {
+/// One line per fact, for the OOM report's notes. `known_cgroups` is the
+/// victim's `/proc/PID/cgroup` as read when it was attached: the victim is
+/// often reaped before its OOM event is read, and its cgroup outlives it.
+pub fn victim_facts(pid: u32, known_cgroups: Option<&str>) -> Vec<String> {
     let mut out = Vec::new();
     if let Ok(status) = fs::read_to_string(format!("/proc/{pid}/status")) {
         let wanted = ["VmRSS", "VmHWM", "RssAnon", "VmSwap"];
@@ -18,8 +20,15 @@ pub fn victim_facts(pid: u32) -> Vec<String> {
         if !figures.is_empty() {
             out.push(format!("victim memory at the kill: {}", figures.join(", ")));
         }
+    } else {
+        out.push(format!(
+            "process {pid} was gone before its memory figures could be read"
+        ));
     }
-    if let Ok(text) = fs::read_to_string(format!("/proc/{pid}/cgroup")) {
+    let text = fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .ok()
+        .or_else(|| known_cgroups.map(str::to_string));
+    if let Some(text) = text {
         let mounts = Mounts::current();
         for line in text.lines() {
             let mut parts = line.splitn(3, ':');
@@ -68,4 +77,26 @@ pub fn victim_facts(pid: u32) -> Vec<String> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reaped_victim_is_described_by_the_cgroups_known_at_attach() {
+        let known = fs::read_to_string("/proc/self/cgroup").expect("own cgroups");
+        let path = known
+            .lines()
+            .find_map(|l| l.splitn(3, ':').nth(2))
+            .expect("a cgroup line")
+            .to_string();
+        let facts = victim_facts(u32::MAX, Some(&known));
+        assert!(facts[0].contains("was gone"), "{facts:?}");
+        assert!(
+            facts.iter().any(|f| f.contains(&format!("cgroup {path}"))),
+            "{facts:?}"
+        );
+        assert_eq!(victim_facts(u32::MAX, None).len(), 1);
+    }
 }

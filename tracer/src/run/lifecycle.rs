@@ -38,7 +38,16 @@ impl<K: Kernel> Session<K> {
             }
             Err(e) => Status::NotAttached(e.to_string()),
         };
-        self.targets.insert(pid, TargetState { id, comm, status });
+        let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok();
+        self.targets.insert(
+            pid,
+            TargetState {
+                id,
+                comm,
+                status,
+                cgroups,
+            },
+        );
         res.map(|_| ())
     }
 

@@ -50,6 +50,9 @@ struct TargetState {
     id: ProcId,
     comm: String,
     status: Status,
+    /// `/proc/PID/cgroup` at attach, for the OOM report of a victim
+    /// reaped before its event is read.
+    cgroups: Option<String>,
 }
 
 /// Kills the demo target when the trace ends, however it ends.

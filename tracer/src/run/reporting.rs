@@ -16,7 +16,8 @@ impl<K: Kernel> Session<K> {
             .or_else(|| procfs::comm(pid))
             .unwrap_or_else(|| "?".into());
         let mut notes = vec![format!("the OOM killer chose process {pid} ({comm})")];
-        notes.extend(crate::oom::victim_facts(pid));
+        let known = self.targets.get(&pid).and_then(|t| t.cgroups.as_deref());
+        notes.extend(crate::oom::victim_facts(pid, known));
         let ledger = self.ledger.only_pid(pid);
         let figures = self.runtimes.figures(Some(pid));
         let (normalizer, symbolizer) = (&self.normalizer, &mut self.symbolizer);
