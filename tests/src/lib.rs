@@ -28,6 +28,11 @@ pub fn leaktrace_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/leaktrace")
 }
 
+/// `tests/fixtures`, for fixtures run from source (scripts).
+pub fn fixture_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+}
+
 /// A fixture built by `build.rs`.
 pub fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("OUT_DIR")).join(name)

@@ -32,6 +32,7 @@ const PROGRAMS: &[&str] = &[
     "lua_syscall",
     "finish_syscall",
     "oom_mark_victim",
+    "page_fault",
     "go_setprofilebucket",
     "go_mprof_free",
     "lua_malloc_enter",

@@ -125,6 +125,14 @@ pub mod sys {
     pub const MAP_ANONYMOUS: u64 = 0x20;
     /// Not a syscall: the OOM killer chose `tgid` (`oom:mark_victim`).
     pub const OOM_VICTIM: u32 = 0xffff_0001;
+    /// Not a syscall: a sampled user write fault on a page not present
+    /// (`exceptions:page_fault_user`): `ret` is the faulting address,
+    /// `args[0]` the error code, `args[1]` the pages the sample stands for.
+    pub const PAGE_FAULT: u32 = 0xffff_0002;
+    /// x86 page fault error code bits (`X86_PF_*`).
+    pub const PF_PROT: u64 = 1;
+    pub const PF_WRITE: u64 = 2;
+    pub const PF_INSTR: u64 = 16;
 }
 
 /// Globals set by user space before load.
@@ -138,6 +146,9 @@ pub mod globals {
     /// Byte offset of `thread.fsbase` in `struct task_struct` (from kernel
     /// BTF); 0: unknown, Python frames are not walked.
     pub const TASK_FSBASE_OFFSET: &str = "TASK_FSBASE_OFFSET";
+    /// Mean write faults on new pages between two recorded ones, per CPU
+    /// (node mode's growth stacks); 0: the page fault program is off.
+    pub const FAULT_PERIOD: &str = "FAULT_PERIOD";
 }
 
 /// A completed memory syscall of a traced process, for user space's

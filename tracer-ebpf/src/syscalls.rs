@@ -7,9 +7,11 @@
 //! the event is sent.
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_probe_read_kernel,
+    },
     macros::{map, raw_tracepoint},
-    maps::{HashMap, RingBuf},
+    maps::{HashMap, PerCpuArray, RingBuf},
     programs::RawTracePointContext,
 };
 use tracer_common::{sys, Counter, SyscallEvent, STACK_LOST, SYSCALL_IN_ALLOCATOR};
@@ -151,6 +153,88 @@ fn send(event: &SyscallEvent) {
     if EVENTS.output::<SyscallEvent>(event, 0).is_err() {
         count(Counter::EventsLost);
     }
+}
+
+// ---- Page faults (node mode) ---------------------------------------------
+
+/// Mean sampled faults between two recorded ones (0: off); set at load.
+#[unsafe(no_mangle)]
+static FAULT_PERIOD: u32 = 0;
+
+/// Per CPU: faults left to skip before the next recorded one.
+#[map]
+static FAULT_COUNTDOWN: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
+/// `page_fault_user(unsigned long address, struct pt_regs *regs,
+/// unsigned long error_code)`: a traced process wrote to a page that was
+/// not there. For anonymous memory that is the moment the page joins the
+/// process's RSS, whatever allocator handed the address out (glibc,
+/// jemalloc, lj_alloc, pymalloc arenas, the Go heap), so the stack here
+/// says who made memory grow. One in about `FAULT_PERIOD` such faults per
+/// CPU gets a stack (a random countdown, so a periodic access pattern
+/// cannot alias with the period); user space weighs each by the period.
+/// Read faults are left out (an untouched anonymous page reads as the
+/// shared zero page) and so are protection faults (copy-on-write after
+/// fork, NUMA hinting): neither adds a new page of the process's own.
+#[raw_tracepoint(tracepoint = "page_fault_user")]
+pub fn page_fault(ctx: RawTracePointContext) -> u32 {
+    // SAFETY: a plain read of a constant patched at load.
+    let period = unsafe { core::ptr::read_volatile(&raw const FAULT_PERIOD) };
+    if period == 0 {
+        return 0;
+    }
+    let error_code: u64 = ctx.arg(2);
+    if error_code & (sys::PF_PROT | sys::PF_WRITE | sys::PF_INSTR) != sys::PF_WRITE {
+        return 0;
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    // SAFETY: read-only lookup.
+    if unsafe { TARGETS.get(&tgid) }.is_none() {
+        return 0;
+    }
+    let Some(left) = FAULT_COUNTDOWN.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: this CPU's slot; tracepoint programs do not nest on a CPU.
+    unsafe {
+        if *left > 1 {
+            *left -= 1;
+            return 0;
+        }
+        // Uniform on 1..=2*period-1: mean `period`.
+        let span = period.saturating_mul(2).saturating_sub(1).max(1);
+        *left = bpf_get_prandom_u32() % span + 1;
+    }
+    let address: u64 = ctx.arg(0);
+    let regs: u64 = ctx.arg(1);
+    let regs = regs as *const u8;
+    let event = SyscallEvent {
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        tgid,
+        nr: sys::PAGE_FAULT,
+        ret: address,
+        args: [error_code, u64::from(period), 0],
+        stack_id: STACK_LOST,
+        flags: 0,
+        _pad: 0,
+    };
+    if let Some(job) = stages::claim(stages::SYSCALL) {
+        // The fault's pt_regs are the user registers at the faulting
+        // instruction. The walk treats every pc as a return address (it
+        // looks up pc - 1, and so does the symbolizer): one past the
+        // faulting instruction's first byte names that instruction.
+        let regs = Regs {
+            ip: reg(regs, PT_REGS_IP).wrapping_add(1),
+            sp: reg(regs, PT_REGS_SP),
+            bp: reg(regs, PT_REGS_BP),
+        };
+        begin(job, pid_tgid, regs);
+        job.event = event;
+        stages::start(&ctx, stages::SYSCALL);
+    }
+    send(&event);
+    0
 }
 
 // ---- OOM black box -------------------------------------------------------

@@ -24,8 +24,16 @@ pub struct Output {
 /// reports the stacks whose outstanding bytes grow. Without a target it
 /// runs a built-in demo. Exit codes: 0 done, 2 error.
 #[derive(Debug, Parser)]
-#[command(name = "leaktrace", about, long_about, disable_version_flag = true)]
+#[command(
+    name = "leaktrace",
+    about,
+    long_about,
+    disable_version_flag = true,
+    args_conflicts_with_subcommands = true
+)]
 pub struct Args {
+    #[command(subcommand)]
+    pub command: Option<Command>,
     /// Print the version, the commit and toolchain that built leaktrace,
     /// and the kernel features it finds.
     #[arg(short = 'V', long)]
@@ -141,6 +149,107 @@ pub struct Args {
     pub demo_target: bool,
 }
 
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Watch every process on the machine (or those of --comm/--cgroup)
+    /// at near-zero cost and say which ones grow and which code makes them
+    /// grow; runs until stopped. See docs/node.md.
+    Node(NodeArgs),
+}
+
+/// `leaktrace node`: always-on node mode.
+///
+/// Tier 0: every process's and cgroup's memory over time (procfs,
+/// cgroupfs). Tier 1: sampled write faults on new pages and anonymous
+/// mmap/brk, each with a user stack, for every watched process (no
+/// probes). Tier 2: a process that keeps growing gets sampled allocator
+/// probes for a bounded window, within a CPU budget.
+#[derive(Debug, clap::Args)]
+pub struct NodeArgs {
+    /// Watch only processes with this name (repeatable).
+    #[arg(long = "comm", value_name = "NAME")]
+    pub comms: Vec<String>,
+    /// Watch only processes in this cgroup (repeatable).
+    #[arg(long = "cgroup", value_name = "PATH")]
+    pub cgroups: Vec<String>,
+    /// Stop after this many seconds and write the report (default: run
+    /// until SIGTERM or Ctrl-C).
+    #[arg(short = 'd', long, value_name = "SECS")]
+    pub duration: Option<f64>,
+    /// Seconds between reports: files in --out, and text on stdout when
+    /// nothing else is asked (0: only the final report).
+    #[arg(short = 'i', long, value_name = "SECS", default_value_t = 60.0)]
+    pub interval: f64,
+    /// Stacks in each report.
+    #[arg(short = 'n', long, value_name = "N", default_value_t = 20)]
+    pub top: usize,
+    /// Format of the final report on stdout, or in a single -o FILE whose
+    /// name does not say.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+    /// Write the final report to FILE (repeatable; the format follows
+    /// the name: .json .txt .folded .svg .pb.gz).
+    #[arg(short = 'o', long, value_name = "FILE")]
+    pub output: Vec<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Write a JSON report and a pprof profile every --interval into DIR,
+    /// rotating the oldest out past --out-max-mb.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Disk bound of --out, in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 512)]
+    pub out_max_mb: u64,
+    /// Where OOM reports go (every OOM kill on the node gets one).
+    #[arg(long, value_name = "DIR", default_value = ".")]
+    pub oom_dir: PathBuf,
+    /// Record a stack for about one in N write faults on new pages.
+    #[arg(long, value_name = "N", default_value_t = 16)]
+    pub fault_period: u32,
+    /// Seconds between readings (the growth series).
+    #[arg(long, value_name = "SECS", default_value_t = 2.0)]
+    pub sample_every: f64,
+    /// Drill down into a process that has grown for this many seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 60.0)]
+    pub drill_after: f64,
+    /// How long a drill-down keeps its probes on.
+    #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+    pub drill_for: f64,
+    /// Never drill down (tiers 0 and 1 only).
+    #[arg(long)]
+    pub no_drill: bool,
+    /// CPU that leaktrace may cost, its own and its probes' (measured with
+    /// the kernel's BPF run-time statistics), in percent of one core; a
+    /// drill-down that would exceed it ends early.
+    #[arg(long, value_name = "PERCENT", default_value_t = 1.0)]
+    pub budget_cpu: f64,
+    /// Mean bytes between sampled allocations in a drill-down.
+    #[arg(long, value_name = "N", default_value_t = 524_288)]
+    pub drill_sample_bytes: u64,
+    /// Most processes followed at once.
+    #[arg(long, value_name = "N", default_value_t = 4096)]
+    pub max_processes: usize,
+    /// Log the eBPF programs' own diagnostics.
+    #[arg(long)]
+    pub debug_bpf: bool,
+}
+
+/// What node mode adds to a [`Config`].
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub listen: Option<String>,
+    pub out: Option<PathBuf>,
+    pub out_max_bytes: u64,
+    pub fault_period: u32,
+    /// `None`: no drill-downs.
+    pub drill_after: Option<Duration>,
+    pub drill_for: Duration,
+    /// Fraction of one core.
+    pub budget_cpu: f64,
+    pub max_processes: usize,
+}
+
 /// A validated configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -175,6 +284,8 @@ pub struct Config {
     /// Probe pymalloc's entry points (`--pymalloc`).
     pub pymalloc: bool,
     pub debug_bpf: bool,
+    /// `leaktrace node`.
+    pub node: Option<NodeConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -187,6 +298,8 @@ pub enum ConfigError {
     },
     #[error("--{flag} must be at least {min}")]
     TooSmall { flag: &'static str, min: u64 },
+    #[error("--{flag} must be a percentage above 0 and at most 100, not {value}")]
+    BadPercent { flag: &'static str, value: f64 },
     #[error("--sample-bytes must be between 1024 and 2147483648, not {0}")]
     BadSampling(u64),
     #[error(
@@ -260,8 +373,114 @@ fn secs(flag: &'static str, value: f64, min: f64) -> Result<Duration, ConfigErro
     Ok(Duration::from_secs_f64(value))
 }
 
+fn outputs(paths: &[PathBuf], format: Format) -> Result<Vec<Output>, ConfigError> {
+    let mut outputs = Vec::new();
+    let single = paths.len() == 1;
+    for path in paths {
+        let is_dir = path.is_dir() || path.to_string_lossy().ends_with('/');
+        if is_dir {
+            outputs.extend(Format::ALL.iter().map(|f| Output {
+                path: path.join(f.file_name()),
+                format: *f,
+            }));
+            continue;
+        }
+        let name = path.to_string_lossy();
+        let format = match Format::from_file_name(&name) {
+            Some(f) if !single || format == Format::Text => f,
+            _ if single => format,
+            _ => return Err(ConfigError::UnknownOutput(name.into_owned())),
+        };
+        outputs.push(Output {
+            path: path.clone(),
+            format,
+        });
+    }
+    Ok(outputs)
+}
+
+impl NodeArgs {
+    fn validate(self) -> Result<Config, ConfigError> {
+        let duration = match self.duration {
+            Some(d) => Some(secs("duration", d, 0.0)?),
+            None => None,
+        };
+        let interval = secs("interval", self.interval, 0.0)?;
+        let sample_every = secs("sample-every", self.sample_every, 0.1)?;
+        let drill_after = secs("drill-after", self.drill_after, 1.0)?;
+        let drill_for = secs("drill-for", self.drill_for, 1.0)?;
+        if self.top == 0 {
+            return Err(ConfigError::TooSmall {
+                flag: "top",
+                min: 1,
+            });
+        }
+        if self.fault_period == 0 {
+            return Err(ConfigError::TooSmall {
+                flag: "fault-period",
+                min: 1,
+            });
+        }
+        if self.max_processes < 16 {
+            return Err(ConfigError::TooSmall {
+                flag: "max-processes",
+                min: 16,
+            });
+        }
+        if !(1024..=1 << 31).contains(&self.drill_sample_bytes) {
+            return Err(ConfigError::BadSampling(self.drill_sample_bytes));
+        }
+        if !self.budget_cpu.is_finite() || self.budget_cpu <= 0.0 || self.budget_cpu > 100.0 {
+            return Err(ConfigError::BadPercent {
+                flag: "budget-cpu",
+                value: self.budget_cpu,
+            });
+        }
+        Ok(Config {
+            pids: Vec::new(),
+            follow_children: false,
+            comms: self.comms,
+            cgroups: self.cgroups,
+            allocator_prefixes: Vec::new(),
+            min_age: None,
+            syscalls: true,
+            demo: false,
+            interval: (!interval.is_zero()).then_some(interval),
+            duration,
+            top: self.top,
+            format: self.format,
+            outputs: outputs(&self.output, self.format)?,
+            sort: SortBy::Growth,
+            sample_every,
+            max_allocs: 1 << 18,
+            max_stacks: 1 << 16,
+            max_unwind_rows: 1 << 21,
+            free_probe_at_entry: false,
+            oom_dir: self.oom_dir,
+            oom_any: true,
+            sample_bytes: self.drill_sample_bytes,
+            go_enable_profiling: None,
+            pymalloc: false,
+            debug_bpf: self.debug_bpf,
+            node: Some(NodeConfig {
+                listen: self.listen,
+                out: self.out,
+                out_max_bytes: self.out_max_mb.saturating_mul(1 << 20),
+                fault_period: self.fault_period,
+                drill_after: (!self.no_drill).then_some(drill_after),
+                drill_for,
+                budget_cpu: self.budget_cpu / 100.0,
+                max_processes: self.max_processes,
+            }),
+        })
+    }
+}
+
 impl Args {
     pub fn validate(self) -> Result<Config, ConfigError> {
+        if let Some(Command::Node(node)) = self.command {
+            return node.validate();
+        }
         let demo =
             self.demo || (self.pids.is_empty() && self.comms.is_empty() && self.cgroups.is_empty());
         let interval = secs(
@@ -294,28 +513,7 @@ impl Args {
                 min: 64,
             });
         }
-        let mut outputs = Vec::new();
-        let single = self.output.len() == 1;
-        for path in &self.output {
-            let is_dir = path.is_dir() || path.to_string_lossy().ends_with('/');
-            if is_dir {
-                outputs.extend(Format::ALL.iter().map(|f| Output {
-                    path: path.join(f.file_name()),
-                    format: *f,
-                }));
-                continue;
-            }
-            let name = path.to_string_lossy();
-            let format = match Format::from_file_name(&name) {
-                Some(f) if !single || self.format == Format::Text => f,
-                _ if single => self.format,
-                _ => return Err(ConfigError::UnknownOutput(name.into_owned())),
-            };
-            outputs.push(Output {
-                path: path.clone(),
-                format,
-            });
-        }
+        let outputs = outputs(&self.output, self.format)?;
         if let Some(n) = self.sample_bytes {
             if !(1024..=1 << 31).contains(&n) {
                 return Err(ConfigError::BadSampling(n));
@@ -359,6 +557,7 @@ impl Args {
             go_enable_profiling: self.go_enable_profiling,
             pymalloc: self.pymalloc,
             debug_bpf: self.debug_bpf,
+            node: None,
         })
     }
 }
@@ -412,6 +611,19 @@ mod tests {
         let c = parse(&["-p", "1", "-o", &dir.to_string_lossy(), "--format", "json"]);
         // A directory without a trailing slash is a directory output.
         assert!(c.is_ok());
+    }
+
+    #[test]
+    fn node_mode_watches_with_its_own_defaults() {
+        let c = parse(&["node", "--listen", "127.0.0.1:0", "-d", "5"]).expect("valid");
+        let n = c.node.expect("node");
+        assert_eq!(n.listen.as_deref(), Some("127.0.0.1:0"));
+        assert!(c.oom_any && c.syscalls && !c.demo);
+        assert!((n.budget_cpu - 0.01).abs() < 1e-9);
+        assert!(parse(&["node", "--budget-cpu", "0"]).is_err());
+        assert!(parse(&["node", "--no-drill"]).expect("valid").node.is_some_and(|n| n.drill_after.is_none()));
+        // Trace flags belong before no subcommand.
+        assert!(parse(&["-p", "1", "node"]).is_err());
     }
 
     #[test]

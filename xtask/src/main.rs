@@ -86,6 +86,8 @@ const TEST_PACKAGES: &[&str] = &[
     // OpenResty's Lua module on LuaJIT for nginx (tests/tests/nginx.rs).
     "libnginx-mod-http-lua",
     "python3.11",
+    // A real Prometheus scraping node mode's /metrics (tests/tests/node.rs).
+    "prometheus",
 ];
 
 fn main() -> ExitCode {

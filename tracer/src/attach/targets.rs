@@ -12,6 +12,9 @@ pub struct Selector {
     pub comms: Vec<String>,
     /// Cgroup paths relative to their hierarchy's root (`/kubepods/pod1`).
     pub cgroups: Vec<String>,
+    /// Every user process (node mode without `--comm` or `--cgroup`),
+    /// leaktrace itself and kernel threads excepted.
+    pub everything: bool,
 }
 
 /// Longest name the kernel keeps in `comm`.
@@ -26,7 +29,15 @@ impl Selector {
         Self {
             comms: comms.to_vec(),
             cgroups: cgroups.iter().map(|c| mounts.relative(c)).collect(),
+            everything: false,
         }
+    }
+
+    /// Node mode: `--comm` and `--cgroup` when given, else every process.
+    pub fn node(comms: &[String], cgroups: &[String]) -> Self {
+        let mut s = Self::new(comms, cgroups);
+        s.everything = comms.is_empty() && cgroups.is_empty();
+        s
     }
 
     /// The `--cgroup` paths that do not exist (yet) under any cgroup mount:
@@ -45,11 +56,17 @@ impl Selector {
     /// trace waits for matching processes instead of ending when the
     /// current ones exit.
     pub fn is_open(&self) -> bool {
-        !self.comms.is_empty() || !self.cgroups.is_empty()
+        self.everything || !self.comms.is_empty() || !self.cgroups.is_empty()
     }
 
     /// Whether process `pid` matches a name or a cgroup.
     pub fn matches(&self, pid: u32) -> bool {
+        if self.everything {
+            // Kernel threads are children of kthreadd (pid 2).
+            return pid != std::process::id()
+                && pid != 2
+                && crate::sys::procfs::ppid(pid).is_some_and(|pp| pp != 2);
+        }
         if !self.comms.is_empty() {
             if let Some(comm) = crate::sys::procfs::comm(pid) {
                 if self.comms.iter().any(|c| comm_matches(c, &comm)) {

@@ -70,6 +70,10 @@ pub struct StackReport {
     pub pids: Vec<u32>,
     pub per_pid: Vec<PidShare>,
     pub frames: Vec<Frame>,
+    /// Node reports: what saw this memory grow (absent in process reports,
+    /// where it is always the allocator, its mmaps and the runtimes' own).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<Source>,
     /// `(seconds since start, outstanding bytes)` per sample, oldest first
     /// (thinned evenly on long traces); serialized as `[[t, bytes], ...]`.
     pub samples: Vec<(f64, i64)>,
@@ -111,6 +115,39 @@ pub struct Report {
 
 /// A Go process's runtime figures (`runtime::go`), in a report.
 pub use crate::runtime::go::GoReport as GoRuntime;
+
+/// What saw a stack's memory grow (node reports).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    /// Sampled write faults on new anonymous pages: who touched new
+    /// memory first.
+    PageFault,
+    /// Anonymous mmap and brk made outside a probed allocator.
+    Mmap,
+    /// Allocator probes (a drill-down).
+    Allocator,
+    /// The Go runtime's own heap profile.
+    GoRuntime,
+}
+
+impl Source {
+    pub const ALL: [Source; 4] = [
+        Source::PageFault,
+        Source::Mmap,
+        Source::Allocator,
+        Source::GoRuntime,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::PageFault => "page_fault",
+            Source::Mmap => "mmap",
+            Source::Allocator => "allocator",
+            Source::GoRuntime => "go_runtime",
+        }
+    }
+}
 
 /// How stacks are ordered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -220,6 +257,7 @@ pub fn build(
                 })
                 .collect(),
             frames,
+            source: None,
             samples: s.series.clone(),
         })
         .collect();
@@ -313,6 +351,7 @@ pub(crate) mod test_support {
                 outstanding_allocs: allocs,
             }],
             frames,
+            source: None,
             samples,
         }
     }

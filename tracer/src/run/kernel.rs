@@ -21,6 +21,9 @@ pub(crate) trait Kernel: KernelRecords {
         pid: u32,
         runtimes: &mut Runtimes,
     ) -> Result<Attachment, ProbeError>;
+    /// Watch a process without probes (node mode): its syscalls and
+    /// sampled faults, with stacks.
+    fn watch_process(&mut self, pid: u32, runtimes: &mut Runtimes) -> Result<(), ProbeError>;
     /// Remove a process's probes and registrations.
     fn detach_process(&mut self, pid: u32, runtimes: &mut Runtimes);
     /// Drop a process's rows from the kernel's tables.
@@ -48,6 +51,9 @@ impl Kernel for Probes {
         runtimes: &mut Runtimes,
     ) -> Result<Attachment, ProbeError> {
         Probes::attach_process(self, pid, runtimes)
+    }
+    fn watch_process(&mut self, pid: u32, runtimes: &mut Runtimes) -> Result<(), ProbeError> {
+        Probes::watch_process(self, pid, runtimes)
     }
     fn detach_process(&mut self, pid: u32, runtimes: &mut Runtimes) {
         Probes::detach_process(self, pid, runtimes)

@@ -13,8 +13,18 @@ impl<K: Kernel> Session<K> {
         let Some(id) = ProcId::current(pid) else {
             return Err(ProbeError::NoProcess { pid });
         };
+        if self.watch_only && self.running() >= self.max_targets {
+            self.over_limit += 1;
+            return Ok(());
+        }
         let comm = procfs::comm(pid).unwrap_or_else(|| "?".into());
-        let res = self.probes.attach_process(pid, &mut self.runtimes);
+        let res = if self.watch_only && !self.drilling.contains(&pid) {
+            self.probes
+                .watch_process(pid, &mut self.runtimes)
+                .map(|()| Default::default())
+        } else {
+            self.probes.attach_process(pid, &mut self.runtimes)
+        };
         let status = match &res {
             Ok(att) => {
                 for (object, funcs) in &att.objects {
@@ -97,6 +107,7 @@ impl<K: Kernel> Session<K> {
         self.runtime_stacks.retain(|(t, _), _| *t != pid);
         self.allocator_stacks.retain(|(t, _), _| *t != pid);
         self.regions.forget(pid);
+        self.faults.forget(pid);
     }
 
     pub(super) fn on_proc_event(&mut self, ev: ProcEvent) {
@@ -173,7 +184,13 @@ impl<K: Kernel> Session<K> {
         // report; otherwise its memory is gone and so are its rows (a
         // recycled worker must not look like a leak, and its pid may be
         // reused).
-        if self.running() > 0 || !self.closed_set {
+        if self.watch_only {
+            // Node mode: nothing of an exited process stays (1,000
+            // short-lived processes must not grow leaktrace).
+            self.drop_address_space(pid);
+            self.targets.remove(&pid);
+            self.drilling.remove(&pid);
+        } else if self.running() > 0 || !self.closed_set {
             self.drop_address_space(pid);
         } else {
             self.probes.detach_process(pid, &mut self.runtimes);
@@ -218,7 +235,14 @@ impl<K: Kernel> Session<K> {
             .collect();
         for pid in pids {
             // A libpython loaded late (an embedding host) is found now.
-            if let Err(e) = self.probes.attach_process(pid, &mut self.runtimes) {
+            let res = if self.watch_only && !self.drilling.contains(&pid) {
+                self.probes.watch_process(pid, &mut self.runtimes)
+            } else {
+                self.probes
+                    .attach_process(pid, &mut self.runtimes)
+                    .map(|_| ())
+            };
+            if let Err(e) = res {
                 log::debug!("refresh of {pid}: {e}");
             }
         }
@@ -235,7 +259,10 @@ impl<K: Kernel> Session<K> {
                 continue;
             }
             let mut ev = *ev;
-            if ev.flags & SYSCALL_IN_ALLOCATOR == 0 && ev.nr != sys::MUNMAP {
+            if ev.flags & SYSCALL_IN_ALLOCATOR == 0
+                && ev.nr != sys::MUNMAP
+                && ev.nr != sys::PAGE_FAULT
+            {
                 let probes = &self.probes;
                 let inside = *self
                     .allocator_stacks
@@ -249,7 +276,7 @@ impl<K: Kernel> Session<K> {
                     ev.flags |= SYSCALL_IN_ALLOCATOR;
                 }
             }
-            apply_syscall(&mut self.regions, &ev);
+            apply_syscall(&mut self.regions, &mut self.faults, &ev);
         }
         victims
     }

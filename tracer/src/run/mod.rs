@@ -5,6 +5,7 @@
 
 mod kernel;
 mod lifecycle;
+mod node;
 mod reporting;
 mod sample;
 
@@ -31,9 +32,10 @@ use crate::{
     attach::targets::Selector,
     cli::Config,
     ingest::events::Counters,
+    ingest::faults::FaultTracker,
     ingest::ledger::{Ledger, Row},
     ingest::mmaps::MmapTracker,
-    report::{self, Format, Report, Target},
+    report::{self, Format, Report, Source, Target},
     runtime::{RuntimeOptions, Runtimes},
     symbolize::{Normalizer, Symbolizer},
     sys::procfs::{self, ProcId},
@@ -68,6 +70,9 @@ impl Drop for DemoChild {
 /// Regions tracked at most (mmap/brk), per trace.
 const MAX_REGIONS: usize = 1 << 20;
 
+/// Sampled fault pages kept at most (node mode): about 60 bytes each.
+const MAX_FAULT_PAGES: usize = 1 << 18;
+
 struct Session<K: Kernel = Probes> {
     probes: K,
     selector: Selector,
@@ -101,6 +106,23 @@ struct Session<K: Kernel = Probes> {
     follow_children: bool,
     /// How many descendants each `--pid` had that were attached at start.
     descendants_at_start: std::collections::BTreeMap<u32, usize>,
+    /// Node mode: processes are watched (syscalls, page faults, runtime
+    /// walkers), not probed; a drill-down probes one for a while.
+    watch_only: bool,
+    /// Processes probed by a drill-down now (node mode).
+    drilling: std::collections::HashSet<u32>,
+    /// Sampled page faults (node mode).
+    faults: FaultTracker,
+    /// Node mode: one ledger per source, so a report can say what saw
+    /// each stack grow.
+    by_source: Option<std::collections::BTreeMap<Source, Ledger>>,
+    /// Node mode: most processes watched at once, and how many were not
+    /// watched because of it.
+    max_targets: usize,
+    over_limit: u64,
+    /// Node mode: OOM victims whose reports the node writes (with its
+    /// census); their rows are still in the ledgers.
+    node_victims: Vec<node::Victim>,
 }
 
 impl<K: Kernel> Session<K> {
@@ -129,6 +151,13 @@ impl<K: Kernel> Session<K> {
             pairing_warned: false,
             follow_children: cfg.follow_children,
             descendants_at_start: Default::default(),
+            watch_only: false,
+            drilling: Default::default(),
+            faults: FaultTracker::with_limit(MAX_FAULT_PAGES),
+            by_source: None,
+            max_targets: usize::MAX,
+            over_limit: 0,
+            node_victims: Vec::new(),
         }
     }
 
@@ -146,10 +175,21 @@ impl<K: Kernel> Session<K> {
         if !victims.is_empty() {
             self.ingest()?;
             for v in victims {
-                self.write_oom_report(v);
+                self.on_victim(v);
             }
         }
         Ok(())
+    }
+
+    /// The OOM killer chose `pid`: its report now (node mode: by the node,
+    /// which adds what its census knows).
+    fn on_victim(&mut self, pid: u32) {
+        if self.watch_only {
+            let v = self.freeze_victim(pid);
+            self.node_victims.push(v);
+        } else {
+            self.write_oom_report(pid);
+        }
     }
 
     fn done(&self) -> bool {
@@ -157,9 +197,17 @@ impl<K: Kernel> Session<K> {
     }
 }
 
-/// Feed one memory syscall into the region tracker.
-fn apply_syscall(regions: &mut MmapTracker, ev: &SyscallEvent) {
+/// Feed one memory syscall (or sampled fault) into the region and fault
+/// trackers.
+fn apply_syscall(regions: &mut MmapTracker, faults: &mut FaultTracker, ev: &SyscallEvent) {
     regions.set_now(ev.ts_ns);
+    match ev.nr {
+        sys::PAGE_FAULT => faults.fault(ev.tgid, ev.ret, ev.args[1], ev.stack_id),
+        sys::MUNMAP => faults.unmap(ev.tgid, ev.args[0], ev.args[1]),
+        sys::MREMAP => faults.remap(ev.tgid, ev.args[0], ev.args[1], ev.ret, ev.args[2]),
+        sys::BRK => faults.brk(ev.tgid, ev.ret),
+        _ => {}
+    }
     match ev.nr {
         // The allocator's own mappings (an arena made inside `free`) hold
         // the blocks it serves, which are counted already.
@@ -224,6 +272,9 @@ fn raise_fd_limit() {
 }
 
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    if cfg.node.is_some() {
+        return node::run(cfg).await;
+    }
     // A bad pid is named whoever runs leaktrace; then the privilege; then
     // the outputs, before tracing starts: a typo must not cost the trace.
     let mut roots = Vec::new();
@@ -279,6 +330,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             sample_bytes: cfg.sample_bytes,
             pymalloc: cfg.pymalloc,
             debug_bpf: cfg.debug_bpf,
+            fault_period: 0,
         },
     )?;
     let mut probes = probes;

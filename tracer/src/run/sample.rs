@@ -11,7 +11,7 @@ impl<K: Kernel> Session<K> {
         self.ingest()?;
         self.sample_runtimes();
         for v in victims {
-            self.write_oom_report(v);
+            self.on_victim(v);
         }
         Ok(())
     }
@@ -35,6 +35,7 @@ impl<K: Kernel> Session<K> {
                 totals: *totals,
             })
             .collect();
+        let allocator_rows = rows.len();
         let region_totals = match self.min_age_ns {
             Some(age) => self
                 .regions
@@ -65,9 +66,42 @@ impl<K: Kernel> Session<K> {
                 },
             });
         }
+        let region_rows = rows.len();
         self.runtime_rows(&mut rows);
-        self.ledger
-            .ingest(self.started.elapsed().as_secs_f64(), &rows);
+        let runtime_rows = rows.len();
+        let (probes, normalizer, runtimes) =
+            (&self.probes, &mut self.normalizer, &mut self.runtimes);
+        for ((tgid, stack_id), t) in self.faults.totals() {
+            if t.total_bytes == 0 {
+                continue;
+            }
+            rows.push(Row {
+                stack: normalizer.resolve(tgid, stack_id, runtimes, || probes.stack(stack_id)),
+                pid: tgid,
+                totals: StackTotals {
+                    outstanding_bytes: i64::try_from(t.bytes).unwrap_or(i64::MAX),
+                    outstanding_allocs: t.samples as i64,
+                    total_bytes: t.total_bytes,
+                    total_allocs: t.total_samples,
+                },
+            });
+        }
+        let now_s = self.started.elapsed().as_secs_f64();
+        match &mut self.by_source {
+            // Node mode: each source in its own ledger.
+            Some(ledgers) => {
+                let groups = [
+                    (Source::Allocator, &rows[..allocator_rows]),
+                    (Source::Mmap, &rows[allocator_rows..region_rows]),
+                    (Source::GoRuntime, &rows[region_rows..runtime_rows]),
+                    (Source::PageFault, &rows[runtime_rows..]),
+                ];
+                for (source, rows) in groups {
+                    ledgers.entry(source).or_default().ingest(now_s, rows);
+                }
+            }
+            None => self.ledger.ingest(now_s, &rows),
+        }
         self.counters = reading.counters;
         if !self.pairing_warned {
             if let Some(problem) = self.counters.pairing_problem(&procfs::kernel_release()) {

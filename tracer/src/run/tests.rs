@@ -41,6 +41,10 @@ struct FakeKernel {
     /// Processes that exit while being attached (killed, then the attach
     /// fails as the real one would).
     exit_on_attach: Vec<u32>,
+    /// Processes watched (node mode).
+    watched: Vec<u32>,
+    /// Syscall and fault events the next drain returns.
+    syscalls: Vec<SyscallEvent>,
 }
 
 impl Default for FakeKernel {
@@ -55,6 +59,8 @@ impl Default for FakeKernel {
             unwind_notes: UnwindNotes::default(),
             oom: Ok(()),
             exit_on_attach: Vec::new(),
+            watched: Vec::new(),
+            syscalls: Vec::new(),
         }
     }
 }
@@ -107,6 +113,10 @@ impl Kernel for FakeKernel {
         }
         Ok(att)
     }
+    fn watch_process(&mut self, pid: u32, _runtimes: &mut Runtimes) -> Result<(), ProbeError> {
+        self.watched.push(pid);
+        Ok(())
+    }
     fn detach_process(&mut self, pid: u32, runtimes: &mut Runtimes) {
         self.detached.push(pid);
         runtimes.detach(pid, self);
@@ -128,7 +138,9 @@ impl Kernel for FakeKernel {
     fn stack(&self, id: StackId) -> Option<RawStack> {
         self.stacks.get(&id).cloned()
     }
-    fn drain_syscalls(&mut self, _out: &mut Vec<SyscallEvent>) {}
+    fn drain_syscalls(&mut self, out: &mut Vec<SyscallEvent>) {
+        out.append(&mut self.syscalls);
+    }
     fn inside_allocator(&self, _pid: u32, _ips: &[u64]) -> bool {
         false
     }
@@ -628,4 +640,58 @@ fn without_the_connector_a_rescan_follows_a_traced_process_s_children() {
             s.probes.attached
         );
     }
+}
+
+/// Node mode: processes are watched, not probed; sampled faults become a
+/// `page_fault` row weighted by their period, mmaps an `mmap` row, and an
+/// exited process leaves nothing behind.
+#[test]
+fn node_mode_watches_and_keeps_one_ledger_per_source() {
+    let p = Sleeper::start();
+    let cfg = config(&["node"]);
+    let mut s = session(FakeKernel::default(), &cfg);
+    s.watch_only = true;
+    s.by_source = Some(Default::default());
+    s.add(p.pid()).expect("watch");
+    assert_eq!(s.probes.watched, vec![p.pid()]);
+    assert!(s.probes.attached.is_empty(), "node mode probes nothing");
+    let stack = 0x77;
+    s.probes.stacks.insert(stack, own_stack());
+    let fault = |addr: u64| SyscallEvent {
+        ts_ns: 1,
+        tgid: p.pid(),
+        nr: sys::PAGE_FAULT,
+        ret: addr,
+        args: [2, 16, 0],
+        stack_id: stack,
+        flags: 0,
+        _pad: 0,
+    };
+    s.probes.syscalls = vec![
+        fault(0x1000_0000),
+        fault(0x1000_1000),
+        SyscallEvent {
+            ts_ns: 2,
+            tgid: p.pid(),
+            nr: sys::MMAP,
+            ret: 0x2000_0000,
+            args: [1 << 20, sys::MAP_ANONYMOUS, 0],
+            stack_id: stack,
+            flags: 0,
+            _pad: 0,
+        },
+    ];
+    s.sample().expect("sample");
+    let (faults, _) = s.source_stacks(Source::PageFault, None, 10);
+    assert_eq!(faults.len(), 1);
+    assert_eq!(faults[0].outstanding_bytes, 2 * 16 * 4096);
+    assert_eq!(faults[0].source, Some(Source::PageFault));
+    let (mmaps, _) = s.source_stacks(Source::Mmap, Some(p.pid()), 10);
+    assert_eq!(mmaps.len(), 1);
+    assert_eq!(mmaps[0].outstanding_bytes, 1 << 20);
+    assert!(s.ledger.stacks.is_empty(), "the process ledger stays empty");
+    s.on_exit(p.pid());
+    assert!(!s.targets.contains_key(&p.pid()), "an exited process is forgotten");
+    s.sample().expect("sample");
+    assert!(s.source_stacks(Source::PageFault, None, 10).0.is_empty());
 }

@@ -80,6 +80,11 @@ pub trait Attacher {
     /// Byte offset of `thread.fsbase` in the kernel's `task_struct` (from
     /// BTF; 0 when unknown): how a walker tells a thread by its TLS.
     fn fsbase_offset(&self) -> u32;
+    /// Whether probes may be placed: false while a process is only watched
+    /// (node mode), where a runtime registers its walker and nothing else.
+    fn probes_allowed(&self) -> bool {
+        true
+    }
 }
 
 /// A kernel walker's per-process layout, one variant per walker.

@@ -126,6 +126,9 @@ pub struct ProbeOptions {
     pub pymalloc: bool,
     /// Turn on the eBPF programs' diagnostics (aya-log).
     pub debug_bpf: bool,
+    /// Record a stack for about one in this many write faults on new
+    /// pages of watched processes (node mode); 0: off.
+    pub fault_period: u32,
 }
 
 /// One function with probes on it.
@@ -230,6 +233,25 @@ pub struct Probes {
     fsbase_offset: u32,
     /// Processes where a runtime probed functions of its own.
     runtime_probed: std::collections::HashSet<u32>,
+    /// While watching a process (node mode): runtimes may register their
+    /// walkers but place no probe.
+    walkers_only: bool,
+    /// Held while the kernel keeps run-time statistics of BPF programs
+    /// (node mode's CPU budget).
+    _stats: Option<std::os::fd::OwnedFd>,
+}
+
+/// What leaktrace's programs have cost the traced processes so far.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProgramCost {
+    /// Time inside the programs (the kernel's statistics, tail calls
+    /// included in their caller's).
+    pub run_time_ns: u64,
+    /// Runs of uprobe programs: each is a trap, whose cost the statistics
+    /// do not include.
+    pub uprobe_runs: u64,
+    /// Runs of tracepoint programs.
+    pub tracepoint_runs: u64,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -281,6 +303,11 @@ impl Probes {
             .override_global(
                 tracer_common::globals::SAMPLE_BYTES,
                 &options.sample_bytes,
+                true,
+            )
+            .override_global(
+                tracer_common::globals::FAULT_PERIOD,
+                &options.fault_period,
                 true,
             );
         loader
@@ -352,6 +379,27 @@ impl Probes {
                 )
             })?;
         }
+        if options.fault_period > 0 {
+            attach_raw_tp(&mut ebpf, "page_fault", "page_fault_user").map_err(|why| {
+                ProbeError::Load(
+                    why,
+                    "node mode needs the x86 exceptions:page_fault_user tracepoint",
+                )
+            })?;
+        }
+        // Run-time statistics cost two clock reads per program run; node
+        // mode needs them to hold its CPU budget (Linux 5.8+).
+        let stats = if options.fault_period > 0 {
+            match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
+                Ok(fd) => Some(fd),
+                Err(e) => {
+                    log::warn!("BPF run-time statistics unavailable ({e}); the CPU budget counts leaktrace's own CPU only");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         Ok(Self {
             ebpf,
             options,
@@ -370,6 +418,8 @@ impl Probes {
             oom,
             fsbase_offset,
             runtime_probed: Default::default(),
+            walkers_only: false,
+            _stats: stats,
         })
     }
 
@@ -479,6 +529,45 @@ impl Probes {
         self.set_target(pid, true);
         self.register_unwind(pid, &maps);
         Ok(attachment)
+    }
+
+    /// What the programs cost so far (zero without run-time statistics).
+    pub fn cost(&self) -> ProgramCost {
+        let mut c = ProgramCost::default();
+        for (_, prog) in self.ebpf.programs() {
+            let Ok(info) = prog.info() else { continue };
+            c.run_time_ns += info.run_time().as_nanos() as u64;
+            match prog {
+                Program::UProbe(_) => c.uprobe_runs += info.run_count(),
+                _ => c.tracepoint_runs += info.run_count(),
+            }
+        }
+        c
+    }
+
+    /// Watch a process without probing it (node mode): its memory
+    /// syscalls and sampled page faults are recorded with stacks, which
+    /// the unwinder and the runtimes' walkers can read (`runtimes` may
+    /// register walkers; `probes_allowed` false forbids any probe, so a
+    /// runtime that needs one adds nothing).
+    pub fn watch_process(&mut self, pid: u32, runtimes: &mut Runtimes) -> Result<(), ProbeError> {
+        let nz = NonZeroU32::new(pid).ok_or(ProbeError::NoProcess { pid })?;
+        let maps = procfs::read_maps(pid).map_err(|source| {
+            if source.kind() == io::ErrorKind::NotFound {
+                ProbeError::NoProcess { pid }
+            } else {
+                ProbeError::Maps { pid, source }
+            }
+        })?;
+        self.walkers_only = true;
+        let res = runtimes.attach(nz, &maps, self);
+        self.walkers_only = false;
+        if let Err(f) = res {
+            log::debug!("pid {pid}: {} not watched: {}", f.function, f.reason);
+        }
+        self.set_target(pid, true);
+        self.register_unwind(pid, &maps);
+        Ok(())
     }
 
     /// Detach from a process (it exited, or exec'd into a new image) and

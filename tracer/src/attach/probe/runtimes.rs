@@ -14,6 +14,9 @@ impl Attacher for Probes {
         open_path: &Path,
         offset: u64,
     ) -> Result<(), String> {
+        if self.walkers_only {
+            return Err(NO_PROBES.into());
+        }
         self.attach_one(program, offset, open_path, pid)
             .map_err(|e| attach_reason(&e))
     }
@@ -26,6 +29,9 @@ impl Attacher for Probes {
         offset: u64,
         code: &[u8],
     ) -> Result<u64, String> {
+        if self.walkers_only {
+            return Err(NO_PROBES.into());
+        }
         // As for malloc: one trap serves the entry and the return probe.
         let at = if self.options.free_at_entry {
             0
@@ -47,6 +53,9 @@ impl Attacher for Probes {
         code: &[u8],
         pointer_arg: usize,
     ) -> Result<u64, String> {
+        if self.walkers_only {
+            return Err(NO_PROBES.into());
+        }
         let at = if self.options.free_at_entry {
             0
         } else {
@@ -91,7 +100,13 @@ impl Attacher for Probes {
     fn fsbase_offset(&self) -> u32 {
         self.fsbase_offset
     }
+
+    fn probes_allowed(&self) -> bool {
+        !self.walkers_only
+    }
 }
+
+const NO_PROBES: &str = "a watched process (node mode) gets no probes";
 
 /// A walker's per-process layout into its map.
 fn insert<V: aya::Pod>(probes: &mut Probes, map: &str, pid: u32, layout: &V) -> Result<(), String> {

@@ -174,7 +174,9 @@ impl Runtime for Go {
         kernel: &mut dyn Attacher,
     ) -> Result<Found, AttachFailure> {
         let mut found = Found::default();
-        if self.targets.contains_key(&pid.get()) {
+        // Watched only (node mode): the heap's growth shows through page
+        // faults with Go's own frames; its profile needs probes.
+        if self.targets.contains_key(&pid.get()) || !kernel.probes_allowed() {
             return Ok(found);
         }
         for m in maps.iter().filter(|m| m.executable) {

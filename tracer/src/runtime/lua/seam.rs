@@ -191,7 +191,13 @@ impl Runtime for Lua {
         else {
             return Ok(Found::default());
         };
-        let probed = Self::probe(pid, &lib, &open, kernel)?;
+        // Watched only (node mode): the walker gives page faults and
+        // syscalls made under Lua their Lua frames; nothing is probed.
+        let probed = if kernel.probes_allowed() {
+            Self::probe(pid, &lib, &open, kernel)?
+        } else {
+            Vec::new()
+        };
         let allocf = lib.runtime(lib.code.alloc_f);
         let mut budget = vm::SCAN_LIMIT;
         let mut vms: Vec<u64> = vm::scannable(maps)
