@@ -72,7 +72,7 @@ enum Cmd {
     Vm(vm::VmArgs),
 }
 
-/// Debian packages the end-to-end suite needs.
+/// Debian packages the end-to-end suite and the deployment checks need.
 const TEST_PACKAGES: &[&str] = &[
     "gcc",
     "libc6-dev",
@@ -86,6 +86,9 @@ const TEST_PACKAGES: &[&str] = &[
     // OpenResty's Lua module on LuaJIT for nginx (tests/tests/nginx.rs).
     "libnginx-mod-http-lua",
     "python3.11",
+    // `systemd-analyze verify` and `security` on deploy/leaktrace-node.service
+    // (tests/tests/deploy.rs).
+    "systemd",
 ];
 
 fn main() -> ExitCode {
