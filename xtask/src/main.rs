@@ -72,7 +72,7 @@ enum Cmd {
     Vm(vm::VmArgs),
 }
 
-/// Debian packages the end-to-end suite needs.
+/// Debian packages the end-to-end suite and the deployment checks need.
 const TEST_PACKAGES: &[&str] = &[
     "gcc",
     "libc6-dev",
@@ -88,6 +88,9 @@ const TEST_PACKAGES: &[&str] = &[
     "python3.11",
     // A real Prometheus scraping node mode's /metrics (tests/tests/node.rs).
     "prometheus",
+    // `systemd-analyze verify` and `security` on deploy/leaktrace-node.service
+    // (tests/tests/deploy.rs).
+    "systemd",
 ];
 
 fn main() -> ExitCode {

@@ -5,13 +5,15 @@
 //! the two-column growth form), `svg` (flamegraphs) and `pprof` render it.
 //! Writers are pure. The report owns its formats: [`Format`] names them
 //! (the CLI's values and output file names come from it) and [`write`]
-//! renders a report in any of them.
+//! renders a report in any of them. `store` keeps `leaktrace node`'s
+//! rendered intervals on disk within a byte bound.
 
 pub mod folded;
 pub mod format;
 pub mod json;
 pub mod live;
 pub mod pprof;
+pub mod store;
 pub mod svg;
 pub mod text;
 pub mod trend;
