@@ -14,4 +14,5 @@
 //! this room imports only `report` (the trend fit) and `sys` (procfs and
 //! cgroup mounts).
 
+pub mod census;
 pub mod container;
