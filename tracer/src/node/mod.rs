@@ -16,3 +16,4 @@
 
 pub mod census;
 pub mod container;
+pub mod metrics;
