@@ -31,7 +31,7 @@
 //!   every minute. On a cgroup v1 host: `memory.usage_in_bytes`,
 //!   `memory.stat` (`total_rss`) and `memory.limit_in_bytes`.
 //!
-//! How a series is classified (see [`classify`]): anon bytes, because file
+//! How a series is classified (`classify`): anon bytes, because file
 //! pages come and go with the page cache. Each series keeps
 //! [`SLOTS`] slots across [`CensusOptions::window`]; a slot holds the
 //! lowest reading in it (the floor), the highest, and the sum of the rises
@@ -130,7 +130,7 @@ pub struct ProcessView {
     pub rss_bytes: u64,
     /// Anonymous resident memory (`RssAnon`): what the trend is about.
     pub anon_bytes: u64,
-    /// Slope of the anon floor across the window (see [`classify`]).
+    /// Slope of the anon floor across the window (see the module docs).
     pub growth_bytes_per_s: f64,
     pub trend: Trend,
     /// When this process (this series, after an exec) was first read.

@@ -418,3 +418,37 @@ fn census_of_this_machine() {
     }
     eprintln!("cgroups: {cg:?}");
 }
+
+/// The cost per process at a realistic count: 500 `sleep`s beside what
+/// runs here. Ignored by default (it starts 500 processes); run with
+/// `cargo test --release -p leaktrace --lib census_cost -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn census_cost_with_many_processes() {
+    let kids = Reap((0..500).map(|_| spawn_sleep()).collect());
+    std::thread::sleep(Duration::from_millis(500));
+    let mut c = Census::new(CensusOptions::default());
+    let list = std::time::Instant::now();
+    let pids = crate::sys::procfs::all_pids();
+    let list = list.elapsed();
+    let t = std::time::Instant::now();
+    c.sample(0.0, &pids);
+    let first = t.elapsed();
+    const TICKS: u32 = 50;
+    let t = std::time::Instant::now();
+    for i in 1..=TICKS {
+        c.sample(f64::from(i), &pids);
+    }
+    let per_tick = t.elapsed() / TICKS;
+    let counts = c.counts();
+    eprintln!(
+        "census of {} processes ({} pids listed in {list:?}): first sample {first:?}, then \
+         {per_tick:?} per sample, {:.2} us per process; {:.3}% of a core at one sample a second",
+        counts.processes,
+        pids.len(),
+        per_tick.as_secs_f64() * 1e6 / counts.processes.max(1) as f64,
+        per_tick.as_secs_f64() * 100.0,
+    );
+    assert!(counts.processes >= 500, "{counts:?}");
+    drop(kids);
+}
