@@ -7,6 +7,7 @@ use std::{collections::BTreeSet, fs, path::Path};
 /// The rooms, top first: each may import only those after it.
 const ORDER: &[&str] = &[
     "run",
+    "node",
     "report",
     "symbolize",
     "ingest",
