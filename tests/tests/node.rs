@@ -96,7 +96,10 @@ fn node_mode_explains_leaks_started_after_it() {
     let mut cache = Fixture::start(&bin, &["cache"]);
     let mut churn = Fixture::start(&bin, &["churn"]);
     let script = fixture_dir().join("node/node_cache.py");
-    let mut py = Fixture::start(Path::new("/usr/bin/python3"), &[script.to_str().expect("utf-8")]);
+    let mut py = Fixture::start(
+        Path::new("/usr/bin/python3"),
+        &[script.to_str().expect("utf-8")],
+    );
     let mut go = Fixture::start(&go_bin, &[]);
     for f in [&mut leak, &mut cache, &mut churn, &mut py, &mut go] {
         f.send("go");
@@ -205,9 +208,9 @@ fn node_mode_oom_kill_leaves_a_report() {
     );
     let final_report: Value = out.json();
     assert!(
-        final_report["oom_kills"]
-            .as_array()
-            .is_some_and(|k| k.iter().any(|k| k["pid"].as_u64() == Some(u64::from(fx.pid())))),
+        final_report["oom_kills"].as_array().is_some_and(|k| k
+            .iter()
+            .any(|k| k["pid"].as_u64() == Some(u64::from(fx.pid())))),
         "{final_report:#}"
     );
     let _ = std::fs::remove_dir_all(&dir);
@@ -225,7 +228,11 @@ fn http_get(addr: &str, path: &str) -> String {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(10))).ok();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").expect("send");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send");
     let mut body = String::new();
     let _ = s.read_to_string(&mut body);
     body
@@ -274,7 +281,10 @@ fn prometheus_scrapes_node_metrics() {
     let mut prom = leaktrace_tests::Guard(
         Command::new(prometheus)
             .arg(format!("--config.file={}", config.display()))
-            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
             .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -309,19 +319,25 @@ fn prometheus_scrapes_node_metrics() {
         .as_str()
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("no series for the leak: {rise:#}"));
-    assert!(delta > 1_000_000.0, "the leak's series did not rise: {rise:#}");
+    assert!(
+        delta > 1_000_000.0,
+        "the leak's series did not rise: {rise:#}"
+    );
     let count = query("count({__name__=~\"leaktrace_.*\"})");
     let n: f64 = count["data"]["result"][0]["value"][1]
         .as_str()
         .and_then(|v| v.parse().ok())
         .expect("series count");
-    let ever = query("count(count_over_time({__name__=~\"leaktrace_.*\"}[70s]))");
+    let ever = query("count(last_over_time({__name__=~\"leaktrace_.*\"}[70s]))");
     let n_ever: f64 = ever["data"]["result"][0]["value"][1]
         .as_str()
         .and_then(|v| v.parse().ok())
-        .expect("series count over the minute");
+        .unwrap_or_else(|| panic!("series count over the minute: {ever:#}"));
     eprintln!("{started} short-lived processes; {n} series now, {n_ever} over the minute");
-    assert!(n_ever < 2000.0, "series grew with short-lived processes: {n_ever}");
+    assert!(
+        n_ever < 2000.0,
+        "series grew with short-lived processes: {n_ever}"
+    );
     let direct = http_get(&listen, "/metrics");
     assert!(direct.contains("text/plain"), "{direct}");
     let _ = prom.0.kill();
@@ -343,7 +359,11 @@ fn urlencode(s: &str) -> String {
 
 fn assert_exit_2(out: &leaktrace_tests::Finished, needle: &str) {
     assert_eq!(out.status.code(), Some(2), "{out:?}");
-    let lines: Vec<&str> = out.stderr.lines().filter(|l| l.starts_with("leaktrace:")).collect();
+    let lines: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("leaktrace:"))
+        .collect();
     assert_eq!(lines.len(), 1, "not one line: {}", out.stderr);
     assert!(lines[0].contains(needle), "{needle} not in {}", lines[0]);
 }

@@ -210,6 +210,10 @@ pub struct NodeArgs {
     /// Seconds between readings (the growth series).
     #[arg(long, value_name = "SECS", default_value_t = 2.0)]
     pub sample_every: f64,
+    /// Seconds of history behind each process's and cgroup's trend (cut
+    /// into 64 slots: a trend needs 4 of them, a fifteenth of the window).
+    #[arg(long, value_name = "SECS", default_value_t = 300.0)]
+    pub window: f64,
     /// Drill down into a process that has grown for this many seconds.
     #[arg(long, value_name = "SECS", default_value_t = 60.0)]
     pub drill_after: f64,
@@ -248,6 +252,8 @@ pub struct NodeConfig {
     /// Fraction of one core.
     pub budget_cpu: f64,
     pub max_processes: usize,
+    /// History behind the census's trends.
+    pub window: Duration,
 }
 
 /// A validated configuration.
@@ -409,6 +415,7 @@ impl NodeArgs {
         let sample_every = secs("sample-every", self.sample_every, 0.1)?;
         let drill_after = secs("drill-after", self.drill_after, 1.0)?;
         let drill_for = secs("drill-for", self.drill_for, 1.0)?;
+        let window = secs("window", self.window, 16.0)?;
         if self.top == 0 {
             return Err(ConfigError::TooSmall {
                 flag: "top",
@@ -471,6 +478,7 @@ impl NodeArgs {
                 drill_for,
                 budget_cpu: self.budget_cpu / 100.0,
                 max_processes: self.max_processes,
+                window,
             }),
         })
     }
@@ -621,7 +629,10 @@ mod tests {
         assert!(c.oom_any && c.syscalls && !c.demo);
         assert!((n.budget_cpu - 0.01).abs() < 1e-9);
         assert!(parse(&["node", "--budget-cpu", "0"]).is_err());
-        assert!(parse(&["node", "--no-drill"]).expect("valid").node.is_some_and(|n| n.drill_after.is_none()));
+        assert!(parse(&["node", "--no-drill"])
+            .expect("valid")
+            .node
+            .is_some_and(|n| n.drill_after.is_none()));
         // Trace flags belong before no subcommand.
         assert!(parse(&["-p", "1", "node"]).is_err());
     }

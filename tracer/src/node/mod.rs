@@ -17,3 +17,4 @@
 pub mod census;
 pub mod container;
 pub mod metrics;
+pub mod report;

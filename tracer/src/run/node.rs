@@ -100,7 +100,8 @@ impl Meter {
         let cpu = own_cpu_ns();
         let wall = now.duration_since(self.last).as_nanos() as f64;
         if wall > 0.0 {
-            let spent = cost_ns(cpu, cost).saturating_sub(cost_ns(self.last_cpu_ns, self.last_cost));
+            let spent =
+                cost_ns(cpu, cost).saturating_sub(cost_ns(self.last_cpu_ns, self.last_cost));
             self.last_share = spent as f64 / wall;
             self.peak_share = self.peak_share.max(self.last_share);
         }
@@ -170,7 +171,12 @@ impl<K: Kernel> Session<K> {
 
     /// Stacks of one source's ledger (all processes, or one), as the
     /// process report shapes them, tagged with the source.
-    fn source_stacks(&mut self, source: Source, pid: Option<u32>, top: usize) -> (Vec<StackReport>, usize) {
+    pub(super) fn source_stacks(
+        &mut self,
+        source: Source,
+        pid: Option<u32>,
+        top: usize,
+    ) -> (Vec<StackReport>, usize) {
         let Some(ledger) = self.by_source.as_ref().and_then(|l| l.get(&source)) else {
             return (Vec::new(), 0);
         };
@@ -355,9 +361,56 @@ fn build_report<K: Kernel>(s: &mut Session<K>, n: &Node, top: usize) -> NodeRepo
     }
 }
 
-/// The Prometheus view of a report: bounded by the renderer.
-fn snapshot(r: &NodeReport) -> metrics::Snapshot {
-    metrics::Snapshot::from_node_report(r)
+/// The Prometheus view of a report (bounded by the renderer).
+fn snapshot(r: &NodeReport, lost: u64) -> metrics::Snapshot {
+    let mut s = metrics::Snapshot::from_views(&r.processes, &r.cgroups);
+    let comm = |pid: u32| {
+        r.processes
+            .iter()
+            .find(|p| p.pid == pid)
+            .map(|p| p.comm.clone())
+            .unwrap_or_default()
+    };
+    s.stacks = r
+        .stacks
+        .iter()
+        .take(s.max_stacks_series)
+        .enumerate()
+        .map(|(i, st)| {
+            // The runtime's frames name the code best; else native ones.
+            let named: Vec<&str> = st
+                .frames
+                .iter()
+                .filter(|f| f.kind != crate::report::FrameKind::Native)
+                .filter_map(|f| f.function.as_deref())
+                .collect();
+            let native: Vec<&str> = st
+                .frames
+                .iter()
+                .filter_map(|f| f.function.as_deref())
+                .collect();
+            let frames = if named.is_empty() { native } else { named };
+            let pid = (st.pids.len() == 1).then(|| st.pids[0]);
+            metrics::StackRow {
+                rank: u32::try_from(i + 1).unwrap_or(u32::MAX),
+                pid,
+                comm: pid.map(comm).unwrap_or_default(),
+                source: st.source.map_or("", |s| s.as_str()).to_string(),
+                frames: metrics::stack_label(&frames),
+                bytes: st.outstanding_bytes as f64,
+                growth_bytes_per_s: st.growth_bytes_per_s,
+            }
+        })
+        .collect();
+    let me = &r.leaktrace;
+    s.own = metrics::SelfFigures {
+        cpu_seconds_total: me.cpu_s + me.bpf_s,
+        rss_bytes: me.rss_bytes,
+        events_lost_total: lost,
+        drilldowns_total: r.drilldowns.len() as u64,
+        watched_processes: me.watched_processes as u64,
+    };
+    s
 }
 
 /// Start, run and end the drill-downs (tier 2).
@@ -532,7 +585,12 @@ fn oom_report<K: Kernel>(s: &mut Session<K>, n: &mut Node, victim: Victim) {
 }
 
 /// Write the final or periodic report in `format`.
-fn write_any(format: Format, r: &NodeReport, build_ids: &BTreeMap<String, String>, out: &mut dyn Write) -> io::Result<()> {
+fn write_any(
+    format: Format,
+    r: &NodeReport,
+    build_ids: &BTreeMap<String, String>,
+    out: &mut dyn Write,
+) -> io::Result<()> {
     match format {
         Format::Json => node_report::write_json(r, out),
         Format::Text => node_report::write_text(r, out),
@@ -610,7 +668,7 @@ pub(super) async fn run(cfg: Config) -> anyhow::Result<()> {
     session.by_source = Some(BTreeMap::new());
     let mut node = Node {
         census: Census::new(CensusOptions {
-            window: Duration::from_secs(600),
+            window: node_cfg.window,
             max_processes: node_cfg.max_processes,
             max_cgroups: 1024,
         }),
@@ -646,7 +704,8 @@ pub(super) async fn run(cfg: Config) -> anyhow::Result<()> {
     if let Some(l) = listener {
         l.set_nonblocking(true)
             .context("failed to set up the metrics listener")?;
-        let l = tokio::net::TcpListener::from_std(l).context("failed to set up the metrics listener")?;
+        let l = tokio::net::TcpListener::from_std(l)
+            .context("failed to set up the metrics listener")?;
         tokio::spawn(metrics::serve(l, metrics_rx));
     }
     let events_fd = session.probes.events_fd().and_then(|fd| {
@@ -665,7 +724,7 @@ pub(super) async fn run(cfg: Config) -> anyhow::Result<()> {
                 if connector.is_none() {
                     session.rescan();
                 }
-                if ticks % REFRESH_EVERY == 0 {
+                if ticks.is_multiple_of(REFRESH_EVERY) {
                     session.refresh_objects();
                 }
                 session.sample()?;
@@ -687,7 +746,7 @@ pub(super) async fn run(cfg: Config) -> anyhow::Result<()> {
                     let r = build_report(&mut session, &node, cfg.top);
                     if want_metrics {
                         let mut body = String::new();
-                        metrics::render(&snapshot(&r), &mut body);
+                        metrics::render(&snapshot(&r, session.counters.lost()), &mut body);
                         let _ = metrics_tx.send(Arc::new(body));
                     }
                     if due {
@@ -750,7 +809,8 @@ pub(super) async fn run(cfg: Config) -> anyhow::Result<()> {
         }
     };
     session.sample()?;
-    node.census.sample(session.started.elapsed().as_secs_f64(), &session.watched());
+    node.census
+        .sample(session.started.elapsed().as_secs_f64(), &session.watched());
     node.meter.tick(session.probes.cost());
     log::info!("stopping: {why}");
     let report = build_report(&mut session, &node, cfg.top);
@@ -768,9 +828,10 @@ pub(super) async fn run(cfg: Config) -> anyhow::Result<()> {
                 std::fs::create_dir_all(dir)
                     .with_context(|| format!("failed to create directory {}", dir.display()))?;
             }
-            let mut f = io::BufWriter::new(File::create(&out.path).with_context(|| {
-                format!("failed to create report file {}", out.path.display())
-            })?);
+            let mut f =
+                io::BufWriter::new(File::create(&out.path).with_context(|| {
+                    format!("failed to create report file {}", out.path.display())
+                })?);
             write_any(out.format, &report, &build_ids, &mut f)
                 .and_then(|()| f.flush())
                 .with_context(|| format!("failed to write report file {}", out.path.display()))?;

@@ -691,7 +691,10 @@ fn node_mode_watches_and_keeps_one_ledger_per_source() {
     assert_eq!(mmaps[0].outstanding_bytes, 1 << 20);
     assert!(s.ledger.stacks.is_empty(), "the process ledger stays empty");
     s.on_exit(p.pid());
-    assert!(!s.targets.contains_key(&p.pid()), "an exited process is forgotten");
+    assert!(
+        !s.targets.contains_key(&p.pid()),
+        "an exited process is forgotten"
+    );
     s.sample().expect("sample");
     assert!(s.source_stacks(Source::PageFault, None, 10).0.is_empty());
 }
