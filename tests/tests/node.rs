@@ -146,6 +146,58 @@ fn node_mode_explains_leaks_started_after_it() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The kernel-matrix check (also run on the host): a C leak started after
+/// node mode is growing, with its function in its top growth stack from
+/// page faults or brk, and a churning process is not growing.
+#[test]
+fn node_mode_names_a_c_leak_on_this_kernel() {
+    if !require_bpf("node_mode_names_a_c_leak_on_this_kernel") {
+        return;
+    }
+    let dir = tmp("kernel");
+    std::fs::create_dir_all(dir.join("node")).expect("fixture dir");
+    let bin = compile_c_fixture("node/node_leak", &dir);
+    let json = dir.join("node.json");
+    let tracer = node(&[
+        "-d",
+        "30",
+        "--sample-every",
+        "1",
+        "--window",
+        "60",
+        "--no-drill",
+        "--format",
+        "json",
+        "-o",
+        json.to_str().expect("utf-8"),
+    ]);
+    let mut leak = Fixture::start(&bin, &["leak"]);
+    let mut churn = Fixture::start(&bin, &["churn"]);
+    leak.send("go");
+    churn.send("go");
+    let out = tracer.finish();
+    assert!(out.status.success(), "{out:?}");
+    let r: Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("report")).expect("json");
+    let p = process(&r, leak.pid());
+    assert_eq!(p["trend"], "growing", "{p:#}");
+    let top = top_stack_of(&r, leak.pid());
+    assert!(
+        functions(top).iter().any(|f| f == "leak_request"),
+        "{} ({})",
+        names(top),
+        top["source"]
+    );
+    let ch = process(&r, churn.pid());
+    assert_ne!(ch["trend"], "growing", "{ch:#}");
+    let lost = r["counters"]["syscall_events_lost"].as_u64().unwrap_or(0);
+    eprintln!(
+        "node mode on this kernel: leak {} ({}), events lost {lost}",
+        top["outstanding_bytes"], top["source"]
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A memory-limited cgroup's process is OOM-killed while node mode runs:
 /// the OOM report exists, names the victim and its growth stack.
 #[test]

@@ -6,7 +6,8 @@
 //! what proves a kernel works: every program verifies within budget (with
 //! each figure printed), every allocator entry point is exact, a stack
 //! walks through a library without frame pointers, Python frames, a Go
-//! bucket, an OOM report and `--cgroup` on a cgroup v2 root.
+//! bucket, an OOM report, `--cgroup` on a cgroup v2 root, and node mode's
+//! page-fault and brk growth stacks.
 
 use std::{
     path::PathBuf,
@@ -31,6 +32,7 @@ const SUBSET: &[(&str, &str)] = &[
     ("go", "go_heap_growth_named_and_matches_pprof"),
     ("oom", "oom_kill_leaves_a_report_naming_the_leak"),
     ("accounting", "workers_are_found_by_cgroup"),
+    ("node", "node_mode_names_a_c_leak_on_this_kernel"),
 ];
 
 /// Seconds one kernel's run may take (boot, then the subset, serially).
