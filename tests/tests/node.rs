@@ -81,12 +81,17 @@ fn node_mode_explains_leaks_started_after_it() {
         false,
     );
     let json = dir.join("node.json");
+    let out_dir = dir.join("out");
     let tracer = node(&[
         "-d",
         "45",
         "--sample-every",
         "1",
         "--no-drill",
+        "-i",
+        "10",
+        "--out",
+        out_dir.to_str().expect("utf-8"),
         "--format",
         "json",
         "-o",
@@ -135,6 +140,29 @@ fn node_mode_explains_leaks_started_after_it() {
             "{s:#}"
         );
     }
+    // The interval files: JSON reports and profiles `go tool pprof` reads.
+    let files: Vec<PathBuf> = std::fs::read_dir(&out_dir)
+        .expect("--out dir")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    let profiles: Vec<&PathBuf> = files
+        .iter()
+        .filter(|p| p.to_string_lossy().ends_with(".pb.gz"))
+        .collect();
+    assert!(profiles.len() >= 3, "interval files: {files:?}");
+    let newest = profiles.iter().max().expect("a profile");
+    let top = Go::installed()
+        .command()
+        .args(["tool", "pprof", "-top"])
+        .arg(newest)
+        .output()
+        .expect("go tool pprof");
+    let text = String::from_utf8_lossy(&top.stdout);
+    assert!(
+        top.status.success() && text.contains("leak_request"),
+        "go tool pprof -top {newest:?}: {text}{}",
+        String::from_utf8_lossy(&top.stderr)
+    );
     let me = &r["leaktrace"];
     eprintln!(
         "leaktrace cost {:.3}% of a core, peak {:.3}%, RSS {} MiB, {} processes",

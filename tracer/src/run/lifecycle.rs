@@ -99,8 +99,13 @@ impl<K: Kernel> Session<K> {
     /// exec'd into a new image whose addresses mean something else.
     pub(super) fn drop_address_space(&mut self, pid: u32) {
         self.probes.detach_process(pid, &mut self.runtimes);
-        if let Err(e) = self.probes.forget_process(pid) {
-            log::warn!("{e}");
+        // A watched process (node mode) has no rows in the allocator's
+        // tables unless a drill-down probed it; walking those tables per
+        // exit is what made many short-lived processes cost.
+        if !self.watch_only || self.drilling.contains(&pid) {
+            if let Err(e) = self.probes.forget_process(pid) {
+                log::warn!("{e}");
+            }
         }
         self.normalizer.forget_process(pid);
         self.runtimes.forget(pid);

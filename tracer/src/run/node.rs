@@ -701,12 +701,14 @@ pub(super) async fn run(cfg: Config) -> anyhow::Result<()> {
         }
     );
     let (metrics_tx, metrics_rx) = tokio::sync::watch::channel(Arc::new(String::new()));
-    if let Some(l) = listener {
+    // Without a listener nobody reads the metrics: no report per reading.
+    let metrics_rx = Some(metrics_rx);
+    if let (Some(l), Some(rx)) = (listener, metrics_rx) {
         l.set_nonblocking(true)
             .context("failed to set up the metrics listener")?;
         let l = tokio::net::TcpListener::from_std(l)
             .context("failed to set up the metrics listener")?;
-        tokio::spawn(metrics::serve(l, metrics_rx));
+        tokio::spawn(metrics::serve(l, rx));
     }
     let events_fd = session.probes.events_fd().and_then(|fd| {
         // SAFETY: the duplicated descriptor is owned by the AsyncFd.
