@@ -25,6 +25,7 @@ const SUBSET: &[(&str, &str)] = &[
         "verifier",
         "programs_with_bpf_diagnostics_keep_a_verifier_margin",
     ),
+    ("verifier", "node_mode_programs_keep_a_verifier_margin"),
     ("native", "exact_bytes_and_frames_for_known_leaks"),
     ("native", "sigterm_flushes_the_report"),
     ("unwinding", "cfi_stack_through_shared_library_pie"),
