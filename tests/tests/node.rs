@@ -226,6 +226,135 @@ fn node_mode_names_a_c_leak_on_this_kernel() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Tier 2: a process that keeps growing gets the sampled allocator probes
+/// for a while, and what they saw is kept: the drill-down's stacks name
+/// the leaking function (`source: allocator`); then the probes go.
+#[test]
+fn node_mode_drills_down_into_a_growing_process() {
+    if !require_bpf("node_mode_drills_down_into_a_growing_process") {
+        return;
+    }
+    let dir = tmp("drill");
+    std::fs::create_dir_all(dir.join("node")).expect("fixture dir");
+    let bin = compile_c_fixture("node/node_leak", &dir);
+    let json = dir.join("node.json");
+    // Only the fixture: on a busy machine another grower would be drilled
+    // first (one drill-down at a time, the fastest grower first).
+    let mut tracer = node(&[
+        "--comm",
+        "node_leak",
+        "-d",
+        "45",
+        "--sample-every",
+        "1",
+        "--window",
+        "30",
+        "--drill-after",
+        "6",
+        "--drill-for",
+        "10",
+        "--drill-sample-bytes",
+        "4096",
+        "--budget-cpu",
+        "50",
+        "--format",
+        "json",
+        "-o",
+        json.to_str().expect("utf-8"),
+    ]);
+    let mut leak = Fixture::start(&bin, &["leak"]);
+    leak.send("go");
+    let started = tracer.wait_stderr(
+        &format!("drilling down into {}", leak.pid()),
+        Duration::from_secs(40),
+    );
+    assert!(started.is_some(), "no drill-down: {:?}", tracer.stderr_lines());
+    let out = tracer.finish();
+    assert!(out.status.success(), "{out:?}");
+    let r: Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("report")).expect("json");
+    let d = r["drilldowns"]
+        .as_array()
+        .expect("drilldowns")
+        .iter()
+        .find(|d| d["pid"].as_u64() == Some(u64::from(leak.pid())))
+        .unwrap_or_else(|| panic!("no drill-down kept: {r:#}"));
+    assert_eq!(d["ended_by"], "window", "{d:#}");
+    let span = d["ended_s"].as_f64().unwrap_or(0.0) - d["started_s"].as_f64().unwrap_or(0.0);
+    assert!((9.0..=14.0).contains(&span), "drill-down lasted {span}s: {d:#}");
+    let stacks = d["stacks"].as_array().expect("stacks");
+    assert!(
+        stacks.iter().any(|s| s["source"] == "allocator"
+            && functions(s).iter().any(|f| f == "leak_request")),
+        "the drill-down's stacks do not name leak_request: {d:#}"
+    );
+    assert!(
+        r["leaktrace"]["uprobe_traps"].as_u64().unwrap_or(0) > 0,
+        "probes never ran: {:#}",
+        r["leaktrace"]
+    );
+    // The probes are gone: no allocator stack of the leak in the final
+    // stacks once the drill-down ended.
+    assert!(
+        !r["stacks"].as_array().expect("stacks").iter().any(|s| s["source"] == "allocator"),
+        "allocator rows outlived the drill-down"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The CPU budget holds: a drill-down into a growing process that also
+/// calls malloc 200,000 times a second would cost far more than the
+/// budget, so it ends at the first reading over it, and the run's share
+/// stays near the budget.
+#[test]
+fn node_mode_drill_down_ends_at_the_budget() {
+    if !require_bpf("node_mode_drill_down_ends_at_the_budget") {
+        return;
+    }
+    let dir = tmp("budget");
+    std::fs::create_dir_all(dir.join("node")).expect("fixture dir");
+    let bin = compile_c_fixture("node/node_leak", &dir);
+    let json = dir.join("node.json");
+    let tracer = node(&[
+        "--comm",
+        "node_leak",
+        "-d",
+        "40",
+        "--sample-every",
+        "1",
+        "--window",
+        "30",
+        "--drill-after",
+        "6",
+        "--drill-for",
+        "30",
+        "--budget-cpu",
+        "5",
+        "--format",
+        "json",
+        "-o",
+        json.to_str().expect("utf-8"),
+    ]);
+    let mut busy = Fixture::start(&bin, &["busy"]);
+    busy.send("go");
+    let out = tracer.finish();
+    assert!(out.status.success(), "{out:?}");
+    let r: Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("report")).expect("json");
+    let d = r["drilldowns"]
+        .as_array()
+        .expect("drilldowns")
+        .iter()
+        .find(|d| d["pid"].as_u64() == Some(u64::from(busy.pid())))
+        .unwrap_or_else(|| panic!("no drill-down: {r:#}"));
+    assert_eq!(d["ended_by"], "budget", "{d:#}");
+    let span = d["ended_s"].as_f64().unwrap_or(0.0) - d["started_s"].as_f64().unwrap_or(0.0);
+    assert!(span <= 3.5, "over budget for {span}s: {d:#}");
+    let me = &r["leaktrace"];
+    eprintln!("budget run: {me:#}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A memory-limited cgroup's process is OOM-killed while node mode runs:
 /// the OOM report exists, names the victim and its growth stack.
 #[test]
