@@ -23,9 +23,17 @@ fn tmp(tag: &str) -> PathBuf {
 }
 
 /// Start `leaktrace node args...` and wait until it watches.
+/// Each run keeps its OOM reports in a directory of its own (node mode
+/// reports every OOM kill on the machine, other tests' included).
 fn node(args: &[&str]) -> Tracer {
     let mut full = vec!["node"];
     full.extend_from_slice(args);
+    static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let own = tmp(&format!("oom-any-{n}")).to_string_lossy().into_owned();
+    if !args.contains(&"--oom-dir") {
+        full.extend(["--oom-dir", own.as_str()]);
+    }
     let mut t = Tracer::spawn(&full);
     if t.wait_stderr("leaktrace: watching", Duration::from_secs(120))
         .is_none()
