@@ -276,7 +276,11 @@ fn node_mode_drills_down_into_a_growing_process() {
         &format!("drilling down into {}", leak.pid()),
         Duration::from_secs(40),
     );
-    assert!(started.is_some(), "no drill-down: {:?}", tracer.stderr_lines());
+    assert!(
+        started.is_some(),
+        "no drill-down: {:?}",
+        tracer.stderr_lines()
+    );
     let out = tracer.finish();
     assert!(out.status.success(), "{out:?}");
     let r: Value =
@@ -289,7 +293,10 @@ fn node_mode_drills_down_into_a_growing_process() {
         .unwrap_or_else(|| panic!("no drill-down kept: {r:#}"));
     assert_eq!(d["ended_by"], "window", "{d:#}");
     let span = d["ended_s"].as_f64().unwrap_or(0.0) - d["started_s"].as_f64().unwrap_or(0.0);
-    assert!((9.0..=14.0).contains(&span), "drill-down lasted {span}s: {d:#}");
+    assert!(
+        (9.0..=14.0).contains(&span),
+        "drill-down lasted {span}s: {d:#}"
+    );
     let stacks = d["stacks"].as_array().expect("stacks");
     assert!(
         stacks.iter().any(|s| s["source"] == "allocator"
@@ -304,7 +311,11 @@ fn node_mode_drills_down_into_a_growing_process() {
     // The probes are gone: no allocator stack of the leak in the final
     // stacks once the drill-down ended.
     assert!(
-        !r["stacks"].as_array().expect("stacks").iter().any(|s| s["source"] == "allocator"),
+        !r["stacks"]
+            .as_array()
+            .expect("stacks")
+            .iter()
+            .any(|s| s["source"] == "allocator"),
         "allocator rows outlived the drill-down"
     );
     let _ = std::fs::remove_dir_all(&dir);

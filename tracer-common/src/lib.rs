@@ -129,6 +129,11 @@ pub mod sys {
     /// (`exceptions:page_fault_user`): `ret` is the faulting address,
     /// `args[0]` the error code, `args[1]` the pages the sample stands for.
     pub const PAGE_FAULT: u32 = 0xffff_0002;
+    /// Not a syscall: a traced process mapped a file executable (dlopen);
+    /// `ret` is the address, `args[0]` the length.
+    pub const MMAP_EXEC: u32 = 0xffff_0003;
+    /// `PROT_EXEC`.
+    pub const PROT_EXEC: u64 = 4;
     /// x86 page fault error code bits (`X86_PF_*`).
     pub const PF_PROT: u64 = 1;
     pub const PF_WRITE: u64 = 2;

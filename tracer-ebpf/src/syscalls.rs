@@ -89,8 +89,23 @@ pub fn sys_exit(ctx: RawTracePointContext) -> u32 {
     if in_allocator && nr != sys::BRK {
         return 0;
     }
-    // A file mapping is not an allocation: only anonymous mmaps count.
+    // A file mapping is not an allocation: only anonymous mmaps count. An
+    // executable one is new code (dlopen): user space registers it with
+    // the unwinder (and probes its allocator) at once, not at its next
+    // look, so the stacks of its first calls are whole.
     if nr == sys::MMAP && reg(regs, PT_REGS_R10) & sys::MAP_ANONYMOUS == 0 {
+        if reg(regs, PT_REGS_DX) & sys::PROT_EXEC != 0 {
+            send(&SyscallEvent {
+                ts_ns: unsafe { bpf_ktime_get_ns() },
+                tgid,
+                nr: sys::MMAP_EXEC,
+                ret: ret as u64,
+                args: [reg(regs, PT_REGS_SI), 0, 0],
+                stack_id: STACK_LOST,
+                flags: 0,
+                _pad: 0,
+            });
+        }
         return 0;
     }
     let args = match nr {

@@ -239,17 +239,25 @@ impl<K: Kernel> Session<K> {
             .map(|(p, _)| *p)
             .collect();
         for pid in pids {
-            // A libpython loaded late (an embedding host) is found now.
-            let res = if self.watch_only && !self.drilling.contains(&pid) {
-                self.probes.watch_process(pid, &mut self.runtimes)
-            } else {
-                self.probes
-                    .attach_process(pid, &mut self.runtimes)
-                    .map(|_| ())
-            };
-            if let Err(e) = res {
-                log::debug!("refresh of {pid}: {e}");
-            }
+            self.refresh_process(pid);
+        }
+    }
+
+    /// A traced process's new objects (dlopen, a libpython loaded late by
+    /// an embedding host) get their probes and unwind tables.
+    pub(super) fn refresh_process(&mut self, pid: u32) {
+        if self.targets.get(&pid).map(|t| &t.status) != Some(&Status::Running) {
+            return;
+        }
+        let res = if self.watch_only && !self.drilling.contains(&pid) {
+            self.probes.watch_process(pid, &mut self.runtimes)
+        } else {
+            self.probes
+                .attach_process(pid, &mut self.runtimes)
+                .map(|_| ())
+        };
+        if let Err(e) = res {
+            log::debug!("refresh of {pid}: {e}");
         }
     }
 
@@ -258,9 +266,16 @@ impl<K: Kernel> Session<K> {
         self.syscall_buf.clear();
         self.probes.drain_syscalls(&mut self.syscall_buf);
         let mut victims = Vec::new();
+        let mut new_code: Vec<u32> = Vec::new();
         for ev in &self.syscall_buf {
             if ev.nr == sys::OOM_VICTIM {
                 victims.push(ev.tgid);
+                continue;
+            }
+            if ev.nr == sys::MMAP_EXEC {
+                if !new_code.contains(&ev.tgid) {
+                    new_code.push(ev.tgid);
+                }
                 continue;
             }
             let mut ev = *ev;
@@ -282,6 +297,9 @@ impl<K: Kernel> Session<K> {
                 }
             }
             apply_syscall(&mut self.regions, &mut self.faults, &ev);
+        }
+        for pid in new_code {
+            self.refresh_process(pid);
         }
         victims
     }

@@ -698,3 +698,27 @@ fn node_mode_watches_and_keeps_one_ledger_per_source() {
     s.sample().expect("sample");
     assert!(s.source_stacks(Source::PageFault, None, 10).0.is_empty());
 }
+
+/// A traced process that maps new code (dlopen) is looked at again at
+/// once: its new objects get their probes and unwind tables before the
+/// next reading.
+#[test]
+fn new_executable_mappings_are_attached_at_once() {
+    let p = Sleeper::start();
+    let cfg = config(&["-p", &p.pid().to_string()]);
+    let mut s = session(FakeKernel::default(), &cfg);
+    s.add(p.pid()).expect("attach");
+    assert_eq!(s.probes.attached, vec![p.pid()]);
+    s.probes.syscalls = vec![SyscallEvent {
+        ts_ns: 1,
+        tgid: p.pid(),
+        nr: sys::MMAP_EXEC,
+        ret: 0x7f00_0000_0000,
+        args: [0x1000, 0, 0],
+        stack_id: 0,
+        flags: 0,
+        _pad: 0,
+    }];
+    s.on_events().expect("events");
+    assert_eq!(s.probes.attached, vec![p.pid(), p.pid()]);
+}
