@@ -69,6 +69,10 @@ pub mod maps {
     pub const PY_PROCS: &str = "PY_PROCS";
     /// tgid -> [`crate::LuaProc`]: processes running LuaJIT VMs.
     pub const LUA_PROCS: &str = "LUA_PROCS";
+    /// tgid -> `LuaGc`: the garbage collector's cycles seen per process.
+    pub const LUA_GC: &str = "LUA_GC";
+    /// `StackKey` -> `LuaYoung`: Lua bytes not yet through a GC cycle.
+    pub const LUA_YOUNG: &str = "LUA_YOUNG";
     /// tgid -> one of [`crate::runtime`]: processes whose interpreter's
     /// frames are walked, and by which runtime's walker.
     pub const RUNTIMES: &str = "RUNTIMES";
@@ -496,6 +500,8 @@ mod pod {
     unsafe impl aya::Pod for ProcMaps {}
     unsafe impl aya::Pod for PyProc {}
     unsafe impl aya::Pod for LuaProc {}
+    unsafe impl aya::Pod for LuaGc {}
+    unsafe impl aya::Pod for LuaYoung {}
     unsafe impl aya::Pod for SyscallEvent {}
     use super::*;
     // SAFETY: all are repr(C), Copy, made of integers with explicit padding.

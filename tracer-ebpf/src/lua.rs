@@ -40,7 +40,7 @@ use aya_ebpf::{
     EbpfContext,
 };
 use tracer_common::{
-    chain, lua_pos, lua_stop, runtime, AllocKind, LuaProc, LUA_MAX_VMS, MAX_FRAMES,
+    chain, gen_tag, lua_pos, lua_stop, runtime, AllocKind, LuaGc, LuaProc, LUA_MAX_VMS, MAX_FRAMES,
     MAX_INTERP_FRAMES,
 };
 
@@ -52,27 +52,110 @@ use crate::{
 #[map]
 pub static LUA_PROCS: HashMap<u32, LuaProc> = HashMap::with_max_entries(1 << 11, 0);
 
+/// Per process: the garbage collector's cycles seen (see `LuaGc`).
+#[map]
+static LUA_GC: HashMap<u32, LuaGc> = HashMap::with_max_entries(1 << 11, 0);
+
 // ---- allocator -----------------------------------------------------------
+
+/// Look at the collector of the VM whose allocator state is `msp`: a
+/// `currentwhite` changed since the last look means an atomic phase ran
+/// (one per cycle), and the process's generation moves on. Returns the
+/// generation tag of a block allocated now (0: not a known VM's).
+///
+/// Every cycle allocates (steps run on allocation debt) and its sweep
+/// frees through `lj_alloc_free`, so no flip goes unseen; a full
+/// collection (`collectgarbage()`) flips once.
+#[inline(always)]
+fn gc_look(msp: u64) -> u32 {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // SAFETY: read-only lookup; the value is valid during the program.
+    let Some(p) = (unsafe { LUA_PROCS.get(&tgid) }) else {
+        return 0;
+    };
+    let Some(gc) = LUA_GC.get_ptr_mut(&tgid) else {
+        let fresh = LuaGc::default();
+        let _ = LUA_GC.insert(&tgid, &fresh, 1);
+        return 0;
+    };
+    // SAFETY: a map value of this process; one VM runs on one thread.
+    let gc = unsafe { &mut *gc };
+    // Constant slots: with a variable index LLVM addresses the aligned
+    // value with `or`, which the verifier refuses on a pointer.
+    if p.allocd[0] == msp {
+        return look_vm::<0>(p, gc);
+    }
+    if p.allocd[1] == msp {
+        return look_vm::<1>(p, gc);
+    }
+    if p.allocd[2] == msp {
+        return look_vm::<2>(p, gc);
+    }
+    if p.allocd[3] == msp {
+        return look_vm::<3>(p, gc);
+    }
+    0
+}
+
+const _: () = assert!(LUA_MAX_VMS == 4, "gc_look names each VM slot");
+
+/// [`gc_look`] for VM slot `I`.
+#[inline(always)]
+fn look_vm<const I: usize>(p: &LuaProc, gc: &mut LuaGc) -> u32 {
+    if p.g[I] == 0 {
+        return 0;
+    }
+    let at = p.g[I].wrapping_add(u64::from(p.g_gc_white));
+    // SAFETY: bpf_probe_read_user checks the user address. `state`
+    // follows `currentwhite` (user space sets both offsets so).
+    let Ok(pair) = (unsafe { bpf_probe_read_user(at as *const u16) }) else {
+        return 0;
+    };
+    let white = u32::from(pair & 0xff) + 1;
+    if gc.white[I] != 0 && gc.white[I] != white {
+        gc.gen = gc.gen.wrapping_add(1);
+    }
+    gc.white[I] = white;
+    gc.state[I] = u32::from(pair >> 8);
+    gen_tag::of_gen(gc.gen)
+}
 
 /// `lj_alloc_malloc(msp, nsize)`.
 #[uprobe]
 pub fn lua_malloc_enter(ctx: ProbeContext) -> u32 {
+    let msp: u64 = ctx.arg(0).unwrap_or(0);
     let size: u64 = ctx.arg(1).unwrap_or(0);
-    enter(&ctx, AllocKind::Malloc, size, 0)
+    let tag = gc_look(msp);
+    enter(
+        &ctx,
+        AllocKind::Malloc as u32 | tag << gen_tag::SHIFT,
+        size,
+        0,
+    )
 }
 
 /// `lj_alloc_realloc(msp, ptr, nsize)`.
 #[uprobe]
 pub fn lua_realloc_enter(ctx: ProbeContext) -> u32 {
+    let msp: u64 = ctx.arg(0).unwrap_or(0);
     let old: u64 = ctx.arg(1).unwrap_or(0);
     let size: u64 = ctx.arg(2).unwrap_or(0);
-    enter(&ctx, AllocKind::Realloc, size, old)
+    let tag = gc_look(msp);
+    enter(
+        &ctx,
+        AllocKind::Realloc as u32 | tag << gen_tag::SHIFT,
+        size,
+        old,
+    )
 }
 
-/// `lj_alloc_free(msp, ptr)`.
+/// `lj_alloc_free(msp, ptr)`: the sweep's frees keep the collector's
+/// state fresh.
 #[uprobe]
 pub fn lua_free_enter(ctx: ProbeContext) -> u32 {
+    let msp: u64 = ctx.arg(0).unwrap_or(0);
     let addr: u64 = ctx.arg(1).unwrap_or(0);
+    gc_look(msp);
     if addr != 0 {
         release((bpf_get_current_pid_tgid() >> 32) as u32, addr, true);
     }

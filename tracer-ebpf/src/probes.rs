@@ -12,8 +12,8 @@ use aya_ebpf::{
     programs::{ProbeContext, RetProbeContext},
 };
 use tracer_common::{
-    AllocInfo, AllocKey, AllocKind, Counter, PendingCall, StackId, StackKey, StackTotals,
-    PENDING_SLOTS, STACK_LOST,
+    gen_tag, AllocInfo, AllocKey, AllocKind, Counter, LuaYoung, PendingCall, StackId, StackKey,
+    StackTotals, PENDING_SLOTS, STACK_LOST,
 };
 
 use crate::{
@@ -34,6 +34,11 @@ static STACK_TOTALS: PerCpuHashMap<StackKey, StackTotals> =
     PerCpuHashMap::with_max_entries(1 << 16, BPF_F_NO_PREALLOC);
 
 const BPF_F_NO_PREALLOC: u32 = 1;
+
+/// Lua bytes per stack not yet through a GC cycle (see `LuaYoung`).
+#[map]
+static LUA_YOUNG: HashMap<StackKey, LuaYoung> =
+    HashMap::with_max_entries(1 << 16, BPF_F_NO_PREALLOC);
 
 #[map]
 static PENDING: Array<PendingCall> = Array::with_max_entries(PENDING_SLOTS, 0);
@@ -56,7 +61,7 @@ fn sp_of(regs: *mut aya_ebpf::bindings::pt_regs) -> u64 {
 // ---- entry ---------------------------------------------------------------
 
 #[inline(always)]
-pub(crate) fn enter(ctx: &ProbeContext, kind: AllocKind, size_bytes: u64, old_addr: u64) -> u32 {
+pub(crate) fn enter(ctx: &ProbeContext, kind: u32, size_bytes: u64, old_addr: u64) -> u32 {
     let tid = bpf_get_current_pid_tgid() as u32;
     let entry_sp = sp_of(ctx.regs);
     // SAFETY: bpf_probe_read_user checks the user address.
@@ -100,7 +105,7 @@ pub(crate) fn enter(ctx: &ProbeContext, kind: AllocKind, size_bytes: u64, old_ad
     slot.old_addr = old_addr;
     slot.entry_sp = entry_sp;
     slot.ret_addr = ret_addr;
-    slot.kind = kind as u32;
+    slot.kind = kind;
     slot.depth = 0;
     slot.weight_bytes = weight_bytes;
     slot.weight_count = weight_count;
@@ -111,7 +116,7 @@ pub(crate) fn enter(ctx: &ProbeContext, kind: AllocKind, size_bytes: u64, old_ad
 #[uprobe]
 pub fn malloc_enter(ctx: ProbeContext) -> u32 {
     let size: u64 = ctx.arg(0).unwrap_or(0);
-    enter(&ctx, AllocKind::Malloc, size, 0)
+    enter(&ctx, AllocKind::Malloc as u32, size, 0)
 }
 
 #[uprobe]
@@ -119,14 +124,14 @@ pub fn calloc_enter(ctx: ProbeContext) -> u32 {
     let n: u64 = ctx.arg(0).unwrap_or(0);
     let size: u64 = ctx.arg(1).unwrap_or(0);
     // An overflowing product fails in the allocator and is never recorded.
-    enter(&ctx, AllocKind::Calloc, n.wrapping_mul(size), 0)
+    enter(&ctx, AllocKind::Calloc as u32, n.wrapping_mul(size), 0)
 }
 
 #[uprobe]
 pub fn realloc_enter(ctx: ProbeContext) -> u32 {
     let old: u64 = ctx.arg(0).unwrap_or(0);
     let size: u64 = ctx.arg(1).unwrap_or(0);
-    enter(&ctx, AllocKind::Realloc, size, old)
+    enter(&ctx, AllocKind::Realloc as u32, size, old)
 }
 
 #[uprobe]
@@ -134,14 +139,14 @@ pub fn reallocarray_enter(ctx: ProbeContext) -> u32 {
     let old: u64 = ctx.arg(0).unwrap_or(0);
     let n: u64 = ctx.arg(1).unwrap_or(0);
     let size: u64 = ctx.arg(2).unwrap_or(0);
-    enter(&ctx, AllocKind::Realloc, n.wrapping_mul(size), old)
+    enter(&ctx, AllocKind::Realloc as u32, n.wrapping_mul(size), old)
 }
 
 /// `memalign(align, size)` and `aligned_alloc(align, size)`.
 #[uprobe]
 pub fn memalign_enter(ctx: ProbeContext) -> u32 {
     let size: u64 = ctx.arg(1).unwrap_or(0);
-    enter(&ctx, AllocKind::Memalign, size, 0)
+    enter(&ctx, AllocKind::Memalign as u32, size, 0)
 }
 
 /// `posix_memalign(void **memptr, align, size)`: the block comes back
@@ -150,14 +155,14 @@ pub fn memalign_enter(ctx: ProbeContext) -> u32 {
 pub fn posix_memalign_enter(ctx: ProbeContext) -> u32 {
     let memptr: u64 = ctx.arg(0).unwrap_or(0);
     let size: u64 = ctx.arg(2).unwrap_or(0);
-    enter(&ctx, AllocKind::PosixMemalign, size, memptr)
+    enter(&ctx, AllocKind::PosixMemalign as u32, size, memptr)
 }
 
 /// `valloc(size)` and `pvalloc(size)`.
 #[uprobe]
 pub fn valloc_enter(ctx: ProbeContext) -> u32 {
     let size: u64 = ctx.arg(0).unwrap_or(0);
-    enter(&ctx, AllocKind::Valloc, size, 0)
+    enter(&ctx, AllocKind::Valloc as u32, size, 0)
 }
 
 // ---- return --------------------------------------------------------------
@@ -224,7 +229,7 @@ pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
     pending.done_ip = ip;
 
     let ret: u64 = ctx.ret();
-    let addr = match AllocKind::from_u32(call.kind) {
+    let addr = match AllocKind::from_u32(gen_tag::kind(call.kind)) {
         Some(AllocKind::Realloc) => {
             if ret == 0 {
                 if call.size_bytes == 0 && call.old_addr != 0 {
@@ -394,6 +399,52 @@ fn record(tgid: u32, alloc: &AllocRecord, stack_id: StackId) {
     }
     count(Counter::Allocs);
     credit(tgid, stack_id, alloc.weight_bytes, alloc.weight_count);
+    let tag = gen_tag::tag(alloc.kind);
+    if tag != 0 {
+        young(
+            tgid,
+            stack_id,
+            tag,
+            alloc.weight_bytes as i64,
+            i64::from(alloc.weight_count),
+        );
+    }
+}
+
+/// A Lua block's bytes in its stack's generation slot (`LuaYoung`): a
+/// slot holding an older generation is reused, its blocks having aged.
+#[inline(always)]
+fn young(tgid: u32, stack_id: StackId, tag: u32, bytes: i64, allocs: i64) {
+    let key = StackKey {
+        tgid,
+        _pad: 0,
+        stack_id,
+    };
+    let i = (tag & 1) as usize;
+    let y = match LUA_YOUNG.get_ptr_mut(&key) {
+        Some(y) => y,
+        None if bytes > 0 => {
+            let _ = LUA_YOUNG.insert(&key, &LuaYoung::default(), 1);
+            match LUA_YOUNG.get_ptr_mut(&key) {
+                Some(y) => y,
+                None => return,
+            }
+        }
+        None => return,
+    };
+    // SAFETY: a map value; a VM's allocations run on one thread.
+    let y = unsafe { &mut *y };
+    if y.tag[i] != tag {
+        if bytes < 0 {
+            // The block's generation has aged out of the slot.
+            return;
+        }
+        y.tag[i] = tag;
+        y.bytes[i] = 0;
+        y.allocs[i] = 0;
+    }
+    y.bytes[i] += bytes;
+    y.allocs[i] += allocs;
 }
 
 #[inline(always)]
@@ -433,6 +484,16 @@ fn debit(tgid: u32, info: &AllocInfo) {
     };
     if let Some(t) = STACK_TOTALS.get_ptr_mut(&key) {
         add_totals(t, -(info.size_bytes as i64), -(info.count as i64), 0);
+    }
+    let tag = gen_tag::tag(info.kind);
+    if tag != 0 {
+        young(
+            tgid,
+            info.stack_id,
+            tag,
+            -(info.size_bytes as i64),
+            -i64::from(info.count),
+        );
     }
 }
 

@@ -199,10 +199,47 @@ impl Probes {
                 Err(e) => return Err(read_err(maps::STACK_TOTALS)(e)),
             }
         }
+        self.only_survivors(&mut rows)?;
         Ok(Reading {
             rows,
             counters: self.counters()?,
         })
+    }
+
+    /// Lua blocks count once they survived a garbage collection cycle:
+    /// take from each row what its Lua VMs allocated since the last
+    /// atomic phase (and, while a sweep runs, in the cycle before), which
+    /// may still be garbage. Without this, garbage awaiting the collector
+    /// looks like growth, and the more so as the heap grows (the collector
+    /// runs less often).
+    fn only_survivors(&self, rows: &mut [(StackKey, StackTotals)]) -> Result<(), ReadError> {
+        let (Some(gc), Some(young)) = (self.ebpf.map(maps::LUA_GC), self.ebpf.map(maps::LUA_YOUNG))
+        else {
+            return Ok(());
+        };
+        let gc: BpfHashMap<&MapData, u32, tracer_common::LuaGc> =
+            BpfHashMap::try_from(gc).map_err(read_err(maps::LUA_GC))?;
+        let gcs: HashMap<u32, tracer_common::LuaGc> = gc.iter().filter_map(Result::ok).collect();
+        if gcs.is_empty() {
+            return Ok(());
+        }
+        let young: BpfHashMap<&MapData, StackKey, tracer_common::LuaYoung> =
+            BpfHashMap::try_from(young).map_err(read_err(maps::LUA_YOUNG))?;
+        let young: HashMap<StackKey, tracer_common::LuaYoung> =
+            young.iter().filter_map(Result::ok).collect();
+        for (key, t) in rows.iter_mut() {
+            let (Some(g), Some(y)) = (gcs.get(&key.tgid), young.get(key)) else {
+                continue;
+            };
+            let sweeping = g
+                .state
+                .iter()
+                .any(|s| tracer_common::gc_state::sweeping(*s));
+            let (bytes, allocs) = y.young(g.gen, sweeping);
+            t.outstanding_bytes -= bytes.clamp(0, t.outstanding_bytes.max(0));
+            t.outstanding_allocs -= allocs.clamp(0, t.outstanding_allocs.max(0));
+        }
+        Ok(())
     }
 
     /// The Go runtime's sampled objects still live, per `(tgid, bucket)`,
@@ -303,6 +340,23 @@ impl Probes {
             for k in keys {
                 let _ = totals.remove(&k);
             }
+        }
+        if let Some(map) = self.ebpf.map_mut(maps::LUA_YOUNG) {
+            let mut young: BpfHashMap<&mut MapData, StackKey, tracer_common::LuaYoung> =
+                BpfHashMap::try_from(map).map_err(read_err(maps::LUA_YOUNG))?;
+            let keys: Vec<StackKey> = young
+                .keys()
+                .filter_map(Result::ok)
+                .filter(|k| k.tgid == tgid)
+                .collect();
+            for k in keys {
+                let _ = young.remove(&k);
+            }
+        }
+        if let Some(map) = self.ebpf.map_mut(maps::LUA_GC) {
+            let mut gc: BpfHashMap<&mut MapData, u32, tracer_common::LuaGc> =
+                BpfHashMap::try_from(map).map_err(read_err(maps::LUA_GC))?;
+            let _ = gc.remove(&tgid);
         }
         if let Some(map) = self.ebpf.map_mut(maps::GO_BUCKETS) {
             let mut buckets: BpfHashMap<&mut MapData, tracer_common::GoBucketKey, StackTotals> =

@@ -218,7 +218,9 @@ impl Runtime for Lua {
             ));
         }
         let range = (lib.runtime(lib.code.vm.0), lib.runtime(lib.code.vm.1));
-        if let Err(e) = kernel.register_walker(p, &Walker::Lua(vm::layout(range, &vms))) {
+        let allocds = vm::allocds(p, &vms);
+        let layout = vm::layout(range, &vms, &allocds);
+        if let Err(e) = kernel.register_walker(p, &Walker::Lua(layout)) {
             self.notes.push(format!(
                 "process {p} runs LuaJIT, but it could not be registered for Lua frames: {e}"
             ));

@@ -22,6 +22,10 @@ pub mod gc64 {
     pub const GG_L_TO_G: u64 = 0x70;
     pub const G_ALLOCF: u64 = 0x0;
     pub const G_ALLOCD: u64 = 0x8;
+    /// `global_State.gc.currentwhite` and `.state` (`GCState` follows
+    /// `allocd`: `total`, `threshold`, then these two bytes).
+    pub const G_GC_WHITE: u32 = 0x20;
+    pub const G_GC_STATE: u32 = 0x21;
     pub const G_VMSTATE: u32 = 0xb8;
     pub const G_MAINTHREF: u64 = 0xc0;
     pub const G_CUR_L: u32 = 0x170;
@@ -69,9 +73,21 @@ pub mod gc64 {
 
 /// The kernel walker's layout for a process whose interpreter code is at
 /// runtime `[vm_start, vm_end)` and whose VMs are `gs`.
-pub fn layout(vm: (u64, u64), gs: &[u64]) -> LuaProc {
+/// Each VM's `allocd` (the allocator state its `lj_alloc_*` calls get),
+/// in the order of `gs`; 0 where it cannot be read.
+pub fn allocds(pid: u32, gs: &[u64]) -> Vec<u64> {
+    gs.iter()
+        .map(|g| read_u64(pid, g + gc64::G_ALLOCD).unwrap_or(0))
+        .collect()
+}
+
+pub fn layout(vm: (u64, u64), gs: &[u64], allocds: &[u64]) -> LuaProc {
     let mut g = [0u64; LUA_MAX_VMS];
     for (slot, v) in g.iter_mut().zip(gs) {
+        *slot = *v;
+    }
+    let mut allocd = [0u64; LUA_MAX_VMS];
+    for (slot, v) in allocd.iter_mut().zip(allocds) {
         *slot = *v;
     }
     LuaProc {
@@ -93,6 +109,9 @@ pub fn layout(vm: (u64, u64), gs: &[u64]) -> LuaProc {
         g_traces: (gc64::G_TO_J + gc64::J_TRACE) as u32,
         trace_mcode: gc64::TRACE_MCODE as u32,
         trace_szmcode: gc64::TRACE_SZMCODE as u32,
+        g_gc_white: gc64::G_GC_WHITE,
+        allocd,
+        g_gc_state: gc64::G_GC_STATE,
         _pad: 0,
     }
 }
