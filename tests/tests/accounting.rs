@@ -103,6 +103,7 @@ const LEAK_MMAP_ODD_BYTES: i64 = 3 * 12288;
 const GROW_MREMAP_BYTES: i64 = 1024 * 1024 + 4096 + 256 * 1024;
 const GROW_SBRK_BYTES: i64 = 20000 + 12000 - 2000;
 const BIG_MALLOC_BYTES: i64 = 4 * 1024 * 1024;
+const SHARED_ZONE_BYTES: i64 = 512 * 1024;
 
 #[test]
 fn anonymous_regions_are_exact_and_malloc_mmaps_count_once() {
@@ -173,6 +174,23 @@ fn anonymous_regions_are_exact_and_malloc_mmaps_count_once() {
         );
     }
 
+    // A shared anonymous mapping is its own row, labelled as shared.
+    let shared = stacks_through(&r, "shared_zone");
+    assert_eq!(
+        sum(&shared, "outstanding_bytes"),
+        SHARED_ZONE_BYTES,
+        "{all}"
+    );
+    for s in &shared {
+        assert!(
+            s["frames"][0]["function"]
+                .as_str()
+                .is_some_and(|f| f.starts_with("[shared memory")),
+            "the shared zone's row is not labelled shared: {:?}",
+            functions(s)
+        );
+    }
+
     for gone in ["churn_mmap", "trim_regions"] {
         assert!(
             stacks_through(&r, gone).is_empty(),
@@ -183,7 +201,8 @@ fn anonymous_regions_are_exact_and_malloc_mmaps_count_once() {
         + LEAK_MMAP_ODD_BYTES
         + GROW_MREMAP_BYTES
         + GROW_SBRK_BYTES
-        + BIG_MALLOC_BYTES;
+        + BIG_MALLOC_BYTES
+        + SHARED_ZONE_BYTES;
     assert_eq!(
         r["totals"]["outstanding_bytes"].as_i64(),
         Some(everything),

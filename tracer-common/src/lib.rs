@@ -127,6 +127,8 @@ pub mod sys {
     pub const MREMAP: u32 = 25;
     /// `MAP_ANONYMOUS`.
     pub const MAP_ANONYMOUS: u64 = 0x20;
+    /// `MAP_SHARED`.
+    pub const MAP_SHARED: u64 = 0x01;
     /// Not a syscall: the OOM killer chose `tgid` (`oom:mark_victim`).
     pub const OOM_VICTIM: u32 = 0xffff_0001;
     /// Not a syscall: a sampled user write fault on a page not present

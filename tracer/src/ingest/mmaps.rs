@@ -52,6 +52,10 @@ pub enum RegionKind {
     Mmap,
     /// Growth of the program break.
     Brk,
+    /// An anonymous `MAP_SHARED` mapping: memory every process that maps
+    /// it shares (nginx's shared zones, `lua_shared_dict`), shown apart
+    /// from the process's own.
+    Shared,
 }
 
 /// One tracked region `[start, end)`; the start is its key in the map.
@@ -203,6 +207,15 @@ impl MmapTracker {
     /// mmap returned `addr` for `len` bytes. A new mapping replaces whatever
     /// part of existing tracked regions it overlaps (`MAP_FIXED`).
     pub fn mmap(&mut self, tgid: u32, addr: u64, len: u64, stack_id: StackId) {
+        self.map(tgid, addr, len, stack_id, RegionKind::Mmap);
+    }
+
+    /// An anonymous shared mmap (`MAP_SHARED | MAP_ANONYMOUS`).
+    pub fn mmap_shared(&mut self, tgid: u32, addr: u64, len: u64, stack_id: StackId) {
+        self.map(tgid, addr, len, stack_id, RegionKind::Shared);
+    }
+
+    fn map(&mut self, tgid: u32, addr: u64, len: u64, stack_id: StackId, kind: RegionKind) {
         let len = page_up(len);
         if len == 0 || is_error_return(addr) {
             return;
@@ -213,7 +226,7 @@ impl MmapTracker {
         let region = Region {
             end,
             stack_id,
-            kind: RegionKind::Mmap,
+            kind,
             ts_ns: self.now_ns,
         };
         self.books.insert(tgid, &mut proc.regions, addr, region);
@@ -518,6 +531,25 @@ fn push_fill(
             ts_ns,
         },
     ));
+}
+
+#[cfg(test)]
+mod shared_tests {
+    use super::*;
+
+    #[test]
+    fn a_shared_mapping_is_its_own_kind_and_unmaps_like_any() {
+        let mut t = MmapTracker::with_limit(100);
+        t.mmap_shared(1, 0x10_0000, 8192, 5);
+        t.mmap(1, 0x20_0000, 4096, 5);
+        let kinds: Vec<(RegionKind, u64)> = t.totals().iter().map(|r| (r.kind, r.bytes)).collect();
+        assert_eq!(
+            kinds,
+            vec![(RegionKind::Mmap, 4096), (RegionKind::Shared, 8192)]
+        );
+        t.munmap(1, 0x10_0000, 8192);
+        assert_eq!(t.totals().len(), 1);
+    }
 }
 
 #[cfg(test)]

@@ -212,6 +212,9 @@ fn apply_syscall(regions: &mut MmapTracker, faults: &mut FaultTracker, ev: &Sysc
         // The allocator's own mappings (an arena made inside `free`) hold
         // the blocks it serves, which are counted already.
         sys::MMAP | sys::MREMAP if ev.flags & SYSCALL_IN_ALLOCATOR != 0 => {}
+        sys::MMAP if ev.args[1] & sys::MAP_SHARED != 0 => {
+            regions.mmap_shared(ev.tgid, ev.ret, ev.args[0], ev.stack_id)
+        }
         sys::MMAP => regions.mmap(ev.tgid, ev.ret, ev.args[0], ev.stack_id),
         sys::MUNMAP => regions.munmap(ev.tgid, ev.args[0], ev.args[1]),
         sys::MREMAP => regions.mremap(

@@ -4,6 +4,10 @@
 
 use super::*;
 
+/// The label of a shared anonymous mapping's row: every process that
+/// maps it shares it (it is not the mapper's alone).
+const SHARED_LABEL: &str = "[shared memory: MAP_SHARED|MAP_ANONYMOUS]";
+
 impl<K: Kernel> Session<K> {
     /// One reading of the kernel ledger into the ledger's time series.
     pub(super) fn sample(&mut self) -> anyhow::Result<()> {
@@ -54,9 +58,13 @@ impl<K: Kernel> Session<K> {
                 continue;
             }
             let bytes = i64::try_from(r.bytes).unwrap_or(i64::MAX);
+            let mut stack =
+                normalizer.resolve(r.tgid, r.stack_id, runtimes, || probes.stack(r.stack_id));
+            if r.kind == crate::ingest::mmaps::RegionKind::Shared {
+                stack = normalizer.labelled(stack, SHARED_LABEL);
+            }
             rows.push(Row {
-                stack: normalizer
-                    .resolve(r.tgid, r.stack_id, runtimes, || probes.stack(r.stack_id)),
+                stack,
                 pid: r.tgid,
                 totals: StackTotals {
                     outstanding_bytes: bytes,

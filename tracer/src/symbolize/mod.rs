@@ -114,6 +114,9 @@ pub enum NormFrame {
         entry: bool,
         eval: &'static str,
     },
+    /// A label on the allocation end of a stack (what kind of memory the
+    /// row holds: `[shared memory]`).
+    Label(&'static str),
     /// Why the interpreter walk stopped early, after its outermost frame.
     InterpTail {
         frame: RuntimeFrame,
@@ -362,6 +365,7 @@ impl Symbolizer {
                 vec![interp_frame(frame)]
             }
             NormFrame::Lost => vec![Frame::marker("[stack lost]".into(), None)],
+            NormFrame::Label(what) => vec![Frame::marker((*what).into(), None)],
         }
     }
 }

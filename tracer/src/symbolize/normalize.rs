@@ -89,6 +89,14 @@ impl Normalizer {
         idx
     }
 
+    /// Stack `idx` with `label` on its allocation end: the same code, but
+    /// memory of another kind, in a row of its own.
+    pub fn labelled(&mut self, idx: StackIdx, label: &'static str) -> StackIdx {
+        let mut frames = vec![NormFrame::Label(label)];
+        frames.extend(self.stacks.get(idx as usize).cloned().unwrap_or_default());
+        self.intern(frames)
+    }
+
     /// The language of a module's code, when a runtime's rows said.
     pub fn module_language(&self, module: u32) -> Option<Language> {
         self.row_modules.get(&module).copied()
