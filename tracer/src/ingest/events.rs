@@ -329,13 +329,22 @@ impl Probes {
 
     /// Forget a process's rows (it exited): its live blocks and its ledger.
     pub fn forget_process(&mut self, tgid: u32) -> Result<(), ReadError> {
+        self.forget_processes(&std::iter::once(tgid).collect())
+    }
+
+    /// Drop the rows of every process in `tgids`, in one pass over each
+    /// table.
+    pub fn forget_processes(
+        &mut self,
+        tgids: &std::collections::HashSet<u32>,
+    ) -> Result<(), ReadError> {
         if let Some(map) = self.ebpf.map_mut(maps::STACK_TOTALS) {
             let mut totals: PerCpuHashMap<&mut MapData, StackKey, StackTotals> =
                 PerCpuHashMap::try_from(map).map_err(read_err(maps::STACK_TOTALS))?;
             let keys: Vec<StackKey> = totals
                 .keys()
                 .filter_map(Result::ok)
-                .filter(|k| k.tgid == tgid)
+                .filter(|k| tgids.contains(&k.tgid))
                 .collect();
             for k in keys {
                 let _ = totals.remove(&k);
@@ -347,7 +356,7 @@ impl Probes {
             let keys: Vec<StackKey> = young
                 .keys()
                 .filter_map(Result::ok)
-                .filter(|k| k.tgid == tgid)
+                .filter(|k| tgids.contains(&k.tgid))
                 .collect();
             for k in keys {
                 let _ = young.remove(&k);
@@ -356,7 +365,9 @@ impl Probes {
         if let Some(map) = self.ebpf.map_mut(maps::LUA_GC) {
             let mut gc: BpfHashMap<&mut MapData, u32, tracer_common::LuaGc> =
                 BpfHashMap::try_from(map).map_err(read_err(maps::LUA_GC))?;
-            let _ = gc.remove(&tgid);
+            for tgid in tgids {
+                let _ = gc.remove(tgid);
+            }
         }
         if let Some(map) = self.ebpf.map_mut(maps::GO_BUCKETS) {
             let mut buckets: BpfHashMap<&mut MapData, tracer_common::GoBucketKey, StackTotals> =
@@ -364,7 +375,7 @@ impl Probes {
             let keys: Vec<_> = buckets
                 .keys()
                 .filter_map(Result::ok)
-                .filter(|k| k.tgid == tgid)
+                .filter(|k| tgids.contains(&k.tgid))
                 .collect();
             for k in keys {
                 let _ = buckets.remove(&k);
@@ -379,7 +390,7 @@ impl Probes {
             let keys: Vec<_> = allocs
                 .keys()
                 .filter_map(Result::ok)
-                .filter(|k| k.tgid == tgid)
+                .filter(|k| tgids.contains(&k.tgid))
                 .collect();
             for k in keys {
                 let _ = allocs.remove(&k);

@@ -27,7 +27,11 @@ pub(crate) trait Kernel: KernelRecords {
     /// Remove a process's probes and registrations.
     fn detach_process(&mut self, pid: u32, runtimes: &mut Runtimes);
     /// Drop a process's rows from the kernel's tables.
-    fn forget_process(&mut self, pid: u32) -> Result<(), ReadError>;
+    fn forget_process(&mut self, pid: u32) -> Result<(), ReadError> {
+        self.forget_processes(&std::iter::once(pid).collect())
+    }
+    /// Drop the rows of several processes, one pass over each table.
+    fn forget_processes(&mut self, pids: &std::collections::HashSet<u32>) -> Result<(), ReadError>;
     /// Per-stack totals and counters.
     fn read(&self) -> Result<Reading, ReadError>;
     /// Per-stack totals of live blocks older than `min_age_ns`.
@@ -58,8 +62,8 @@ impl Kernel for Probes {
     fn detach_process(&mut self, pid: u32, runtimes: &mut Runtimes) {
         Probes::detach_process(self, pid, runtimes)
     }
-    fn forget_process(&mut self, pid: u32) -> Result<(), ReadError> {
-        Probes::forget_process(self, pid)
+    fn forget_processes(&mut self, pids: &std::collections::HashSet<u32>) -> Result<(), ReadError> {
+        Probes::forget_processes(self, pids)
     }
     fn read(&self) -> Result<Reading, ReadError> {
         Probes::read(self)

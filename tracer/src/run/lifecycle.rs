@@ -13,6 +13,10 @@ impl<K: Kernel> Session<K> {
         let Some(id) = ProcId::current(pid) else {
             return Err(ProbeError::NoProcess { pid });
         };
+        // A pid reused before its old rows went: they go now.
+        if self.pending_forget.contains(&pid) {
+            self.flush_forgets();
+        }
         if self.watch_only && self.running() >= self.max_targets {
             self.over_limit += 1;
             return Ok(());
@@ -102,10 +106,12 @@ impl<K: Kernel> Session<K> {
         // A watched process (node mode) has no rows in the allocator's
         // tables unless a drill-down probed it; walking those tables per
         // exit is what made many short-lived processes cost.
+        // The kernel's rows go at the next reading, all exits since in one
+        // pass over each table (a pass per exit kept the event loop from
+        // attaching the workers a reload forks meanwhile); until then the
+        // readings leave them out.
         if !self.watch_only || self.drilling.contains(&pid) {
-            if let Err(e) = self.probes.forget_process(pid) {
-                log::warn!("{e}");
-            }
+            self.pending_forget.insert(pid);
         }
         self.normalizer.forget_process(pid);
         self.runtimes.forget(pid);
@@ -113,6 +119,18 @@ impl<K: Kernel> Session<K> {
         self.allocator_stacks.retain(|(t, _), _| *t != pid);
         self.regions.forget(pid);
         self.faults.forget(pid);
+    }
+
+    /// Drop the kernel rows of the processes forgotten since the last
+    /// reading, in one pass over each table.
+    pub(super) fn flush_forgets(&mut self) {
+        if self.pending_forget.is_empty() {
+            return;
+        }
+        if let Err(e) = self.probes.forget_processes(&self.pending_forget) {
+            log::warn!("{e}");
+        }
+        self.pending_forget.clear();
     }
 
     pub(super) fn on_proc_event(&mut self, ev: ProcEvent) {

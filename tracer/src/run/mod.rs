@@ -123,6 +123,8 @@ struct Session<K: Kernel = Probes> {
     /// Node mode: OOM victims whose reports the node writes (with its
     /// census); their rows are still in the ledgers.
     node_victims: Vec<node::Victim>,
+    /// Processes whose kernel rows go at the next reading.
+    pending_forget: std::collections::HashSet<u32>,
 }
 
 impl<K: Kernel> Session<K> {
@@ -158,6 +160,7 @@ impl<K: Kernel> Session<K> {
             max_targets: usize::MAX,
             over_limit: 0,
             node_victims: Vec::new(),
+            pending_forget: Default::default(),
         }
     }
 

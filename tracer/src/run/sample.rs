@@ -14,6 +14,7 @@ impl<K: Kernel> Session<K> {
         let victims = self.drain_events();
         self.ingest()?;
         self.sample_runtimes();
+        self.flush_forgets();
         for v in victims {
             self.on_victim(v);
         }
@@ -22,10 +23,13 @@ impl<K: Kernel> Session<K> {
 
     pub(super) fn ingest(&mut self) -> anyhow::Result<()> {
         let reading = self.probes.read()?;
-        let kernel_rows = match self.min_age_ns {
+        let mut kernel_rows = match self.min_age_ns {
             Some(age) => self.probes.read_aged(age)?,
             None => reading.rows,
         };
+        if !self.pending_forget.is_empty() {
+            kernel_rows.retain(|(k, _)| !self.pending_forget.contains(&k.tgid));
+        }
         let probes = &self.probes;
         let normalizer = &mut self.normalizer;
         let runtimes = &mut self.runtimes;
