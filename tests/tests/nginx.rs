@@ -439,11 +439,13 @@ fn check_ffi_reload(test: &str, find: Find) {
             (p, (n, n * KEPT_BYTES))
         })
         .collect();
-    // Never more than was kept. Up to ~11% of a worker's copies are seen
-    // missing after a reload (issue 15, open: not explained yet; the
-    // suspects are the copies made while the just-loaded library is not
-    // yet registered for unwinding). 85% keeps that bug visible without
-    // failing on it.
+    // Never more than was kept, and every copy but those a new worker
+    // makes before leaktrace attached to it. (Up to ~11% went missing
+    // after a reload while each old worker's exit walked the kernel's
+    // tables, holding up the event loop that attaches the new workers;
+    // exits are now cleaned up in one pass per reading, and executable
+    // mappings are registered as they appear: 4 of 4 runs, 8 new
+    // workers, exact since; 97% leaves room for an attach that is late.)
     eprintln!("{test}: kept {kept:?}, served {want:?}");
     assert_eq!(
         kept.keys().collect::<Vec<_>>(),
@@ -453,7 +455,7 @@ fn check_ffi_reload(test: &str, find: Find) {
     for (pid, &(n, bytes)) in &kept {
         let (wn, wbytes) = want[pid];
         assert!(
-            n <= wn && bytes == n * KEPT_BYTES && n * 100 >= wn * 85,
+            n <= wn && bytes == n * KEPT_BYTES && n * 100 >= wn * 97,
             "{test}: worker {pid} kept {n} copies ({bytes} B) of the {wn} ({wbytes} B) \
              it made, {KEPT_BYTES} B per /ffi request:\n{all}"
         );
