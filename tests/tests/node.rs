@@ -15,6 +15,13 @@ use leaktrace_tests::{
 };
 use serde_json::Value;
 
+/// One node-mode test at a time: each watches every process on the
+/// machine, and several at once on two cores make each other late.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn tmp(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("leaktrace-node-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
@@ -78,6 +85,7 @@ fn node_mode_explains_leaks_started_after_it() {
     if !require_bpf("node_mode_explains_leaks_started_after_it") {
         return;
     }
+    let _serial = serial();
     let dir = tmp("leaks");
     std::fs::create_dir_all(dir.join("node")).expect("fixture dir");
     let bin = compile_c_fixture("node/node_leak", &dir);
@@ -190,6 +198,7 @@ fn node_mode_names_a_c_leak_on_this_kernel() {
     if !require_bpf("node_mode_names_a_c_leak_on_this_kernel") {
         return;
     }
+    let _serial = serial();
     let dir = tmp("kernel");
     std::fs::create_dir_all(dir.join("node")).expect("fixture dir");
     let bin = compile_c_fixture("node/node_leak", &dir);
@@ -242,6 +251,7 @@ fn node_mode_drills_down_into_a_growing_process() {
     if !require_bpf("node_mode_drills_down_into_a_growing_process") {
         return;
     }
+    let _serial = serial();
     let dir = tmp("drill");
     std::fs::create_dir_all(dir.join("node")).expect("fixture dir");
     let bin = compile_c_fixture("node/node_leak", &dir);
@@ -330,6 +340,7 @@ fn node_mode_drill_down_ends_at_the_budget() {
     if !require_bpf("node_mode_drill_down_ends_at_the_budget") {
         return;
     }
+    let _serial = serial();
     let dir = tmp("budget");
     std::fs::create_dir_all(dir.join("node")).expect("fixture dir");
     let bin = compile_c_fixture("node/node_leak", &dir);
@@ -381,6 +392,7 @@ fn node_mode_oom_kill_leaves_a_report() {
     if !require_bpf("node_mode_oom_kill_leaves_a_report") {
         return;
     }
+    let _serial = serial();
     let dir = tmp("oom");
     let bin = compile_c_fixture("oom_hoard", &dir);
     let cg = TestCgroup::new(
@@ -474,6 +486,7 @@ fn prometheus_scrapes_node_metrics() {
     if !require_bpf("prometheus_scrapes_node_metrics") {
         return;
     }
+    let _serial = serial();
     let prometheus = Path::new("/usr/bin/prometheus");
     assert!(
         prometheus.exists(),
@@ -603,6 +616,7 @@ fn node_mode_bad_input() {
     if !require_bpf("node_mode_bad_input") {
         return;
     }
+    let _serial = serial();
     let out = Tracer::spawn(&["node", "--cgroup", "/leaktrace-no-such-cgroup", "-d", "1"]).finish();
     assert_exit_2(&out, "/leaktrace-no-such-cgroup");
     let out = Tracer::spawn(&["node", "--out", "/proc/leaktrace-nowhere", "-d", "1"]).finish();

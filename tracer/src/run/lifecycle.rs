@@ -121,6 +121,20 @@ impl<K: Kernel> Session<K> {
         self.faults.forget(pid);
     }
 
+    /// Read again the cgroups of `pids` (traced): a process moved into a
+    /// cgroup after it was attached (a container runtime's or a test's
+    /// move) must be described by where it is when the OOM killer picks
+    /// it, and it is often reaped before its event is read.
+    pub(super) fn refresh_cgroups(&mut self, pids: &[u32]) {
+        for pid in pids {
+            if let Some(t) = self.targets.get_mut(pid) {
+                if let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) {
+                    t.cgroups = Some(text);
+                }
+            }
+        }
+    }
+
     /// Drop the kernel rows of the processes forgotten since the last
     /// reading, in one pass over each table.
     pub(super) fn flush_forgets(&mut self) {

@@ -42,6 +42,10 @@ const REFRESH_EVERY: u32 = 5;
 /// Once drilled, a process waits this long before another drill-down.
 const DRILL_COOLDOWN_S: f64 = 600.0;
 
+/// Processes whose cgroups are read again at each reading, for the OOM
+/// black box: the growing ones, then the largest.
+const OOM_WATCH: usize = 64;
+
 /// Stacks per growing process added to a report beyond the top ones.
 const PER_PROCESS_STACKS: usize = 3;
 
@@ -734,6 +738,17 @@ pub(super) async fn run(cfg: Config) -> anyhow::Result<()> {
                 let now_s = session.started.elapsed().as_secs_f64();
                 let pids = session.watched();
                 node.census.sample(now_s, &pids);
+                // The likeliest OOM victims: the growing and the largest.
+                let mut likely = node.census.process_summaries();
+                likely.sort_by(|a, b| b.anon_bytes.cmp(&a.anon_bytes));
+                let likely: Vec<u32> = likely
+                    .iter()
+                    .filter(|p| p.trend == crate::report::trend::Trend::Growing)
+                    .chain(likely.iter())
+                    .map(|p| p.pid)
+                    .take(OOM_WATCH)
+                    .collect();
+                session.refresh_cgroups(&likely);
                 node.meter.tick(session.probes.cost());
                 drill(&mut session, &mut node);
                 for v in std::mem::take(&mut session.node_victims) {

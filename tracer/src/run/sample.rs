@@ -11,6 +11,17 @@ const SHARED_LABEL: &str = "[shared memory: MAP_SHARED|MAP_ANONYMOUS]";
 impl<K: Kernel> Session<K> {
     /// One reading of the kernel ledger into the ledger's time series.
     pub(super) fn sample(&mut self) -> anyhow::Result<()> {
+        // A process's cgroup as of now, for the OOM black box (node mode
+        // refreshes the largest ones itself: there may be thousands).
+        if !self.watch_only {
+            let pids: Vec<u32> = self
+                .targets
+                .iter()
+                .filter(|(_, t)| t.status == Status::Running)
+                .map(|(p, _)| *p)
+                .collect();
+            self.refresh_cgroups(&pids);
+        }
         let victims = self.drain_events();
         self.ingest()?;
         self.sample_runtimes();
