@@ -740,7 +740,7 @@ pub(super) async fn run(cfg: Config) -> anyhow::Result<()> {
                 node.census.sample(now_s, &pids);
                 // The likeliest OOM victims: the growing and the largest.
                 let mut likely = node.census.process_summaries();
-                likely.sort_by(|a, b| b.anon_bytes.cmp(&a.anon_bytes));
+                likely.sort_by_key(|p| std::cmp::Reverse(p.anon_bytes));
                 let likely: Vec<u32> = likely
                     .iter()
                     .filter(|p| p.trend == crate::report::trend::Trend::Growing)
