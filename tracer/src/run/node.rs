@@ -738,16 +738,26 @@ pub(super) async fn run(cfg: Config) -> anyhow::Result<()> {
                 let now_s = session.started.elapsed().as_secs_f64();
                 let pids = session.watched();
                 node.census.sample(now_s, &pids);
-                // The likeliest OOM victims: the growing and the largest.
-                let mut likely = node.census.process_summaries();
-                likely.sort_by_key(|p| std::cmp::Reverse(p.anon_bytes));
-                let likely: Vec<u32> = likely
+                // Cgroups as of now for the OOM black box: the likeliest
+                // victims (growing, largest), processes seen in the last
+                // 30 s (moved into a container's cgroup after they
+                // started), and, in turn, a slice of the others.
+                let mut views = node.census.process_summaries();
+                views.sort_by_key(|p| std::cmp::Reverse(p.anon_bytes));
+                let mut likely: Vec<u32> = views
                     .iter()
                     .filter(|p| p.trend == crate::report::trend::Trend::Growing)
-                    .chain(likely.iter())
+                    .chain(views.iter())
                     .map(|p| p.pid)
                     .take(OOM_WATCH)
                     .collect();
+                likely.extend(views.iter().filter(|p| now_s - p.first_seen_s < 30.0).map(|p| p.pid));
+                if !pids.is_empty() {
+                    let from = (ticks as usize * OOM_WATCH) % pids.len();
+                    likely.extend(pids.iter().cycle().skip(from).take(OOM_WATCH.min(pids.len())));
+                }
+                likely.sort_unstable();
+                likely.dedup();
                 session.refresh_cgroups(&likely);
                 node.meter.tick(session.probes.cost());
                 drill(&mut session, &mut node);
