@@ -438,6 +438,13 @@ fn node_mode_oom_kill_leaves_a_report() {
         serde_json::from_str(&std::fs::read_to_string(&report).expect("read")).expect("json");
     assert_eq!(r["schema"], "leaktrace.node/v1");
     assert_eq!(r["oom_kills"][0]["pid"].as_u64(), Some(u64::from(fx.pid())));
+    assert!(
+        r["oom_kills"][0]["anon_history"]
+            .as_array()
+            .is_some_and(|h| !h.is_empty()),
+        "no growth history: {:#}",
+        r["oom_kills"][0]
+    );
     let facts = r["notes"].to_string();
     let want = if cg.v2 { "memory.max" } else { "memory cgroup" };
     assert!(facts.contains(want), "no cgroup facts: {facts}");

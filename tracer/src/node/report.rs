@@ -45,6 +45,9 @@ pub struct OomKill {
     pub comm: String,
     /// The victim's cgroup facts and memory figures, as sentences.
     pub facts: Vec<String>,
+    /// Its anonymous memory over the census's window: `[[seconds since
+    /// start, bytes], ...]`, oldest first.
+    pub anon_history: Vec<(f64, u64)>,
     /// Where its report files are.
     pub files: Vec<String>,
 }

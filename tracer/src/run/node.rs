@@ -548,6 +548,7 @@ fn oom_report<K: Kernel>(s: &mut Session<K>, n: &mut Node, victim: Victim) {
         pid,
         comm: comm.clone(),
         facts: facts.clone(),
+        anon_history: view.as_ref().map(|v| v.history.clone()).unwrap_or_default(),
         files: vec![json.display().to_string(), folded.display().to_string()],
     };
     let report = NodeReport {
