@@ -1,7 +1,7 @@
 //! Finding functions in ELF objects: their file offsets (what uprobes are
 //! attached by) and their first bytes (what the prologue decoder reads).
 
-use std::{collections::HashMap, fs, path::Path};
+use std::{collections::HashMap, path::Path};
 
 use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
 
@@ -16,8 +16,8 @@ pub struct Function {
 }
 
 /// The bytes of the object at `path`.
-fn read(path: &Path) -> Result<Vec<u8>, ElfError> {
-    fs::read(path).map_err(|source| ElfError::Read {
+fn read(path: &Path) -> Result<super::bytes::FileBytes, ElfError> {
+    super::bytes::file_bytes(path).map_err(|source| ElfError::Read {
         path: path.display().to_string(),
         source,
     })

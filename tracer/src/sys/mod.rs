@@ -3,6 +3,7 @@
 //! cgroup mounts, and the kernel's BTF.
 
 pub mod btf;
+pub mod bytes;
 pub mod cgroupfs;
 pub mod elf;
 pub mod procfs;

@@ -39,7 +39,7 @@
 //! `(start, end, rule)` ranges into sorted, merged, gap-marked rows.
 
 use crate::sys::elf;
-use std::{collections::BTreeMap, collections::HashMap, fs, path::Path};
+use std::{collections::BTreeMap, collections::HashMap, path::Path};
 
 use gimli::{
     BaseAddresses, CfaRule, CieOrFde, DebugFrame, EhFrame, EndianSlice, LittleEndian, Register,
@@ -326,7 +326,7 @@ pub fn rule_for_row<T: gimli::ReaderOffset, S: gimli::UnwindContextStorage<T>>(
 /// `.eh_frame` and `.debug_frame` yields an empty table.
 pub fn build(path: &Path) -> Result<UnwindTable, UnwindTableError> {
     let path_str = || path.display().to_string();
-    let data = fs::read(path).map_err(|source| UnwindTableError::Read {
+    let data = crate::sys::bytes::file_bytes(path).map_err(|source| UnwindTableError::Read {
         path: path_str(),
         source,
     })?;
@@ -486,6 +486,7 @@ fn collect_ranges<'a, S: UnwindSection<Reader<'a>>>(
 mod tests {
     use super::*;
     use crate::sys::elf::{load_segments, vaddr_of_file_offset, Segment};
+    use std::fs;
     use std::{
         path::PathBuf,
         process::Command,
@@ -925,7 +926,7 @@ mod tests {
                     alone[pair[1]] = false;
                 }
             }
-            let data = fs::read(path).expect("read object");
+            let data = std::fs::read(path).expect("read object");
             let file = object::File::parse(&*data).expect("parse object");
             let plt_ranges = file
                 .sections()
@@ -1006,7 +1007,7 @@ mod tests {
     }
 
     fn symbol_range(path: &Path, name: &str) -> (u64, u64) {
-        let data = fs::read(path).expect("read object");
+        let data = std::fs::read(path).expect("read object");
         let file = object::File::parse(&*data).expect("parse object");
         use object::ObjectSymbol as _;
         let sym = file

@@ -24,7 +24,7 @@
 //! (64-bit `lua_State` references, the default on x86-64 since 2.1) are
 //! accepted.
 
-use std::{fs, path::Path};
+use std::path::Path;
 
 use gimli::{
     BaseAddresses, CfaRule, CieOrFde, EhFrame, LittleEndian, UnwindContext, UnwindSection, X86_64,
@@ -77,7 +77,8 @@ impl LuajitCode {
     /// Ok(None): not a LuaJIT library (no `luaJIT_setmode` / `lua_newstate` export).
     /// Err(reason): LuaJIT but not a build leaktrace can trace (one sentence naming what differs).
     pub fn read(path: &Path) -> Result<Option<LuajitCode>, String> {
-        let data = fs::read(path).map_err(|e| format!("failed to read {}: {e}", path.display()))?;
+        let data = crate::sys::bytes::file_bytes(path)
+            .map_err(|e| format!("failed to read {}: {e}", path.display()))?;
         Self::parse(&data)
     }
 
@@ -590,7 +591,7 @@ mod tests {
     const LIB: &str = "/usr/lib/x86_64-linux-gnu/libluajit-5.1.so.2";
 
     fn debian_lib() -> Option<Vec<u8>> {
-        match fs::read(LIB) {
+        match std::fs::read(LIB) {
             Ok(data) => Some(data),
             Err(e) => {
                 eprintln!("skipping: {LIB}: {e}");
@@ -693,7 +694,7 @@ mod tests {
     #[test]
     fn other_objects_are_not_luajit() {
         assert_eq!(LuajitCode::parse(b"not an ELF file"), Ok(None));
-        match fs::read("/bin/true") {
+        match std::fs::read("/bin/true") {
             Ok(data) => assert_eq!(LuajitCode::parse(&data), Ok(None)),
             Err(e) => eprintln!("skipping /bin/true: {e}"),
         }

@@ -24,7 +24,7 @@
 //! 3.10.13, 3.11.7, 3.12.1 and 3.13.0 and Debian's 3.11.2, and against
 //! `PyCode_Type.tp_basicsize`; 3.13.0's `_Py_DebugOffsets` agree.
 
-use std::{collections::HashMap, fs, path::Path};
+use std::{collections::HashMap, path::Path};
 
 use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
 use tracer_common::{py_flags, PyProc};
@@ -118,7 +118,7 @@ pub struct PyObjectInfo {
 
 /// Read an object file: `None` when it holds no CPython.
 pub fn inspect_object(path: &Path, name: &str) -> Option<PyObjectInfo> {
-    let data = fs::read(path).ok()?;
+    let data = crate::sys::bytes::file_bytes(path).ok()?;
     let file = object::File::parse(&*data).ok()?;
     let mut runtime = None;
     let mut version_sym = None;
@@ -375,6 +375,7 @@ impl CodeCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     /// `sample.__code__` of a small function under Debian's python3.11, with
     /// what `co_lines()` said for every code unit.
