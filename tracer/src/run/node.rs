@@ -725,13 +725,19 @@ pub(super) async fn run(cfg: Config) -> anyhow::Result<()> {
             None => "until SIGTERM or Ctrl-C".into(),
         }
     );
+    // Each reading renders /metrics only while a receiver lives: the
+    // server's, with --listen. Without it the receiver must go, or every
+    // reading would build (and symbolize) a report nobody reads.
     let (metrics_tx, metrics_rx) = tokio::sync::watch::channel(Arc::new(String::new()));
-    if let Some(l) = listener {
-        l.set_nonblocking(true)
-            .context("failed to set up the metrics listener")?;
-        let l = tokio::net::TcpListener::from_std(l)
-            .context("failed to set up the metrics listener")?;
-        tokio::spawn(metrics::serve(l, metrics_rx));
+    match listener {
+        Some(l) => {
+            l.set_nonblocking(true)
+                .context("failed to set up the metrics listener")?;
+            let l = tokio::net::TcpListener::from_std(l)
+                .context("failed to set up the metrics listener")?;
+            tokio::spawn(metrics::serve(l, metrics_rx));
+        }
+        None => drop(metrics_rx),
     }
     let events_fd = session.probes.events_fd().and_then(|fd| {
         // SAFETY: the duplicated descriptor is owned by the AsyncFd.
