@@ -1,7 +1,8 @@
 //! A realistic workload: Debian's nginx (1 worker, loopback, its own
 //! config, pid file and logs under `target/bench/<site>`) under `wrk`,
-//! untraced and with the tracer on the worker: requests/s and the worker's
-//! CPU per request. Two sites, one nginx each ([`Site`]): a static page,
+//! untraced and with the tracer on the worker (or, for node mode, watching
+//! the machine): requests/s and the worker's CPU per request. Two sites,
+//! one nginx each ([`Site`]): a static page,
 //! and a location whose content is made by Lua (nginx's Lua module,
 //! `bench/luabench.lua`), where leaktrace also probes LuaJIT's allocator.
 //!
@@ -19,7 +20,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 
 use super::{
-    harness::{signal, LeaktraceReport, Proc, Usage},
+    harness::{signal, LeaktraceReport, NodeFigures, Proc, Usage},
     measure_row, median,
     procfs::{children, schedstat_ns},
     Ctx, Kind, Row,
@@ -32,10 +33,14 @@ pub(super) const WRK_CONNECTIONS: u32 = 32;
 
 pub(super) struct NginxResult {
     pub(super) rps: f64,
+    /// Requests/s of each measured run, in order.
+    pub(super) runs_rps: Vec<f64>,
     /// The worker's CPU time per request (median over runs).
     pub(super) worker_ns_per_request: f64,
     pub(super) usage: Option<Usage>,
     pub(super) report: Option<LeaktraceReport>,
+    /// `leaktrace node`'s report (node mode rows).
+    pub(super) node: Option<NodeFigures>,
 }
 
 /// What the nginx of a set of rows serves at `/`.
@@ -110,10 +115,12 @@ fn run(ctx: &Ctx, nginx: &Nginx, url: &str, kind: &Kind) -> Result<NginxResult> 
         .map(|t| t.stop_measured((cpu0, cpu1)))
         .transpose()?;
     Ok(NginxResult {
+        runs_rps: rps.clone(),
         rps: median(&mut rps),
         worker_ns_per_request: median(&mut worker_ns),
         usage,
         report: kind.report(&json)?,
+        node: kind.node_report(&json)?,
     })
 }
 
