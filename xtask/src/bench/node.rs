@@ -34,8 +34,9 @@ pub(super) struct NodeIdle {
     pub(super) window_s: f64,
     /// leaktrace's CPU (user + system) over the window.
     pub(super) cpu_s: f64,
-    /// Its eBPF programs' run time over the window.
+    /// Its eBPF programs' run time and runs over the window.
     pub(super) bpf_s: Option<f64>,
+    pub(super) bpf_runs: Option<u64>,
     /// Processes and threads started on the machine over the window.
     pub(super) forks: Option<u64>,
     /// /proc/loadavg at the start and the end of the window.
@@ -60,7 +61,7 @@ impl NodeIdle {
 struct Reading {
     at: Instant,
     cpu_s: f64,
-    bpf_ns: Option<u64>,
+    bpf: Option<(u64, u64)>,
     forks: Option<u64>,
     load: String,
 }
@@ -72,7 +73,7 @@ impl Reading {
             cpu_s: t
                 .cpu_s(ctx)
                 .with_context(|| format!("leaktrace node exited early{}", t.proc.tail()))?,
-            bpf_ns: procfs::bpf_run_time_ns(t.pid),
+            bpf: procfs::bpf_run_stats(t.pid),
             forks: procfs::forks(),
             load: procfs::loadavg(),
         })
@@ -94,7 +95,8 @@ pub(super) fn measure(ctx: &Ctx) -> Result<NodeIdle> {
     Ok(NodeIdle {
         window_s: b.at.duration_since(a.at).as_secs_f64(),
         cpu_s: b.cpu_s - a.cpu_s,
-        bpf_s: delta(a.bpf_ns, b.bpf_ns).map(|ns| ns as f64 / 1e9),
+        bpf_s: delta(a.bpf.map(|b| b.0), b.bpf.map(|b| b.0)).map(|ns| ns as f64 / 1e9),
+        bpf_runs: delta(a.bpf.map(|b| b.1), b.bpf.map(|b| b.1)),
         forks: delta(a.forks, b.forks),
         load: (a.load, b.load),
         hwm_kib,

@@ -59,33 +59,33 @@ pub(super) fn map_memlock_bytes(pid: u32) -> Option<u64> {
     Some(total)
 }
 
-/// Run time of the eBPF programs `pid` holds, each counted once, in ns:
-/// the kernel's statistics (`run_time_ns` of each program's fdinfo),
-/// which grow only while someone holds them enabled (`leaktrace node`
-/// does, with BPF_ENABLE_STATS).
-pub(super) fn bpf_run_time_ns(pid: u32) -> Option<u64> {
+/// Run time (ns) and runs of the eBPF programs `pid` holds, each program
+/// counted once: the kernel's statistics (`run_time_ns` and `run_cnt` of
+/// each program's fdinfo), which grow only while someone holds them
+/// enabled (`leaktrace node` does, with BPF_ENABLE_STATS).
+pub(super) fn bpf_run_stats(pid: u32) -> Option<(u64, u64)> {
     let mut seen = std::collections::HashSet::new();
-    let mut total = 0;
+    let (mut ns, mut runs) = (0, 0);
     for e in fs::read_dir(format!("/proc/{pid}/fd")).ok()?.flatten() {
-        if fs::read_link(e.path()).is_ok_and(|t| t.as_os_str() == "anon_inode:bpf-prog") {
-            let Ok(info) = fs::read_to_string(format!(
-                "/proc/{pid}/fdinfo/{}",
-                e.file_name().to_string_lossy()
-            )) else {
-                continue;
-            };
-            let field = |k: &str| {
-                info.lines()
-                    .find_map(|l| l.strip_prefix(k))
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-            };
-            // Several descriptors may hold one program.
-            if seen.insert(field("prog_id:")) {
-                total += field("run_time_ns:").unwrap_or(0);
-            }
+        if !fs::read_link(e.path()).is_ok_and(|t| t.as_os_str() == "anon_inode:bpf-prog") {
+            continue;
+        }
+        let fdinfo = format!("/proc/{pid}/fdinfo/{}", e.file_name().to_string_lossy());
+        let Ok(info) = fs::read_to_string(fdinfo) else {
+            continue;
+        };
+        let field = |k: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(k))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        // Several descriptors may hold one program.
+        if seen.insert(field("prog_id:")) {
+            ns += field("run_time_ns:").unwrap_or(0);
+            runs += field("run_cnt:").unwrap_or(0);
         }
     }
-    Some(total)
+    Some((ns, runs))
 }
 
 /// Processes (and threads) created on the machine since boot:

@@ -50,9 +50,10 @@ pub(super) fn nginx_notes(rows: &[Row<NginxResult>]) -> Vec<String> {
             let f = n.node.as_ref()?;
             let runs: Vec<String> = n.runs_rps.iter().map(|x| format!("{x:.0}")).collect();
             let mut note = format!(
-                "- `{}`: requests/s of the runs {}. {}",
+                "- `{}`: requests/s of the runs {}.{} {}",
                 r.label,
                 runs.join(", "),
+                per_request(n),
                 own_figures(f)
             );
             match base {
@@ -85,6 +86,22 @@ pub(super) fn nginx_notes(rows: &[Row<NginxResult>]) -> Vec<String> {
             Some(note)
         })
         .collect()
+}
+
+/// What leaktrace's eBPF programs cost per request during the runs.
+fn per_request(n: &NginxResult) -> String {
+    match n.bpf {
+        Some((ns, runs)) if runs > 0 && n.requests > 0 => format!(
+            " During them its eBPF programs ran {:.1} times per request (at every syscall's exit \
+             and user page fault of every process, the worker's, wrk's and the rest, and in a \
+             drill-down at each probed allocator call), {:.0} ns a run, {:.2} µs per request in \
+             all.",
+            runs as f64 / n.requests as f64,
+            ns as f64 / runs as f64,
+            ns as f64 / n.requests as f64 / 1e3
+        ),
+        _ => String::new(),
+    }
 }
 
 /// leaktrace node's figures about itself and its drill-downs, in words.
@@ -152,8 +169,15 @@ pub(super) fn render_idle(s: &mut String, row: &Row<NodeIdle>) -> Result<()> {
         let f = &n.figures;
         vec![
             format!("{:.2} s ({})", n.cpu_s, share_of(n.cpu_s)),
-            n.bpf_s
-                .map_or("n/a".into(), |b| format!("{b:.2} s ({})", share_of(b))),
+            match (n.bpf_s, n.bpf_runs) {
+                (Some(b), Some(runs)) => format!(
+                    "{b:.2} s ({}); {} runs, {:.0} ns each",
+                    share_of(b),
+                    thousands(runs),
+                    b * 1e9 / runs.max(1) as f64
+                ),
+                _ => "n/a".into(),
+            },
             format!("**{}**: {}", pct(share), verdict(share <= TARGET_SHARE)),
             format!(
                 "**{}**; {}: {}",
