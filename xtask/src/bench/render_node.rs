@@ -10,7 +10,7 @@ use std::fmt::Write as _;
 use anyhow::Result;
 
 use super::{
-    harness::NodeFigures,
+    harness::{NodeFigures, NODE_DRILL_WAIT_S},
     nginx::NginxResult,
     node::{NodeIdle, WARMUP_S, WINDOW_S},
     table::{crowded_note, mib, thousands, Table},
@@ -71,7 +71,14 @@ pub(super) fn nginx_notes(rows: &[Row<NginxResult>]) -> Vec<String> {
                 }
                 _ => {}
             }
-            if !f.drilldowns.is_empty() {
+            if r.label.contains("drill-down") && f.drilldowns.is_empty() {
+                note.push_str(&format!(
+                    " No drill-down began: one starts only at a reading under half the budget \
+                     ({}), and none came within {NODE_DRILL_WAIT_S} s nor during the runs.",
+                    pct(f.budget_share / 2.0)
+                ));
+            }
+            if r.label.contains("drill-down") {
                 note.push_str(&format!(
                     " The budget: cpu_share {} over the run against {}: {}.",
                     pct(f.cpu_share),
