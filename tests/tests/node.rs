@@ -35,7 +35,7 @@ fn node(args: &[&str]) -> Tracer {
     t
 }
 
-fn process<'a>(r: &'a Value, pid: u32) -> &'a Value {
+fn process(r: &Value, pid: u32) -> &Value {
     r["processes"]
         .as_array()
         .expect("processes")
