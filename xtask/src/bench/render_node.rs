@@ -213,7 +213,7 @@ pub(super) fn render_idle(s: &mut String, row: &Row<NodeIdle>) -> Result<()> {
          eBPF programs (`run_time_ns` in each program's fdinfo: the kernel's statistics, on while \
          node mode runs) were read, and again {WINDOW_S} s later, then VmHWM and VmRSS \
          (/proc/PID/status); then SIGINT and its final report. Its programs run in the context of \
-         every process (at each syscall's exit, and on sampled write faults), so their run time \
+         every process (at each syscall's exit and each user page fault), so their run time \
          is what watching costs the machine, wherever it lands."
     )?;
     if let Ok(n) = &row.result {
