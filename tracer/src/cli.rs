@@ -223,6 +223,10 @@ pub struct NodeArgs {
     /// Never drill down (tiers 0 and 1 only).
     #[arg(long)]
     pub no_drill: bool,
+    /// Benchmarking: drill down into this process at once, growing or
+    /// not (once, as soon as the budget leaves room; it must be watched).
+    #[arg(long, value_name = "PID", hide = true, conflicts_with = "no_drill")]
+    pub drill_pid: Option<u32>,
     /// CPU that leaktrace may cost, its own and its probes' (measured with
     /// the kernel's BPF run-time statistics), in percent of one core; a
     /// drill-down that would exceed it ends early.
@@ -249,6 +253,9 @@ pub struct NodeConfig {
     /// `None`: no drill-downs.
     pub drill_after: Option<Duration>,
     pub drill_for: Duration,
+    /// A process drilled into at once, whatever the census says
+    /// (`--drill-pid`, for benchmarks).
+    pub drill_pid: Option<u32>,
     /// Fraction of one core.
     pub budget_cpu: f64,
     pub max_processes: usize,
@@ -437,6 +444,12 @@ impl NodeArgs {
         if !(1024..=1 << 31).contains(&self.drill_sample_bytes) {
             return Err(ConfigError::BadSampling(self.drill_sample_bytes));
         }
+        if self.drill_pid == Some(0) {
+            return Err(ConfigError::TooSmall {
+                flag: "drill-pid",
+                min: 1,
+            });
+        }
         if !self.budget_cpu.is_finite() || self.budget_cpu <= 0.0 || self.budget_cpu > 100.0 {
             return Err(ConfigError::BadPercent {
                 flag: "budget-cpu",
@@ -476,6 +489,7 @@ impl NodeArgs {
                 fault_period: self.fault_period,
                 drill_after: (!self.no_drill).then_some(drill_after),
                 drill_for,
+                drill_pid: self.drill_pid,
                 budget_cpu: self.budget_cpu / 100.0,
                 max_processes: self.max_processes,
                 window,
@@ -635,6 +649,31 @@ mod tests {
             .is_some_and(|n| n.drill_after.is_none()));
         // Trace flags belong before no subcommand.
         assert!(parse(&["-p", "1", "node"]).is_err());
+    }
+
+    #[test]
+    fn node_drill_pid_is_hidden_and_needs_drill_downs() {
+        let c = parse(&["node", "--drill-pid", "4242"]).expect("valid");
+        assert_eq!(c.node.expect("node").drill_pid, Some(4242));
+        assert_eq!(
+            parse(&["node"])
+                .expect("valid")
+                .node
+                .expect("node")
+                .drill_pid,
+            None
+        );
+        let e = parse(&["node", "--drill-pid", "4242", "--no-drill"]).expect_err("conflict");
+        assert!(e.contains("--no-drill"), "{e}");
+        assert!(parse(&["node", "--drill-pid", "0"]).is_err());
+        assert!(parse(&["node", "--drill-pid", "x"]).is_err());
+        let help = Args::try_parse_from(["leaktrace", "node", "--help"])
+            .expect_err("help")
+            .to_string();
+        assert!(
+            help.contains("--drill-after") && !help.contains("--drill-pid"),
+            "{help}"
+        );
     }
 
     #[test]

@@ -60,12 +60,17 @@ enum Cmd {
         no_vm: bool,
     },
     /// Measure what tracing costs (microbenchmark, nginx, nginx with Lua,
-    /// bcc memleak, footprint); prints a table and writes
+    /// bcc memleak, footprint, node mode); prints a table and writes
     /// docs/benchmarks.md.
     Bench {
         /// Measured phases per configuration (median reported).
         #[arg(long, default_value_t = 5)]
         reps: usize,
+        /// Measure only these sections (comma-separated or repeated) and
+        /// print their tables; docs/benchmarks.md is written only by a
+        /// whole run.
+        #[arg(long, value_enum, value_delimiter = ',', value_name = "SECTION")]
+        only: Vec<bench::Section>,
     },
     /// Run a command under Debian's stock kernels in QEMU (TCG), over the
     /// host's root filesystem; prints one line per kernel.
@@ -131,7 +136,7 @@ fn run(cli: Cli) -> Result<()> {
             setup(true)?;
             test(filter.as_deref(), !no_vm)
         }
-        Cmd::Bench { reps } => bench::bench(reps),
+        Cmd::Bench { reps, only } => bench::bench(reps, bench::Sections::new(&only)),
         Cmd::Vm(args) => vm::main(&args),
     }
 }

@@ -470,47 +470,64 @@ fn drill<K: Kernel>(s: &mut Session<K>, n: &mut Node) {
     if n.meter.last_share > n.cfg.budget_cpu / 2.0 {
         return;
     }
-    let candidate = n
-        .census
-        .processes()
-        .into_iter()
-        .filter(|p| n.census.growing_for_s(p.pid) >= after.as_secs_f64())
-        .filter(|p| {
-            n.drilled_at
-                .get(&p.pid)
-                .is_none_or(|t| now_s - t >= DRILL_COOLDOWN_S)
-        })
-        .filter(|p| {
-            s.targets
-                .get(&p.pid)
-                .is_some_and(|t| t.status == Status::Running)
-        })
-        .max_by(|a, b| {
-            a.growth_bytes_per_s
-                .partial_cmp(&b.growth_bytes_per_s)
-                .unwrap_or(std::cmp::Ordering::Equal)
+    let running = |pid: u32| {
+        s.targets
+            .get(&pid)
+            .is_some_and(|t| t.status == Status::Running)
+    };
+    // `--drill-pid`: that process first, once, growing or not.
+    let forced = n
+        .cfg
+        .drill_pid
+        .filter(|pid| !n.drilled_at.contains_key(pid))
+        .and_then(|pid| {
+            if running(pid) {
+                let comm = s.targets.get(&pid).map(|t| t.comm.clone());
+                return Some((pid, comm.unwrap_or_default(), "--drill-pid".to_string()));
+            }
+            log::warn!("no drill-down into --drill-pid {pid}: it is not a watched running process");
+            n.drilled_at.insert(pid, now_s);
+            None
         });
-    let Some(p) = candidate else { return };
-    s.drilling.insert(p.pid);
-    match s.probes.attach_process(p.pid, &mut s.runtimes) {
+    let candidate = forced.or_else(|| {
+        n.census
+            .processes()
+            .into_iter()
+            .filter(|p| n.census.growing_for_s(p.pid) >= after.as_secs_f64())
+            .filter(|p| {
+                n.drilled_at
+                    .get(&p.pid)
+                    .is_none_or(|t| now_s - t >= DRILL_COOLDOWN_S)
+            })
+            .filter(|p| running(p.pid))
+            .max_by(|a, b| {
+                a.growth_bytes_per_s
+                    .partial_cmp(&b.growth_bytes_per_s)
+                    .unwrap_or(std::cmp::Ordering::Equal)
+            })
+            .map(|p| {
+                let why = format!("growing for {:.0}s", n.census.growing_for_s(p.pid));
+                (p.pid, p.comm, why)
+            })
+    });
+    let Some((pid, comm, why)) = candidate else {
+        return;
+    };
+    s.drilling.insert(pid);
+    match s.probes.attach_process(pid, &mut s.runtimes) {
         Ok(_) => {
-            log::info!(
-                "drilling down into {} ({}): growing for {:.0}s",
-                p.pid,
-                p.comm,
-                n.census.growing_for_s(p.pid)
-            );
+            log::info!("drilling down into {pid} ({comm}): {why}");
             n.drill = Some(Drill {
-                pid: p.pid,
-                comm: p.comm.clone(),
+                pid,
+                comm,
                 started: Instant::now(),
                 started_s: now_s,
             });
         }
         Err(e) => {
-            s.drilling.remove(&p.pid);
-            n.drilled_at.insert(p.pid, now_s);
-            log::info!("no drill-down into {}: {e}", p.pid);
+            s.drilling.remove(&pid);
+            n.drilled_at.insert(pid, now_s);
+            log::info!("no drill-down into {pid}: {e}");
         }
     }
 }
@@ -692,6 +709,14 @@ pub(super) async fn run(cfg: Config) -> anyhow::Result<()> {
             }
         }
     }
+    if let Some(pid) = node_cfg.drill_pid {
+        if !session.targets.contains_key(&pid) {
+            anyhow::bail!(
+                "--drill-pid {pid} is not a watched process; check the pid with `ps -p {pid}` and \
+                 that it matches --comm and --cgroup"
+            );
+        }
+    }
     eprintln!(
         "leaktrace: watching {} processes{}; {}",
         session.running(),
@@ -705,15 +730,19 @@ pub(super) async fn run(cfg: Config) -> anyhow::Result<()> {
             None => "until SIGTERM or Ctrl-C".into(),
         }
     );
+    // Each reading renders /metrics only while a receiver lives: the
+    // server's, with --listen. Without it the receiver must go, or every
+    // reading would build (and symbolize) a report nobody reads.
     let (metrics_tx, metrics_rx) = tokio::sync::watch::channel(Arc::new(String::new()));
-    // Without a listener nobody reads the metrics: no report per reading.
-    let metrics_rx = Some(metrics_rx);
-    if let (Some(l), Some(rx)) = (listener, metrics_rx) {
-        l.set_nonblocking(true)
-            .context("failed to set up the metrics listener")?;
-        let l = tokio::net::TcpListener::from_std(l)
-            .context("failed to set up the metrics listener")?;
-        tokio::spawn(metrics::serve(l, rx));
+    match listener {
+        Some(l) => {
+            l.set_nonblocking(true)
+                .context("failed to set up the metrics listener")?;
+            let l = tokio::net::TcpListener::from_std(l)
+                .context("failed to set up the metrics listener")?;
+            tokio::spawn(metrics::serve(l, metrics_rx));
+        }
+        None => drop(metrics_rx),
     }
     let events_fd = session.probes.events_fd().and_then(|fd| {
         // SAFETY: the duplicated descriptor is owned by the AsyncFd.

@@ -5,10 +5,11 @@
 //!   [`Guard`], [`forward_lines`] and [`wait_line`]), but reporting
 //!   failures as errors, since a failed row is a table cell, not a panic.
 //! - [`Tracer`]: a tracer under GNU time, for its CPU time and peak RSS.
-//! - [`read_report`]: the figures the tables need from leaktrace's JSON.
+//! - [`read_report`], [`read_node_report`]: the figures the tables need
+//!   from leaktrace's JSON and from `leaktrace node`'s.
 //!
-//! Imports: `super` (`Ctx`), `procfs`, leaktrace-tests. Knows no
-//! measurement.
+//! Imports: `super` (`Ctx`), `procfs`, leaktrace-tests, tracer-common (the
+//! counters that mean a loss). Knows no measurement.
 
 use std::{
     fs,
@@ -147,6 +148,9 @@ pub(super) struct Usage {
     pub(super) max_rss_kib: u64,
 }
 
+/// Seconds a node mode row waits for its drill-down to begin.
+pub(super) const NODE_DRILL_WAIT_S: u64 = 60;
+
 /// A tracer running under GNU time (for its CPU time and peak RSS).
 /// Drop kills the tracer itself, then time.
 pub(super) struct Tracer {
@@ -192,6 +196,64 @@ impl Tracer {
             |l| l.starts_with("leaktrace: attached to"),
             Duration::from_secs(60),
         )
+    }
+
+    /// `leaktrace node` with `extra` flags, watching the machine (every
+    /// process unless `extra` says otherwise), its final report in
+    /// `json`; ready once it says how many processes it watches. With
+    /// `drill`, it drills down into that process at once (`--drill-pid`),
+    /// and this returns once the drill-down has begun.
+    pub(super) fn node(
+        ctx: &Ctx,
+        json: &Path,
+        extra: &[String],
+        drill: Option<u32>,
+    ) -> Result<Tracer> {
+        let mut cmd = Command::new(&ctx.leaktrace);
+        // -d: a bound should the bench die without stopping it.
+        cmd.args(["node", "-i", "0", "-d", "900", "--format", "json", "-o"])
+            .arg(json)
+            .arg("--oom-dir")
+            .arg(&ctx.dir)
+            .args(extra)
+            // Drill-downs starting and ending are logged at info.
+            .env("LEAKTRACE_LOG", "warn,leaktrace::run::node=info");
+        if let Some(pid) = drill {
+            cmd.args(["--drill-pid", &pid.to_string()]);
+        }
+        // Watching every process starts by reading each one's mappings
+        // and unwind tables: allow for a busy machine.
+        let mut t = Tracer::spawn(
+            ctx,
+            "leaktrace node",
+            &mut cmd,
+            |l| l.starts_with("leaktrace: watching"),
+            Duration::from_secs(180),
+        )?;
+        if let Some(pid) = drill {
+            // The first reading, taken at start, carries the start's cost;
+            // a drill-down waits for a reading under half the budget,
+            // which on a busy machine may never come: then the row is
+            // measured without one, and its report says so.
+            let began = format!("drilling down into {pid} ");
+            let waited = t.proc.wait_line(
+                |l| l.contains(&began) || l.contains("no drill-down into"),
+                Duration::from_secs(NODE_DRILL_WAIT_S),
+            );
+            match waited {
+                Ok(line) if line.contains(&began) => {}
+                Ok(line) => bail!(
+                    "leaktrace node did not drill down into {pid}: {}",
+                    line.trim()
+                ),
+                Err(e) if t.cpu_s(ctx).is_none() => return Err(e),
+                Err(_) => eprintln!(
+                    "xtask: bench: leaktrace node has not begun a drill-down into {pid} within \
+                     {NODE_DRILL_WAIT_S} s (no reading under half its budget); measuring anyway"
+                ),
+            }
+        }
+        Ok(t)
     }
 
     /// CPU seconds the tracer has used so far.
@@ -378,6 +440,87 @@ fn lua_stacks(text: &str) -> (usize, usize) {
     (lua, stacks.len())
 }
 
+/// `leaktrace node`'s figures about itself (the `leaktrace` object of its
+/// JSON report), its drill-downs and its losses.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(super) struct NodeFigures {
+    pub(super) duration_s: f64,
+    pub(super) cpu_s: f64,
+    pub(super) bpf_s: f64,
+    pub(super) uprobe_traps: u64,
+    /// Shares of one core: over the run (startup included), the budget,
+    /// and the largest over one reading.
+    pub(super) cpu_share: f64,
+    pub(super) budget_share: f64,
+    pub(super) peak_share: f64,
+    pub(super) rss_bytes: u64,
+    pub(super) watched_processes: u64,
+    /// The kernel counters that mean a loss, summed.
+    pub(super) lost: u64,
+    pub(super) drilldowns: Vec<NodeDrill>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(super) struct NodeDrill {
+    pub(super) pid: u64,
+    pub(super) comm: String,
+    pub(super) started_s: f64,
+    pub(super) ended_s: f64,
+    /// window, budget, exited or running.
+    pub(super) ended_by: String,
+    pub(super) stacks: usize,
+}
+
+/// The figures of a `leaktrace.node/v1` report.
+pub(super) fn read_node_report(path: &Path) -> Result<NodeFigures> {
+    let text = fs::read_to_string(path)
+        .with_context(|| format!("leaktrace node wrote no report to {}", path.display()))?;
+    node_figures(&text).with_context(|| format!("unexpected node report {}", path.display()))
+}
+
+fn node_figures(text: &str) -> Result<NodeFigures> {
+    let v: serde_json::Value = serde_json::from_str(text).context("not JSON")?;
+    if v["schema"] != "leaktrace.node/v1" {
+        bail!("schema {} instead of leaktrace.node/v1", v["schema"]);
+    }
+    let me = &v["leaktrace"];
+    let f = |o: &serde_json::Value, k: &str| o[k].as_f64().with_context(|| format!("no {k}"));
+    let u = |o: &serde_json::Value, k: &str| o[k].as_u64().with_context(|| format!("no {k}"));
+    let lost = tracer_common::Counter::ALL
+        .iter()
+        .filter(|c| c.is_loss())
+        .filter_map(|c| v["counters"][c.name()].as_u64())
+        .sum();
+    let drilldowns = v["drilldowns"]
+        .as_array()
+        .context("no drilldowns")?
+        .iter()
+        .map(|d| {
+            Ok(NodeDrill {
+                pid: u(d, "pid")?,
+                comm: d["comm"].as_str().unwrap_or_default().to_string(),
+                started_s: f(d, "started_s")?,
+                ended_s: f(d, "ended_s")?,
+                ended_by: d["ended_by"].as_str().context("no ended_by")?.to_string(),
+                stacks: d["stacks"].as_array().map_or(0, Vec::len),
+            })
+        })
+        .collect::<Result<_>>()?;
+    Ok(NodeFigures {
+        duration_s: f(&v, "duration_s")?,
+        cpu_s: f(me, "cpu_s")?,
+        bpf_s: f(me, "bpf_s")?,
+        uprobe_traps: u(me, "uprobe_traps")?,
+        cpu_share: f(me, "cpu_share")?,
+        budget_share: f(me, "budget_share")?,
+        peak_share: f(me, "peak_share")?,
+        rss_bytes: u(me, "rss_bytes")?,
+        watched_processes: u(me, "watched_processes")?,
+        lost,
+        drilldowns,
+    })
+}
+
 fn json_u64(text: &str, key: &str) -> Option<u64> {
     let pat = format!("\"{key}\":");
     let rest = text[text.find(&pat)? + pat.len()..].trim_start();
@@ -410,5 +553,43 @@ mod tests {
               {"function": "handle", "kind": "lua"}]},
             {"pids": [7], "frames": []}]}"#;
         assert_eq!(lua_stacks(t), (1, 3));
+    }
+
+    #[test]
+    fn node_report_figures() {
+        let t = r#"{"schema": "leaktrace.node/v1", "duration_s": 20.5,
+            "processes": [], "stacks": [],
+            "drilldowns": [{"pid": 7, "comm": "nginx", "started_s": 2.0,
+                "ended_s": 4.1, "ended_by": "budget", "stacks": [{}, {}]}],
+            "counters": {"allocs": 9, "syscall_events_lost": 3, "stacks_lost": 2},
+            "leaktrace": {"cpu_s": 0.5, "bpf_s": 0.25, "uprobe_traps": 1000,
+                "cpu_share": 0.009, "budget_share": 0.01, "peak_share": 0.2,
+                "rss_bytes": 4096, "watched_processes": 12}}"#;
+        let f = node_figures(t).unwrap();
+        assert_eq!(
+            f,
+            NodeFigures {
+                duration_s: 20.5,
+                cpu_s: 0.5,
+                bpf_s: 0.25,
+                uprobe_traps: 1000,
+                cpu_share: 0.009,
+                budget_share: 0.01,
+                peak_share: 0.2,
+                rss_bytes: 4096,
+                watched_processes: 12,
+                lost: 5,
+                drilldowns: vec![NodeDrill {
+                    pid: 7,
+                    comm: "nginx".into(),
+                    started_s: 2.0,
+                    ended_s: 4.1,
+                    ended_by: "budget".into(),
+                    stacks: 2,
+                }],
+            }
+        );
+        let other = t.replace("leaktrace.node/v1", "leaktrace/v1");
+        assert!(node_figures(&other).is_err());
     }
 }

@@ -27,6 +27,16 @@
 //!   cache bounded to 1,000 records) under `wrk`: requests/s and worker CPU
 //!   per request untraced, under leaktrace exact (every allocation, LuaJIT's
 //!   `lj_alloc_*` included) and under `--sample-bytes 524288`.
+//! - node mode (`leaktrace node`, not attached to the worker: it watches
+//!   the machine), in the static nginx table: tiers 0-1 (`--no-drill`,
+//!   every process), and a drill-down forced onto the worker
+//!   (`--drill-pid`) under the default 1% budget and under a budget that
+//!   never ends it; then, on its own, `leaktrace node --no-drill` on a
+//!   machine without a workload: its CPU over a steady window after a
+//!   warm-up, and its memory (`node`).
+//!
+//! `--only SECTION` measures some sections and prints their tables
+//! without writing `docs/benchmarks.md` (whose block is a whole run).
 //!
 //! bcc tools run through `bench/bcc_refctr0.py`, which fixes the
 //! ref_ctr_offset their Python binding leaves to chance (iovisor/bcc#5236)
@@ -45,18 +55,22 @@
 //! - `procfs`, `watch`: figures from /proc; other tracers on the machine.
 //! - `micro` (the phase protocol and the malloc/free rows), `footprint`,
 //!   `nginx`, `memleak` (bcc: memleak, the floor, their kernel setup),
-//!   `runtimes` (Python, Go): the measurements. They import this file,
-//!   `harness` and `procfs`, never the rendering.
-//! - `render`, `render_runtimes`, `table`: the Markdown. They import the
-//!   result types and this file's constants, and measure nothing.
+//!   `runtimes` (Python, Go), `node` (node mode on a quiet machine): the
+//!   measurements. They import this file, `harness` and `procfs`, never
+//!   the rendering.
+//! - `render`, `render_runtimes`, `render_node`, `table`: the Markdown.
+//!   They import the result types and this file's constants, and measure
+//!   nothing.
 
 mod footprint;
 mod harness;
 mod memleak;
 mod micro;
 mod nginx;
+mod node;
 mod procfs;
 mod render;
+mod render_node;
 mod render_runtimes;
 mod runtimes;
 mod table;
@@ -74,9 +88,10 @@ use anyhow::{bail, Context as _, Result};
 
 use crate::{ensure_packages, is_root, output, setup, workspace_root};
 use footprint::Footprint;
-use harness::{read_report, LeaktraceReport, Tracer};
+use harness::{read_node_report, read_report, LeaktraceReport, NodeFigures, Tracer};
 use micro::Micro;
 use nginx::{NginxResult, Site};
+use node::NodeIdle;
 use watch::Watch;
 
 /// Always needed: the compiler, GNU time (tracer CPU and RSS), kill.
@@ -86,7 +101,45 @@ const NGINX_PACKAGES: &[&str] = &["nginx", "wrk"];
 /// nginx's Lua module (with LuaJIT and lua-resty-core), for the Lua rows.
 const LUA_PACKAGES: &[&str] = &["libnginx-mod-http-lua"];
 
-pub(crate) fn bench(reps: usize) -> Result<()> {
+/// A part of the run, for `cargo xtask bench --only`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Section {
+    /// malloc/free pairs (leaktrace, bcc memleak, the floor) and
+    /// leaktrace's footprint.
+    Malloc,
+    /// Python allocations.
+    Python,
+    /// Go allocations (builds bench/goalloc.go with two toolchains).
+    Go,
+    /// nginx serving a static page, under the process-mode tracers.
+    Nginx,
+    /// nginx with its Lua module.
+    Lua,
+    /// Node mode: its rows of the nginx table (beside the untraced row)
+    /// and `leaktrace node` on a quiet machine.
+    Node,
+}
+
+/// The sections a run measures: every one unless `--only` named some.
+#[derive(Clone, Debug)]
+pub(crate) struct Sections(Vec<Section>);
+
+impl Sections {
+    pub(crate) fn new(only: &[Section]) -> Sections {
+        Sections(only.to_vec())
+    }
+
+    fn has(&self, s: Section) -> bool {
+        self.0.is_empty() || self.0.contains(&s)
+    }
+
+    /// A whole run, the only kind that rewrites docs/benchmarks.md.
+    fn all(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+pub(crate) fn bench(reps: usize, sections: Sections) -> Result<()> {
     if reps == 0 {
         bail!("--reps must be at least 1");
     }
@@ -96,22 +149,45 @@ pub(crate) fn bench(reps: usize) -> Result<()> {
     let started = Instant::now();
     setup(false)?;
     ensure_packages(CORE_PACKAGES)?;
-    let nginx_ready = ensure_packages(NGINX_PACKAGES).map_err(|e| format!("{e:#}"));
-    let lua_ready = nginx_ready
-        .clone()
-        .and_then(|()| ensure_packages(LUA_PACKAGES).map_err(|e| format!("{e:#}")));
-    let bcc_ready = memleak::ready();
-    let ctx = Ctx::prepare(reps)?;
+    let wants_nginx = [Section::Nginx, Section::Lua, Section::Node]
+        .into_iter()
+        .any(|s| sections.has(s));
+    let nginx_ready = if wants_nginx {
+        ensure_packages(NGINX_PACKAGES).map_err(|e| format!("{e:#}"))
+    } else {
+        Err("not asked for".into())
+    };
+    let lua_ready = if sections.has(Section::Lua) {
+        nginx_ready
+            .clone()
+            .and_then(|()| ensure_packages(LUA_PACKAGES).map_err(|e| format!("{e:#}")))
+    } else {
+        Err("not asked for".into())
+    };
+    let bcc_ready = if sections.has(Section::Malloc) || sections.has(Section::Nginx) {
+        memleak::ready()
+    } else {
+        Err("not asked for".into())
+    };
+    let ctx = Ctx::prepare(reps, sections)?;
     let results = measure_all(&ctx, nginx_ready, lua_ready, &bcc_ready);
     let doc = render::render(&ctx, &results, started.elapsed())?;
     println!("{doc}");
-    let path = workspace_root().join("docs").join("benchmarks.md");
-    render::write_doc(&path, &doc)?;
-    eprintln!(
-        "xtask: bench: wrote {} ({:.0} s)",
-        path.display(),
-        started.elapsed().as_secs_f64()
-    );
+    if ctx.sections.all() {
+        let path = workspace_root().join("docs").join("benchmarks.md");
+        render::write_doc(&path, &doc)?;
+        eprintln!(
+            "xtask: bench: wrote {} ({:.0} s)",
+            path.display(),
+            started.elapsed().as_secs_f64()
+        );
+    } else {
+        eprintln!(
+            "xtask: bench: measured {:?} only ({:.0} s); docs/benchmarks.md is written by a whole run",
+            ctx.sections.0,
+            started.elapsed().as_secs_f64()
+        );
+    }
     results.fail_on_leaktrace_errors()
 }
 
@@ -121,48 +197,75 @@ const FOOTPRINT_ALLOCS: u64 = 1_000_000;
 const REPORT_ALLOCS: u64 = 100_000;
 const FOOTPRINT_STACKS: u64 = 10_000;
 
-/// Every row: malloc/free, footprint, Python, Go, then nginx and nginx
-/// with Lua when their packages could be installed.
+/// Every row of the sections asked for: malloc/free, footprint, Python,
+/// Go, then nginx and nginx with Lua when their packages could be
+/// installed, then node mode on a quiet machine.
 fn measure_all(
     ctx: &Ctx,
     nginx_ready: Result<(), String>,
     lua_ready: Result<(), String>,
     bcc_ready: &Result<(), String>,
 ) -> Results {
-    let micro = micro_rows(ctx, bcc_ready);
-    let footprint = [
-        (FOOTPRINT_ALLOCS, "leaktrace footprint"),
-        (REPORT_ALLOCS, "leaktrace final report"),
-    ]
-    .map(|(allocs, section)| {
-        let label = format!("{allocs} live allocations");
-        measure_row(ctx, section, label, || footprint::measure(ctx, allocs))
-    });
-    eprintln!("xtask: bench: python ({PYTHON})");
-    let python = py_specs(ctx)
-        .into_iter()
-        .map(|(label, depth, kind, iters)| {
-            measure_row(ctx, "python", label, || {
-                runtimes::measure_python(ctx, depth, &kind, iters)
-            })
+    let has = |s| ctx.sections.has(s);
+    let micro = if has(Section::Malloc) {
+        micro_rows(ctx, bcc_ready)
+    } else {
+        Vec::new()
+    };
+    let footprint = has(Section::Malloc).then(|| {
+        [
+            (FOOTPRINT_ALLOCS, "leaktrace footprint"),
+            (REPORT_ALLOCS, "leaktrace final report"),
+        ]
+        .map(|(allocs, section)| {
+            let label = format!("{allocs} live allocations");
+            measure_row(ctx, section, label, || footprint::measure(ctx, allocs))
         })
-        .collect();
-    eprintln!("xtask: bench: go (bench/goalloc.go)");
-    let go = go_specs(ctx)
-        .into_iter()
-        .map(|(label, toolchain, rate, kind, iters)| {
-            measure_row(ctx, "go", label, || {
-                runtimes::measure_go(ctx, toolchain, rate, &kind, iters)
-            })
-        })
-        .collect();
-    let nginx = nginx_ready.and_then(|()| {
-        eprintln!("xtask: bench: nginx under wrk");
-        nginx::measure(ctx, Site::Static, nginx_specs(ctx), bcc_ready).map_err(|e| format!("{e:#}"))
     });
-    let nginx_lua = lua_ready.and_then(|()| {
-        eprintln!("xtask: bench: nginx with Lua under wrk");
-        nginx::measure(ctx, Site::Lua, lua_specs(ctx), bcc_ready).map_err(|e| format!("{e:#}"))
+    let python = if has(Section::Python) {
+        eprintln!("xtask: bench: python ({PYTHON})");
+        py_specs(ctx)
+            .into_iter()
+            .map(|(label, depth, kind, iters)| {
+                measure_row(ctx, "python", label, || {
+                    runtimes::measure_python(ctx, depth, &kind, iters)
+                })
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let go = if has(Section::Go) {
+        eprintln!("xtask: bench: go (bench/goalloc.go)");
+        go_specs(ctx)
+            .into_iter()
+            .map(|(label, toolchain, rate, kind, iters)| {
+                measure_row(ctx, "go", label, || {
+                    runtimes::measure_go(ctx, toolchain, rate, &kind, iters)
+                })
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let nginx = (has(Section::Nginx) || has(Section::Node)).then(|| {
+        nginx_ready.and_then(|()| {
+            eprintln!("xtask: bench: nginx under wrk");
+            nginx::measure(ctx, Site::Static, nginx_specs(ctx), bcc_ready)
+                .map_err(|e| format!("{e:#}"))
+        })
+    });
+    let nginx_lua = has(Section::Lua).then(|| {
+        lua_ready.and_then(|()| {
+            eprintln!("xtask: bench: nginx with Lua under wrk");
+            nginx::measure(ctx, Site::Lua, lua_specs(ctx), bcc_ready).map_err(|e| format!("{e:#}"))
+        })
+    });
+    let node_idle = has(Section::Node).then(|| {
+        let label = "leaktrace node --no-drill".to_string();
+        measure_row(ctx, "node mode, quiet machine", label, || {
+            node::measure(ctx)
+        })
     });
     Results {
         micro,
@@ -171,6 +274,7 @@ fn measure_all(
         nginx_lua,
         python,
         go,
+        node_idle,
     }
 }
 
@@ -227,30 +331,39 @@ struct Row<T> {
     others: Vec<String>,
 }
 
-/// Everything the document shows.
+/// Everything the document shows; a section not measured (`--only`) is
+/// empty or `None`.
 struct Results {
     micro: Vec<(Spec, Row<Micro>)>,
     /// 1,000,000 live allocations (peak RSS), then 100,000 (final report).
-    footprint: [Row<Footprint>; 2],
-    nginx: Result<Vec<Row<NginxResult>>, String>,
+    footprint: Option<[Row<Footprint>; 2]>,
+    nginx: Option<Result<Vec<Row<NginxResult>>, String>>,
     /// The same nginx serving `bench/luabench.lua`.
-    nginx_lua: Result<Vec<Row<NginxResult>>, String>,
+    nginx_lua: Option<Result<Vec<Row<NginxResult>>, String>>,
     python: Vec<Row<Micro>>,
     go: Vec<Row<Micro>>,
+    /// `leaktrace node --no-drill` on a quiet machine.
+    node_idle: Option<Row<NodeIdle>>,
 }
 
 impl Results {
     /// The run fails when a leaktrace row did (the others depend on what
     /// the machine has).
     fn fail_on_leaktrace_errors(&self) -> Result<()> {
-        let [big, small] = &self.footprint;
+        let footprint = self.footprint.iter().flat_map(|[big, small]| {
+            [
+                big.result.is_err().then_some("footprint"),
+                small.result.is_err().then_some("final report"),
+            ]
+        });
+        let node_idle = self.node_idle.iter().filter(|r| r.result.is_err());
         let failed: Vec<&str> = self
             .micro
             .iter()
             .filter(|(s, r)| matches!(s.kind, Kind::Leaktrace { .. }) && r.result.is_err())
             .map(|(s, _)| s.label.as_str())
-            .chain(big.result.is_err().then_some("footprint"))
-            .chain(small.result.is_err().then_some("final report"))
+            .chain(footprint.flatten())
+            .chain(node_idle.map(|_| "node mode on a quiet machine"))
             .collect();
         if !failed.is_empty() {
             bail!("leaktrace rows failed: {}", failed.join(", "));
@@ -262,6 +375,7 @@ impl Results {
 /// Paths and facts shared by every measurement.
 struct Ctx {
     reps: usize,
+    sections: Sections,
     dir: PathBuf,
     leaktrace: PathBuf,
     mallocbench: PathBuf,
@@ -284,7 +398,7 @@ struct Ctx {
 }
 
 impl Ctx {
-    fn prepare(reps: usize) -> Result<Ctx> {
+    fn prepare(reps: usize, sections: Sections) -> Result<Ctx> {
         let root = workspace_root();
         let dir = root.join("target").join("bench");
         fs::create_dir_all(&dir).with_context(|| format!("failed to create {}", dir.display()))?;
@@ -292,9 +406,14 @@ impl Ctx {
         let help = output(Command::new(&leaktrace).arg("--help"))?;
         let src = root.join("bench");
         let [mallocbench, footprint] = workloads::compile_c(&src, &dir)?;
-        let goalloc = workloads::build_goalloc(&src);
+        let goalloc = if sections.has(Section::Go) {
+            workloads::build_goalloc(&src)
+        } else {
+            Vec::new()
+        };
         Ok(Ctx {
             reps,
+            sections,
             dir,
             leaktrace,
             mallocbench,
@@ -327,6 +446,13 @@ enum Kind {
     Leaktrace {
         extra: Vec<String>,
     },
+    /// `leaktrace node` with `extra` flags, watching the machine rather
+    /// than attached to the row's process; with `drill`, it drills down
+    /// into that process at once (`--drill-pid`).
+    Node {
+        extra: Vec<String>,
+        drill: bool,
+    },
     Memleak,
     Floor,
     /// A row that cannot run, with the reason.
@@ -337,6 +463,13 @@ impl Kind {
     fn leaktrace(extra: &[&str]) -> Kind {
         Kind::Leaktrace {
             extra: extra.iter().map(|e| e.to_string()).collect(),
+        }
+    }
+
+    fn node(extra: &[&str], drill: bool) -> Kind {
+        Kind::Node {
+            extra: extra.iter().map(|e| e.to_string()).collect(),
+            drill,
         }
     }
 
@@ -354,6 +487,7 @@ impl Kind {
             Kind::Untraced => return Ok(None),
             Kind::Unavailable(why) => bail!("{why}"),
             Kind::Leaktrace { extra } => Tracer::leaktrace(ctx, pid, json, extra)?,
+            Kind::Node { extra, drill } => Tracer::node(ctx, json, extra, drill.then_some(pid))?,
             Kind::Memleak => memleak::memleak(ctx, pid)?,
             Kind::Floor => memleak::floor(ctx, pid, floor_offset.unwrap_or(9))?,
         }))
@@ -363,6 +497,13 @@ impl Kind {
     fn report(&self, json: &Path) -> Result<Option<LeaktraceReport>> {
         matches!(self, Kind::Leaktrace { .. })
             .then(|| read_report(json))
+            .transpose()
+    }
+
+    /// The figures of `leaktrace node`'s report of a finished row.
+    fn node_report(&self, json: &Path) -> Result<Option<NodeFigures>> {
+        matches!(self, Kind::Node { .. })
+            .then(|| read_node_report(json))
             .transpose()
     }
 }
@@ -417,24 +558,60 @@ fn micro_specs(ctx: &Ctx) -> Vec<Spec> {
 }
 
 /// The nginx rows: the malloc/free configurations that make sense for a
-/// server (no floor; the sampled mode only when the binary has it).
+/// server (no floor; the sampled mode only when the binary has it), then
+/// node mode's (section `node`).
 fn nginx_specs(ctx: &Ctx) -> Vec<(&'static str, Kind)> {
-    let mut specs = vec![
-        ("untraced", Kind::Untraced),
-        ("leaktrace (free probe at free+9)", Kind::leaktrace(&[])),
-        (
-            "leaktrace --free-probe-at-entry",
-            Kind::leaktrace(&["--free-probe-at-entry"]),
-        ),
-    ];
-    if ctx.has_sample_bytes {
-        specs.push((
-            "leaktrace --sample-bytes 524288",
-            Kind::leaktrace(&["--sample-bytes", SAMPLE_BYTES]),
-        ));
+    let mut specs = vec![("untraced", Kind::Untraced)];
+    if ctx.sections.has(Section::Nginx) {
+        specs.extend([
+            ("leaktrace (free probe at free+9)", Kind::leaktrace(&[])),
+            (
+                "leaktrace --free-probe-at-entry",
+                Kind::leaktrace(&["--free-probe-at-entry"]),
+            ),
+        ]);
+        if ctx.has_sample_bytes {
+            specs.push((
+                "leaktrace --sample-bytes 524288",
+                Kind::leaktrace(&["--sample-bytes", SAMPLE_BYTES]),
+            ));
+        }
+        specs.push(("bcc memleak-bpfcc", Kind::Memleak));
     }
-    specs.push(("bcc memleak-bpfcc", Kind::Memleak));
+    if ctx.sections.has(Section::Node) {
+        specs.extend(node_specs());
+    }
     specs
+}
+
+/// The label of node mode's row without drill-downs (its targets are
+/// checked under the table).
+const NODE_TIERS01: &str = "node mode (tiers 0-1)";
+
+/// A drill-down longer than any row, so that only the budget (or the
+/// end of the row) ends it.
+const NODE_DRILL_FOR: &str = "600";
+
+/// Node mode beside nginx: tiers 0-1 watching every process; a
+/// drill-down forced onto the worker (it does not grow, so the census
+/// would never pick it) under the default budget of 1% of one core; and
+/// the same drill-down under a budget it cannot reach, for what the
+/// probes cost while they stay on.
+fn node_specs() -> [(&'static str, Kind); 3] {
+    let drill = |budget| {
+        Kind::node(
+            &["--drill-for", NODE_DRILL_FOR, "--budget-cpu", budget],
+            true,
+        )
+    };
+    [
+        (NODE_TIERS01, Kind::node(&["--no-drill"], false)),
+        ("node mode, drill-down on nginx", drill("1")),
+        (
+            "node mode, drill-down on nginx, --budget-cpu 100",
+            drill("100"),
+        ),
+    ]
 }
 
 /// The Lua rows: exact (the default) and sampled, the modes a Lua
@@ -544,6 +721,14 @@ fn median(v: &mut [f64]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sections_default_to_all() {
+        let all = Sections::new(&[]);
+        assert!(all.all() && all.has(Section::Node) && all.has(Section::Malloc));
+        let node = Sections::new(&[Section::Node]);
+        assert!(!node.all() && node.has(Section::Node) && !node.has(Section::Nginx));
+    }
 
     #[test]
     fn medians() {

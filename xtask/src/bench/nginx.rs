@@ -1,7 +1,8 @@
 //! A realistic workload: Debian's nginx (1 worker, loopback, its own
 //! config, pid file and logs under `target/bench/<site>`) under `wrk`,
-//! untraced and with the tracer on the worker: requests/s and the worker's
-//! CPU per request. Two sites, one nginx each ([`Site`]): a static page,
+//! untraced and with the tracer on the worker (or, for node mode, watching
+//! the machine): requests/s and the worker's CPU per request. Two sites,
+//! one nginx each ([`Site`]): a static page,
 //! and a location whose content is made by Lua (nginx's Lua module,
 //! `bench/luabench.lua`), where leaktrace also probes LuaJIT's allocator.
 //!
@@ -19,9 +20,9 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 
 use super::{
-    harness::{signal, LeaktraceReport, Proc, Usage},
+    harness::{signal, LeaktraceReport, NodeFigures, Proc, Usage},
     measure_row, median,
-    procfs::{children, schedstat_ns},
+    procfs::{bpf_run_stats, children, schedstat_ns},
     Ctx, Kind, Row,
 };
 
@@ -32,10 +33,19 @@ pub(super) const WRK_CONNECTIONS: u32 = 32;
 
 pub(super) struct NginxResult {
     pub(super) rps: f64,
+    /// Requests/s of each measured run, in order.
+    pub(super) runs_rps: Vec<f64>,
     /// The worker's CPU time per request (median over runs).
     pub(super) worker_ns_per_request: f64,
     pub(super) usage: Option<Usage>,
     pub(super) report: Option<LeaktraceReport>,
+    /// `leaktrace node`'s report (node mode rows).
+    pub(super) node: Option<NodeFigures>,
+    /// Over the measured runs: the requests, and the run time (ns) and
+    /// runs of the tracer's eBPF programs (kernel statistics: node mode
+    /// turns them on; zero otherwise).
+    pub(super) requests: u64,
+    pub(super) bpf: Option<(u64, u64)>,
 }
 
 /// What the nginx of a set of rows serves at `/`.
@@ -95,7 +105,8 @@ fn run(ctx: &Ctx, nginx: &Nginx, url: &str, kind: &Kind) -> Result<NginxResult> 
     let mut tracer = kind.attach(ctx, nginx.worker, &json, None)?;
     wrk(url, 1)?;
     let cpu0 = tracer.as_ref().and_then(|t| t.cpu_s(ctx));
-    let (mut rps, mut worker_ns) = (Vec::new(), Vec::new());
+    let bpf0 = tracer.as_ref().and_then(|t| bpf_run_stats(t.pid));
+    let (mut rps, mut worker_ns, mut requests) = (Vec::new(), Vec::new(), 0);
     for _ in 0..WRK_REPS {
         let before = schedstat_ns(nginx.worker);
         let w = wrk(url, WRK_SECS)?;
@@ -103,17 +114,25 @@ fn run(ctx: &Ctx, nginx: &Nginx, url: &str, kind: &Kind) -> Result<NginxResult> 
             worker_ns.push(b.saturating_sub(a) as f64 / w.requests.max(1) as f64);
         }
         rps.push(w.rps);
+        requests += w.requests;
     }
     let cpu1 = tracer.as_ref().and_then(|t| t.cpu_s(ctx));
+    let bpf1 = tracer.as_ref().and_then(|t| bpf_run_stats(t.pid));
     let usage = tracer
         .as_mut()
         .map(|t| t.stop_measured((cpu0, cpu1)))
         .transpose()?;
     Ok(NginxResult {
+        runs_rps: rps.clone(),
         rps: median(&mut rps),
         worker_ns_per_request: median(&mut worker_ns),
         usage,
         report: kind.report(&json)?,
+        node: kind.node_report(&json)?,
+        requests,
+        bpf: bpf0
+            .zip(bpf1)
+            .map(|(a, b)| (b.0.saturating_sub(a.0), b.1.saturating_sub(a.1))),
     })
 }
 

@@ -1,6 +1,7 @@
 //! Figures the measurements read from /proc (and getconf): a process's
-//! CPU time, peak RSS, eBPF map memory and children; a thread's scheduler
-//! time; the machine's cores and load.
+//! CPU time, peak RSS, eBPF map memory, eBPF programs' run time and
+//! children; a thread's scheduler time; the machine's cores, load and
+//! processes started.
 //!
 //! Imports: `crate::output` only. Pure reads: a figure that cannot be
 //! read is `None` (or a placeholder), never an error.
@@ -56,6 +57,47 @@ pub(super) fn map_memlock_bytes(pid: u32) -> Option<u64> {
             .unwrap_or(0);
     }
     Some(total)
+}
+
+/// Run time (ns) and runs of the eBPF programs `pid` holds, each program
+/// counted once: the kernel's statistics (`run_time_ns` and `run_cnt` of
+/// each program's fdinfo), which grow only while someone holds them
+/// enabled (`leaktrace node` does, with BPF_ENABLE_STATS).
+pub(super) fn bpf_run_stats(pid: u32) -> Option<(u64, u64)> {
+    let mut seen = std::collections::HashSet::new();
+    let (mut ns, mut runs) = (0, 0);
+    for e in fs::read_dir(format!("/proc/{pid}/fd")).ok()?.flatten() {
+        if !fs::read_link(e.path()).is_ok_and(|t| t.as_os_str() == "anon_inode:bpf-prog") {
+            continue;
+        }
+        let fdinfo = format!("/proc/{pid}/fdinfo/{}", e.file_name().to_string_lossy());
+        let Ok(info) = fs::read_to_string(fdinfo) else {
+            continue;
+        };
+        let field = |k: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(k))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        // Several descriptors may hold one program.
+        if seen.insert(field("prog_id:")) {
+            ns += field("run_time_ns:").unwrap_or(0);
+            runs += field("run_cnt:").unwrap_or(0);
+        }
+    }
+    Some((ns, runs))
+}
+
+/// Processes (and threads) created on the machine since boot:
+/// `processes` of /proc/stat.
+pub(super) fn forks() -> Option<u64> {
+    fs::read_to_string("/proc/stat")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("processes "))?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// CPU time of one thread, in ns (scheduler accounting, exact).

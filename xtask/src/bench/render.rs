@@ -1,11 +1,12 @@
 //! The document: the malloc/free and footprint table, the nginx tables
-//! (a static page, and a Lua location),
-//! the runtime sections (`render_runtimes`), the machine they ran on, and
-//! the generated block of `docs/benchmarks.md`.
+//! (a static page, with node mode's rows, and a Lua location), the runtime
+//! sections (`render_runtimes`), node mode alone (`render_node`), the
+//! machine they ran on, and the generated block of `docs/benchmarks.md`.
+//! Sections not measured (`--only`) are left out.
 //!
 //! Imports: `super` (results and constants), `table`, `render_runtimes`,
-//! `procfs` (cores, load); asks dpkg, git and date for versions and the
-//! time, and measures nothing.
+//! `render_node`, `procfs` (cores, load); asks dpkg, git and date for
+//! versions and the time, and measures nothing.
 
 use std::{fmt::Write as _, fs, path::Path, process::Command, time::Duration};
 
@@ -15,7 +16,7 @@ use super::{
     footprint::Footprint,
     micro::Micro,
     nginx::{NginxResult, WRK_CONNECTIONS, WRK_REPS, WRK_SECS},
-    one_line, procfs,
+    one_line, procfs, render_node,
     render_runtimes::{render_go, render_python},
     table::{crowded_note, lost_cell, mib, thousands, Table},
     Ctx, Kind, Results, Row, Spec, FOOTPRINT_ALLOCS, FOOTPRINT_STACKS, REPORT_ALLOCS, SLOW_PAIRS,
@@ -44,20 +45,45 @@ pub(super) fn render(ctx: &Ctx, results: &Results, elapsed: Duration) -> Result<
     )?;
     writeln!(s, "{}", versions_line())?;
     writeln!(s)?;
-    render_micro(&mut s, ctx, &results.micro, &results.footprint)?;
-    writeln!(s)?;
-    render_nginx(&mut s, &results.nginx)?;
-    writeln!(s)?;
-    render_nginx_lua(&mut s, &results.nginx_lua)?;
-    writeln!(s)?;
-    render_python(&mut s, &results.python, ctx.reps.max(1))?;
-    writeln!(s)?;
-    render_go(&mut s, &results.go)?;
-    writeln!(s)?;
+    if let Some(footprint) = &results.footprint {
+        render_micro(&mut s, ctx, &results.micro, footprint)?;
+        writeln!(s)?;
+    }
+    if let Some(nginx) = &results.nginx {
+        render_nginx(&mut s, nginx)?;
+        writeln!(s)?;
+    }
+    if let Some(lua) = &results.nginx_lua {
+        render_nginx_lua(&mut s, lua)?;
+        writeln!(s)?;
+    }
+    if !results.python.is_empty() {
+        render_python(&mut s, &results.python, ctx.reps.max(1))?;
+        writeln!(s)?;
+    }
+    if !results.go.is_empty() {
+        render_go(&mut s, &results.go)?;
+        writeln!(s)?;
+    }
+    if let Some(idle) = &results.node_idle {
+        render_node::render_idle(&mut s, idle)?;
+        writeln!(s)?;
+    }
+    let only: Vec<String> = ctx
+        .sections
+        .0
+        .iter()
+        .filter_map(|s| clap::ValueEnum::to_possible_value(s).map(|v| v.get_name().to_string()))
+        .collect();
     writeln!(
         s,
-        "Whole run: {:.0} s. Reproduce with `cargo xtask bench` (root).",
-        elapsed.as_secs_f64()
+        "Whole run: {:.0} s. Reproduce with `cargo xtask bench{}` (root).",
+        elapsed.as_secs_f64(),
+        if only.is_empty() {
+            String::new()
+        } else {
+            format!(" --only {}", only.join(","))
+        }
     )?;
     writeln!(s)?;
     write!(s, "{DOC_END}")?;
@@ -277,7 +303,25 @@ fn render_nginx(s: &mut String, nginx: &Result<Vec<Row<NginxResult>>, String>) -
     let heading = format!(
         "### nginx (Debian, 1 worker, static page on 127.0.0.1) under wrk -t1 -c{WRK_CONNECTIONS} -d{WRK_SECS}s, keep-alive"
     );
-    wrk_table(s, &heading, nginx, None, &[])
+    let notes = match nginx {
+        Ok(rows) if rows.iter().any(|r| r.label.starts_with("node mode")) => {
+            let mut notes = vec![
+                "- node mode rows: `leaktrace node` is not attached to the worker but started \
+                 before the warm-up watching every process on the machine (nginx, wrk, and \
+                 whatever else runs), and stopped after the last run. The drill-down rows add the \
+                 hidden `--drill-pid` (the worker does not grow, so the census would never pick \
+                 it) and wait for the drill-down to begin before the warm-up: under the default \
+                 budget (1% of one core) it stays on until the first reading over the budget ends \
+                 it; under `--budget-cpu 100` it stays on throughout, which shows what the sampled \
+                 probes cost the worker."
+                    .to_string(),
+            ];
+            notes.extend(render_node::nginx_notes(rows));
+            notes
+        }
+        _ => Vec::new(),
+    };
+    wrk_table(s, &heading, nginx, None, &notes)
 }
 
 fn render_nginx_lua(s: &mut String, rows: &Result<Vec<Row<NginxResult>>, String>) -> Result<()> {
@@ -359,12 +403,16 @@ fn wrk_table(
                 format!("{:.0}", n.rps),
                 vs(base.map(|b| b.0), n.rps, 2),
                 format!("{:.1} µs", n.worker_ns_per_request / 1e3),
-                vs(base.map(|b| b.1), n.worker_ns_per_request, 1),
+                vs(base.map(|b| b.1), n.worker_ns_per_request, 2),
                 n.usage.map_or("—".into(), |u| {
                     format!("{:.2} s ({:.2} s)", u.cpu_s, u.phase_cpu_s)
                 }),
                 n.usage.map_or("—".into(), |u| mib(u.max_rss_kib)),
-                n.report.as_ref().map_or("—".into(), lost_cell),
+                match (&n.report, &n.node) {
+                    (Some(r), _) => lost_cell(r),
+                    (None, Some(f)) => thousands(f.lost),
+                    (None, None) => "—".into(),
+                },
             ];
             cells.extend(extra.map(|(_, cell)| cell(n)));
             cells
