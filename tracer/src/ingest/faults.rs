@@ -156,6 +156,39 @@ impl FaultTracker {
         }
     }
 
+    /// Keep only the pages of `tgid` inside `mapped` (`[start, end)`
+    /// ranges, sorted): without the syscall programs (node mode), the
+    /// process's memory map says which pages munmap, mremap or a lower
+    /// break gave back.
+    pub fn retain_mapped(&mut self, tgid: u32, mapped: &[(u64, u64)]) {
+        let Some(pages) = self.pages.get_mut(&tgid) else {
+            return;
+        };
+        let gone: Vec<u64> = pages
+            .keys()
+            .copied()
+            .filter(|p| {
+                let i = mapped.partition_point(|&(start, _)| start <= *p);
+                i == 0 || mapped[i - 1].1 <= *p
+            })
+            .collect();
+        for p in gone {
+            if let Some(s) = pages.remove(&p) {
+                debit(&mut self.totals, tgid, s);
+                self.kept -= 1;
+            }
+        }
+    }
+
+    /// Processes with pages kept.
+    pub fn pids(&self) -> Vec<u32> {
+        self.pages
+            .iter()
+            .filter(|(_, p)| !p.is_empty())
+            .map(|(t, _)| *t)
+            .collect()
+    }
+
     /// The process is gone (or exec'd): its pages with it.
     pub fn forget(&mut self, tgid: u32) {
         if let Some(pages) = self.pages.remove(&tgid) {
@@ -235,6 +268,19 @@ mod tests {
         assert_eq!(bytes(&t, 1, 4), 0);
         t.forget(1);
         assert_eq!(t.kept(), 0);
+    }
+
+    #[test]
+    fn pages_outside_the_memory_map_are_given_back() {
+        let mut t = FaultTracker::with_limit(100);
+        t.fault(1, 0x1000, 1, 1);
+        t.fault(1, 0x5000, 1, 1);
+        t.fault(1, 0x9000, 1, 2);
+        t.retain_mapped(1, &[(0x0, 0x2000), (0x8000, 0xa000)]);
+        assert_eq!(bytes(&t, 1, 1), 4096);
+        assert_eq!(bytes(&t, 1, 2), 4096);
+        assert_eq!(t.kept(), 2);
+        assert_eq!(t.pids(), vec![1]);
     }
 
     #[test]
