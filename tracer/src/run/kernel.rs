@@ -46,6 +46,10 @@ pub(crate) trait Kernel: KernelRecords {
     fn unwind_notes(&self) -> &UnwindNotes;
     /// Whether the OOM black box is armed, or why not.
     fn oom(&self) -> &Result<(), String>;
+    /// What the programs cost so far (node mode's budget).
+    fn cost(&self) -> crate::attach::probe::ProgramCost {
+        Default::default()
+    }
 }
 
 impl Kernel for Probes {
@@ -85,5 +89,8 @@ impl Kernel for Probes {
     }
     fn oom(&self) -> &Result<(), String> {
         &self.oom
+    }
+    fn cost(&self) -> crate::attach::probe::ProgramCost {
+        Probes::cost(self)
     }
 }

@@ -39,6 +39,9 @@ const TRAP_NS: u64 = 500;
 /// of every watched process are read then.
 const REFRESH_EVERY: u32 = 5;
 
+/// How often a running drill-down's cost is checked against the budget.
+const DRILL_CHECK: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// Once drilled, a process waits this long before another drill-down.
 const DRILL_COOLDOWN_S: f64 = 600.0;
 
@@ -101,6 +104,11 @@ impl Meter {
 
     fn tick(&mut self, cost: ProgramCost) {
         let now = Instant::now();
+        // A share over a few milliseconds says nothing (the reading's own
+        // work fills them): shorter windows add up to the next.
+        if now.duration_since(self.last) < DRILL_CHECK / 2 {
+            return;
+        }
         let cpu = own_cpu_ns();
         let wall = now.duration_since(self.last).as_nanos() as f64;
         if wall > 0.0 {
@@ -111,6 +119,14 @@ impl Meter {
         }
         self.last = now;
         self.last_cpu_ns = cpu;
+        self.last_cost = cost;
+    }
+
+    /// Start the next window now, leaving the work done since the last
+    /// one out of the per-window share (it still counts in the run's).
+    fn restart(&mut self, cost: ProgramCost) {
+        self.last = Instant::now();
+        self.last_cpu_ns = own_cpu_ns();
         self.last_cost = cost;
     }
 
@@ -536,6 +552,10 @@ fn drill<K: Kernel>(s: &mut Session<K>, n: &mut Node) {
                 started: Instant::now(),
                 started_s: now_s,
             });
+            // The attach's own work (reading the objects, placing the
+            // probes) is a one-off: the checks that follow measure what
+            // the probes cost while they run.
+            n.meter.restart(s.probes.cost());
         }
         Err(e) => {
             s.drilling.remove(&pid);
@@ -766,6 +786,11 @@ pub(super) async fn run(cfg: Config) -> anyhow::Result<()> {
         unsafe { AsyncFd::register(fd) }.ok()
     });
     let mut tick = tokio::time::interval(cfg.sample_every);
+    // While a drill-down runs its cost is checked four times a second: a
+    // process that allocates fast must not cost a whole reading over the
+    // budget before its probes go.
+    let mut drill_tick = tokio::time::interval(DRILL_CHECK);
+    drill_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut ticks: u32 = 0;
     let mut next_report = cfg.interval.map(|i| Instant::now() + i);
     let deadline = cfg.duration.map(|d| tokio::time::Instant::now() + d);
@@ -831,6 +856,10 @@ pub(super) async fn run(cfg: Config) -> anyhow::Result<()> {
                         periodic(&mut session, &mut store, &r);
                     }
                 }
+            }
+            _ = drill_tick.tick(), if node.drill.is_some() => {
+                node.meter.tick(session.probes.cost());
+                drill(&mut session, &mut node);
             }
             ready = async {
                 match &connector {

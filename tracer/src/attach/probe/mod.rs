@@ -588,7 +588,7 @@ impl Probes {
 
     pub fn detach_process(&mut self, pid: u32, runtimes: &mut Runtimes) {
         runtimes.detach(pid, self);
-        // Closing a uprobe link takes ~0.1 s on this kernel: let a thread
+        // Closing a uprobe link takes ~0.1 s on this kernel: let threads
         // do it, so the event loop keeps following forks meanwhile.
         let mut owned = Vec::new();
         for (prog, link) in self.links.remove(&pid).unwrap_or_default() {
@@ -598,8 +598,11 @@ impl Probes {
                 }
             }
         }
-        if !owned.is_empty() {
-            std::thread::spawn(move || drop(owned));
+        // All at once: one after another, a process with a dozen links kept
+        // trapping for a second or more after it was let go (a drill-down
+        // that ended at its CPU budget went on costing).
+        for link in owned {
+            std::thread::spawn(move || drop(link));
         }
         self.attached_objects.remove(&pid);
         self.runtime_probed.remove(&pid);
