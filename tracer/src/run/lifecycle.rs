@@ -23,6 +23,7 @@ impl<K: Kernel> Session<K> {
         }
         let comm = procfs::comm(pid).unwrap_or_else(|| "?".into());
         let res = if self.watch_only && !self.drilling.contains(&pid) {
+            self.recent.push((pid, Instant::now()));
             self.probes
                 .watch_process(pid, &mut self.runtimes)
                 .map(|()| Default::default())

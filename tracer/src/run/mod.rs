@@ -125,6 +125,10 @@ struct Session<K: Kernel = Probes> {
     node_victims: Vec<node::Victim>,
     /// Processes whose kernel rows go at the next reading.
     pending_forget: std::collections::HashSet<u32>,
+    /// Node mode: processes added lately, looked at again at each reading
+    /// (an exec'd image maps its libraries after the exec event; without
+    /// the syscall programs nothing says when).
+    recent: Vec<(u32, Instant)>,
 }
 
 impl<K: Kernel> Session<K> {
@@ -161,6 +165,7 @@ impl<K: Kernel> Session<K> {
             over_limit: 0,
             node_victims: Vec::new(),
             pending_forget: Default::default(),
+            recent: Vec::new(),
         }
     }
 

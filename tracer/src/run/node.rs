@@ -39,6 +39,9 @@ const TRAP_NS: u64 = 500;
 /// of every watched process are read then.
 const REFRESH_EVERY: u32 = 5;
 
+/// Seconds a newly watched process is looked at again at every reading.
+const RECENT_S: u64 = 10;
+
 /// How often a running drill-down's cost is checked against the budget.
 const DRILL_CHECK: std::time::Duration = std::time::Duration::from_millis(250);
 
@@ -180,6 +183,18 @@ struct Node {
 }
 
 impl<K: Kernel> Session<K> {
+    /// Processes added in the last few seconds are looked at again: the
+    /// loader maps an exec'd image's libraries after the exec event, and
+    /// their unwind tables are wanted before the process grows.
+    fn refresh_recent(&mut self) {
+        self.recent
+            .retain(|(_, at)| at.elapsed() < std::time::Duration::from_secs(RECENT_S));
+        let pids: Vec<u32> = self.recent.iter().map(|(p, _)| *p).collect();
+        for pid in pids {
+            self.refresh_process(pid);
+        }
+    }
+
     /// Sampled fault pages the processes no longer map go (node mode has
     /// no syscall events to say so).
     fn release_unmapped_faults(&mut self) {
@@ -805,6 +820,8 @@ pub(super) async fn run(cfg: Config) -> anyhow::Result<()> {
                 if ticks.is_multiple_of(REFRESH_EVERY) {
                     session.refresh_objects();
                     session.release_unmapped_faults();
+                } else {
+                    session.refresh_recent();
                 }
                 session.sample()?;
                 node.over_limit = session.over_limit;
