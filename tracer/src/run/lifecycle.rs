@@ -148,6 +148,29 @@ impl<K: Kernel> Session<K> {
         self.pending_forget.clear();
     }
 
+    /// A batch read from the process connector: its events, or a rescan
+    /// of /proc when the kernel dropped some or the read failed.
+    pub(super) fn on_proc_batch(
+        &mut self,
+        res: io::Result<crate::attach::proc_events::Batch>,
+        events: &mut Vec<ProcEvent>,
+    ) {
+        match res.map(|b| b.overrun) {
+            Ok(false) => {}
+            Ok(true) => {
+                log::warn!("process events overrun; rescanning /proc");
+                self.rescan();
+            }
+            Err(e) => {
+                log::warn!("process events failed ({e}); rescanning /proc");
+                self.rescan();
+            }
+        }
+        for ev in events.drain(..) {
+            self.on_proc_event(ev);
+        }
+    }
+
     pub(super) fn on_proc_event(&mut self, ev: ProcEvent) {
         match ev {
             ProcEvent::Fork { parent, child } => {

@@ -890,20 +890,7 @@ pub(super) async fn run(cfg: Config) -> anyhow::Result<()> {
                 if !res.as_ref().is_ok_and(|b| !b.drained) {
                     guard.clear_ready();
                 }
-                match res.map(|b| b.overrun) {
-                    Ok(false) => {}
-                    Ok(true) => {
-                        log::warn!("process events overrun; rescanning /proc");
-                        session.rescan();
-                    }
-                    Err(e) => {
-                        log::warn!("process events failed ({e}); rescanning /proc");
-                        session.rescan();
-                    }
-                }
-                for ev in proc_events.drain(..) {
-                    session.on_proc_event(ev);
-                }
+                session.on_proc_batch(res, &mut proc_events);
                 for v in std::mem::take(&mut session.node_victims) {
                     oom_report(&mut session, &mut node, v);
                 }

@@ -193,6 +193,17 @@ pub enum ProbeError {
     },
 }
 
+/// A process's memory map; a process that is gone says so.
+fn process_maps(pid: u32) -> Result<Vec<procfs::MapEntry>, ProbeError> {
+    procfs::read_maps(pid).map_err(|source| {
+        if source.kind() == io::ErrorKind::NotFound {
+            ProbeError::NoProcess { pid }
+        } else {
+            ProbeError::Maps { pid, source }
+        }
+    })
+}
+
 /// Loaded programs and maps.
 pub struct Probes {
     pub(crate) ebpf: Ebpf,
@@ -433,13 +444,7 @@ impl Probes {
         runtimes: &mut Runtimes,
     ) -> Result<Attachment, ProbeError> {
         let nz = NonZeroU32::new(pid).ok_or(ProbeError::NoProcess { pid })?;
-        let maps = procfs::read_maps(pid).map_err(|source| {
-            if source.kind() == io::ErrorKind::NotFound {
-                ProbeError::NoProcess { pid }
-            } else {
-                ProbeError::Maps { pid, source }
-            }
-        })?;
+        let maps = process_maps(pid)?;
         let wanted = self.wanted_names();
         let wanted: Vec<&str> = wanted.iter().map(String::as_str).collect();
         let mut attachment = Attachment::default();
@@ -552,13 +557,7 @@ impl Probes {
     /// runtime that needs one adds nothing).
     pub fn watch_process(&mut self, pid: u32, runtimes: &mut Runtimes) -> Result<(), ProbeError> {
         let nz = NonZeroU32::new(pid).ok_or(ProbeError::NoProcess { pid })?;
-        let maps = procfs::read_maps(pid).map_err(|source| {
-            if source.kind() == io::ErrorKind::NotFound {
-                ProbeError::NoProcess { pid }
-            } else {
-                ProbeError::Maps { pid, source }
-            }
-        })?;
+        let maps = process_maps(pid)?;
         self.walkers_only = true;
         let res = runtimes.attach(nz, &maps, self);
         self.walkers_only = false;
