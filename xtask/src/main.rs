@@ -22,9 +22,11 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
+use tally::Tally;
 
 mod bench;
 mod matrix;
+mod tally;
 mod vm;
 
 #[derive(Parser)]
@@ -58,6 +60,11 @@ enum Cmd {
         /// 6.1 and 6.12 kernels in VMs).
         #[arg(long)]
         no_vm: bool,
+        /// Stop this many minutes after starting: name what is still
+        /// running with its process tree, kill it, and report the suites
+        /// not reached as not run (CI's own limit would print nothing).
+        #[arg(long, value_name = "MINUTES")]
+        time_limit: Option<u64>,
     },
     /// Measure what tracing costs (microbenchmark, nginx, nginx with Lua,
     /// bcc memleak, footprint, node mode); prints a table and writes
@@ -132,9 +139,14 @@ fn run(cli: Cli) -> Result<()> {
             build(release)?;
             run_leaktrace(release, &args)
         }
-        Cmd::Test { filter, no_vm } => {
+        Cmd::Test {
+            filter,
+            no_vm,
+            time_limit,
+        } => {
+            let limit = time_limit.map(|m| std::time::Duration::from_secs(m * 60));
             setup(true)?;
-            test(filter.as_deref(), !no_vm)
+            test(filter.as_deref(), !no_vm, limit)
         }
         Cmd::Bench { reps, only } => bench::bench(reps, bench::Sections::new(&only)),
         Cmd::Vm(args) => vm::main(&args),
@@ -388,8 +400,9 @@ fn run_leaktrace(release: bool, args: &[OsString]) -> Result<()> {
 
 /// Every suite runs, whatever happened to the ones before, and the end
 /// says which failed: a failure never hides the state of the rest.
-fn test(filter: Option<&str>, vms: bool) -> Result<()> {
-    let mut tally = Tally::default();
+fn test(filter: Option<&str>, vms: bool, limit: Option<std::time::Duration>) -> Result<()> {
+    tally::become_subreaper();
+    let mut tally = Tally::new(limit);
     tally.check(
         "fmt",
         cargo().args(["fmt", "--all", "--", "--check"]),
@@ -416,6 +429,8 @@ fn test(filter: Option<&str>, vms: bool) -> Result<()> {
         "leaktrace",
         "--package",
         "tracer-common",
+        "--package",
+        "xtask",
     ]);
     if let Some(f) = filter {
         unit.arg(f);
@@ -439,188 +454,4 @@ fn test(filter: Option<&str>, vms: bool) -> Result<()> {
         }
     }
     tally.finish()
-}
-
-/// One suite's outcome.
-struct Suite {
-    name: String,
-    passed: u64,
-    failed: u64,
-    /// The runner itself failed (a build error, a crash, a check).
-    broken: Option<String>,
-}
-
-/// Adds up cargo test's `test result:` lines per test binary while passing
-/// output through.
-#[derive(Default)]
-struct Tally {
-    suites: Vec<Suite>,
-}
-
-impl Tally {
-    /// A check that is not a test runner (fmt, clippy).
-    fn check(&mut self, name: &str, cmd: &mut Command, why: &str) {
-        let broken = match cmd.status() {
-            Ok(st) if st.success() => None,
-            Ok(st) => Some(format!("{why} ({st})")),
-            Err(e) => Some(format!("failed to start: {e}")),
-        };
-        self.suites.push(Suite {
-            name: name.to_string(),
-            passed: u64::from(broken.is_none()),
-            failed: u64::from(broken.is_some()),
-            broken,
-        });
-    }
-
-    fn broken(&mut self, name: &str, why: String) {
-        self.suites.push(Suite {
-            name: name.to_string(),
-            passed: 0,
-            failed: 1,
-            broken: Some(why),
-        });
-    }
-
-    fn run(&mut self, cmd: &mut Command) -> Result<()> {
-        use std::io::{BufRead as _, BufReader};
-        // One pipe for both streams, so cargo's `Running tests/x.rs` (on
-        // stderr) comes in order with that binary's `test result:` line.
-        let (reader, writer) = std::io::pipe().context("failed to create a pipe")?;
-        let mut child = cmd
-            .stdout(writer.try_clone().context("failed to clone a pipe")?)
-            .stderr(writer)
-            .spawn()
-            .with_context(|| format!("failed to start {cmd:?}"))?;
-        // The command keeps its copies of the write end: drop them, or the
-        // read end never sees the end.
-        cmd.stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null());
-        let before = self.suites.len();
-        let mut current = String::from("tests");
-        for line in BufReader::new(reader).lines() {
-            let line = line?;
-            println!("{line}");
-            // A VM's serial console ends its lines with "\r\n".
-            let line = line.trim_end_matches('\r');
-            let t = line.trim_start();
-            if let Some(rest) = t
-                .strip_prefix("Running ")
-                .or_else(|| t.strip_prefix("Doc-tests "))
-            {
-                current = suite_name(rest);
-            }
-            if let Some(rest) = line.strip_prefix("test result: ") {
-                let num = |label: &str| -> u64 {
-                    rest.split(';')
-                        .find_map(|part| part.trim().strip_suffix(label))
-                        .and_then(|n| n.trim().rsplit(' ').next().map(str::to_string))
-                        .and_then(|n| n.parse().ok())
-                        .unwrap_or(0)
-                };
-                self.suites.push(Suite {
-                    name: current.clone(),
-                    passed: num(" passed"),
-                    failed: num(" failed"),
-                    broken: None,
-                });
-            }
-        }
-        let st = child.wait()?;
-        let failed_suites = self.suites[before..].iter().any(|s| s.failed > 0);
-        if !st.success() && !failed_suites {
-            self.suites.push(Suite {
-                name: format!("{cmd:?}"),
-                passed: 0,
-                failed: 1,
-                broken: Some(format!("exited with {st} before reporting")),
-            });
-        }
-        Ok(())
-    }
-
-    /// Prints one line per suite and the total; fails if anything did.
-    fn finish(self) -> Result<()> {
-        println!();
-        println!("suite summary:");
-        for s in &self.suites {
-            match &s.broken {
-                Some(why) => println!("  {:<34} FAILED: {why}", s.name),
-                None => println!(
-                    "  {:<34} {} passed, {} failed{}",
-                    s.name,
-                    s.passed,
-                    s.failed,
-                    if s.failed > 0 { "  <--" } else { "" }
-                ),
-            }
-        }
-        let passed: u64 = self.suites.iter().map(|s| s.passed).sum();
-        let failed: u64 = self.suites.iter().map(|s| s.failed).sum();
-        println!("{passed} passed, {failed} failed");
-        if failed > 0 {
-            bail!("tests failed");
-        }
-        if passed == 0 {
-            bail!("no test ran");
-        }
-        Ok(())
-    }
-}
-
-/// `tests/accounting.rs (target/debug/deps/accounting-1234)` -> `accounting`;
-/// `unittests src/lib.rs (target/debug/deps/leaktrace-1234)` -> `leaktrace (unit)`.
-fn suite_name(running: &str) -> String {
-    // The kernel matrix labels its suites itself (`vm-6.1/native`).
-    if running.starts_with("vm-") {
-        return running
-            .split_once(" (")
-            .map(|(p, _)| p)
-            .unwrap_or(running)
-            .trim()
-            .to_string();
-    }
-    let (path, bin) = match running.split_once(" (") {
-        Some((p, b)) => (p.trim(), b.trim_end_matches(')')),
-        None => (running.trim(), ""),
-    };
-    let bin = Path::new(bin)
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or("")
-        .rsplit_once('-')
-        .map(|(n, _)| n)
-        .unwrap_or("");
-    if let Some(p) = path.strip_prefix("unittests ") {
-        return format!("{} (unit {})", bin, p.trim());
-    }
-    if bin.is_empty() {
-        return path.to_string();
-    }
-    Path::new(path)
-        .file_stem()
-        .and_then(|n| n.to_str())
-        .map(str::to_string)
-        .unwrap_or_else(|| bin.to_string())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::suite_name;
-
-    #[test]
-    fn suites_are_named_by_their_binary() {
-        assert_eq!(
-            suite_name("tests/accounting.rs (target/debug/deps/accounting-eb8d0dd2088341fe)"),
-            "accounting"
-        );
-        assert_eq!(
-            suite_name("unittests src/lib.rs (target/debug/deps/leaktrace-1234)"),
-            "leaktrace (unit src/lib.rs)"
-        );
-        assert_eq!(
-            suite_name("vm-6.1/native (/w/target/debug/deps/native-1234)"),
-            "vm-6.1/native"
-        );
-    }
 }
