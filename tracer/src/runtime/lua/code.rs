@@ -156,6 +156,39 @@ fn function(file: &object::File<'_>, name: &str) -> Option<(u64, u64)> {
         .map(|s| (s.address(), s.size()))
 }
 
+/// PUC-Rio's Lua, built into this object (the `lua5.x` interpreters) or
+/// its library (`liblua5.x`): its version as `lua_ident` spells it
+/// ("Lua 5.4.4"). It exports `lua_newstate` and `lua_ident`, and not
+/// LuaJIT's `luaJIT_setmode`.
+pub fn puc_lua(data: &[u8]) -> Option<String> {
+    let file = object::File::parse(data).ok()?;
+    if function(&file, "luaJIT_setmode").is_some() || function(&file, "lua_newstate").is_none() {
+        return None;
+    }
+    let ident = file.dynamic_symbols().chain(file.symbols()).find(|s| {
+        !s.is_undefined()
+            && s.name()
+                .is_ok_and(|n| n.split('@').next() == Some("lua_ident"))
+    })?;
+    // "$LuaVersion: Lua 5.4.4  Copyright (C) ..." (5.2 on), "$Lua: Lua
+    // 5.1.5 Copyright (C) ..." (5.1), in a read-only section.
+    let section = file.section_by_index(ident.section_index()?).ok()?;
+    let bytes = section.data().ok()?;
+    let at = usize::try_from(ident.address().checked_sub(section.address())?).ok()?;
+    let text = bytes.get(at..)?.split(|&b| b == 0).next()?;
+    let text = std::str::from_utf8(text).ok()?;
+    Some(ident_version(text)?.to_string())
+}
+
+/// "Lua 5.4.4" of `lua_ident`'s text.
+fn ident_version(text: &str) -> Option<&str> {
+    let rest = text
+        .strip_prefix("$LuaVersion: ")
+        .or_else(|| text.strip_prefix("$Lua: "))?;
+    let version = rest.split(" Copyright").next()?.trim();
+    version.starts_with("Lua ").then_some(version)
+}
+
 /// The object's executable sections, to read code by virtual address.
 struct Image<'d> {
     sections: Vec<(u64, &'d [u8])>,
@@ -678,6 +711,19 @@ mod tests {
         data[at + 2] = 0xd2;
         let err = LuajitCode::parse(&data).expect_err("an allocator of another shape");
         assert!(err.contains("lj_alloc_f"), "{err}");
+    }
+
+    #[test]
+    fn puc_lua_versions_from_lua_ident() {
+        assert_eq!(
+            ident_version("$LuaVersion: Lua 5.4.4  Copyright (C) 1994-2022 Lua.org, PUC-Rio $"),
+            Some("Lua 5.4.4")
+        );
+        assert_eq!(
+            ident_version("$Lua: Lua 5.1.5 Copyright (C) 1994-2012 Lua.org, PUC-Rio $"),
+            Some("Lua 5.1.5")
+        );
+        assert_eq!(ident_version("$Id: something else $"), None);
     }
 
     #[test]

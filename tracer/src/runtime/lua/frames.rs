@@ -110,13 +110,12 @@ pub fn line_of(pid: u32, p: &Proto, pos: i32) -> Option<u32> {
 /// The bytecode a trace was at when it called out from `ret` (a return
 /// address into its machine code): the PC of the trace's snapshot in
 /// force there (LuaJIT restores exactly that state if the trace exits),
-/// found through any of the process's VMs `gs`.
-pub fn trace_pc(pid: u32, gs: &[u64], traceno: u32, ret: u64) -> Option<u64> {
+/// found through any of the process's VMs `gs` (of a build whose trace
+/// array is `g_traces` past each).
+pub fn trace_pc(pid: u32, gs: &[u64], g_traces: u64, traceno: u32, ret: u64) -> Option<u64> {
     let mask = (1u64 << 47) - 1;
     for &g in gs {
-        let Some(traces) =
-            read(pid, g + gc64::G_TO_J + gc64::J_TRACE, 8).and_then(|b| u64_at(&b, 0))
-        else {
+        let Some(traces) = read(pid, g + g_traces, 8).and_then(|b| u64_at(&b, 0)) else {
             continue;
         };
         let Some(t) = read(pid, traces + 8 * traceno as u64, 8).and_then(|b| u64_at(&b, 0)) else {

@@ -10,7 +10,10 @@ use std::{
 
 use tracer_common::{lua_pos, lua_stop, runtime::LUA, LUA_MAX_VMS};
 
-use super::{code::LuajitCode, frames, vm};
+use super::{
+    code::{self, LuajitCode},
+    frames, vm,
+};
 use crate::{
     runtime::{
         AttachFailure, Attacher, CodeFrame, Found, InterpStack, Language, ObjectSymbols, Probed,
@@ -45,18 +48,57 @@ impl Library {
     }
 }
 
+/// What an object file is to this runtime.
+#[derive(Debug, Clone)]
+enum Seen {
+    Luajit(LuajitCode),
+    Lua(NotTraced),
+    Neither,
+}
+
+/// A Lua leaktrace does not trace.
+#[derive(Debug, Clone)]
+enum NotTraced {
+    /// LuaJIT, but a build leaktrace cannot read (why).
+    Refused(String),
+    /// PUC-Rio's Lua (its version), whose frames are not read.
+    PucLua(String),
+}
+
+impl Seen {
+    fn read(path: &std::path::Path) -> Seen {
+        let data = match crate::sys::bytes::file_bytes(path) {
+            Ok(d) => d,
+            Err(e) => {
+                let why = format!("failed to read {}: {e}", path.display());
+                return Seen::Lua(NotTraced::Refused(why));
+            }
+        };
+        match LuajitCode::parse(&data) {
+            Ok(Some(code)) => Seen::Luajit(code),
+            Err(why) => Seen::Lua(NotTraced::Refused(why)),
+            Ok(None) => {
+                code::puc_lua(&data).map_or(Seen::Neither, |v| Seen::Lua(NotTraced::PucLua(v)))
+            }
+        }
+    }
+}
+
 /// One traced process running LuaJIT.
 #[derive(Debug)]
 struct Target {
     library: Library,
     vms: Vec<u64>,
+    /// The build the VMs were recognised as (the first VM's, when there
+    /// is one).
+    build: Option<&'static vm::Build>,
 }
 
 /// LuaJIT in the traced processes.
 #[derive(Debug, Default)]
 pub struct Lua {
     /// What each object's code says, by (device, inode).
-    objects: HashMap<(String, u64), Result<Option<LuajitCode>, String>>,
+    objects: HashMap<(String, u64), Seen>,
     found: HashMap<u32, Target>,
     protos: HashMap<(u32, u64), Option<frames::Proto>>,
     sources: frames::Sources,
@@ -64,27 +106,32 @@ pub struct Lua {
     notes: Vec<String>,
 }
 
-/// The LuaJIT library among a process's executable mappings, with the
-/// reason when one is there but not traceable.
+/// The LuaJIT library among a process's executable mappings; otherwise
+/// what is there instead (a LuaJIT leaktrace cannot read, PUC Lua).
 fn find_library(
     pid: u32,
     maps: &[MapEntry],
-    objects: &mut HashMap<(String, u64), Result<Option<LuajitCode>, String>>,
-) -> Result<Option<Library>, (String, (String, u64), String)> {
+    objects: &mut HashMap<(String, u64), Seen>,
+) -> Result<Option<Library>, (String, (String, u64), NotTraced)> {
+    let mut other = None;
     for m in maps.iter().filter(|m| m.executable && m.path.is_some()) {
         let key = (m.dev.clone(), m.inode);
         let Some(open) = m.open_path(pid) else {
             continue;
         };
-        let code = objects
+        let seen = objects
             .entry(key.clone())
-            .or_insert_with(|| LuajitCode::read(&open))
+            .or_insert_with(|| Seen::read(&open))
             .clone();
         let path = m.path.clone().unwrap_or_default();
-        let code = match code {
-            Ok(Some(code)) => code,
-            Ok(None) => continue,
-            Err(why) => return Err((path, key, why)),
+        let code = match seen {
+            Seen::Luajit(code) => code,
+            Seen::Neither => continue,
+            Seen::Lua(refused @ NotTraced::Refused(_)) => return Err((path, key, refused)),
+            Seen::Lua(puc) => {
+                other.get_or_insert((path, key, puc));
+                continue;
+            }
         };
         let Ok(segments) = elf::load_segments(&open) else {
             continue;
@@ -104,7 +151,7 @@ fn find_library(
             text_delta: text.file_offset as i64 - text.vaddr as i64,
         }));
     }
-    Ok(None)
+    other.map_or(Ok(None), Err)
 }
 
 /// The first bytes of the function at file offset `offset`, to choose the
@@ -174,12 +221,20 @@ impl Runtime for Lua {
         let lib = match find_library(p, maps, &mut self.objects) {
             Ok(Some(lib)) => lib,
             Ok(None) => return Ok(Found::default()),
-            Err((path, key, why)) => {
-                if self.refused.insert(key) {
-                    self.notes.push(format!(
+            Err((path, key, not_traced)) => {
+                let note = match not_traced {
+                    NotTraced::Refused(why) => format!(
                         "{path}: LuaJIT not traced ({why}); its memory shows as the mmaps \
                          its allocator makes, with native stacks"
-                    ));
+                    ),
+                    NotTraced::PucLua(version) => format!(
+                        "{path}: {version} (PUC-Rio) runs here; leaktrace reads LuaJIT's \
+                         frames only, so its Lua memory shows as malloc's, with native stacks \
+                         (luaV_execute where Lua runs)"
+                    ),
+                };
+                if self.refused.insert(key) {
+                    self.notes.push(note);
                 }
                 return Ok(Found::default());
             }
@@ -200,13 +255,21 @@ impl Runtime for Lua {
         };
         let allocf = lib.runtime(lib.code.alloc_f);
         let mut budget = vm::SCAN_LIMIT;
-        let mut vms: Vec<u64> = vm::scannable(maps)
+        let mut found: Vec<(u64, &'static vm::Build)> = vm::scannable(maps)
             .flat_map(|m| vm::find_in(p, m.start, m.end, allocf, &mut budget))
             .collect();
-        vms.dedup();
+        found.dedup();
+        // One library, one build: a VM that reads as another is not one.
+        let build = found.first().map(|(_, b)| *b);
+        let vms: Vec<u64> = found
+            .iter()
+            .filter(|(_, b)| Some(*b) == build)
+            .map(|(g, _)| *g)
+            .collect();
         log::debug!(
-            "pid {p}: LuaJIT in {}, allocator at {allocf:#x}, {} VM(s) {:x?}",
+            "pid {p}: LuaJIT in {} ({}), allocator at {allocf:#x}, {} VM(s) {:x?}",
             lib.path,
+            build.map_or("no VM", |b| b.name),
             vms.len(),
             vms
         );
@@ -219,14 +282,21 @@ impl Runtime for Lua {
         }
         let range = (lib.runtime(lib.code.vm.0), lib.runtime(lib.code.vm.1));
         let allocds = vm::allocds(p, &vms);
-        let layout = vm::layout(range, &vms, &allocds);
+        let layout = vm::layout(range, build.unwrap_or(&vm::BUILDS[0]), &vms, &allocds);
         if let Err(e) = kernel.register_walker(p, &Walker::Lua(layout)) {
             self.notes.push(format!(
                 "process {p} runs LuaJIT, but it could not be registered for Lua frames: {e}"
             ));
         }
         let object = lib.path.clone();
-        self.found.insert(p, Target { library: lib, vms });
+        self.found.insert(
+            p,
+            Target {
+                library: lib,
+                vms,
+                build,
+            },
+        );
         Ok(Found {
             objects: vec![(object, probed)],
             refusal: None,
@@ -258,12 +328,11 @@ impl Runtime for Lua {
         if let Some((first, rest)) = raw.split_first() {
             if first.pos <= lua_pos::TRACE_AT {
                 let traceno = (lua_pos::TRACE_AT - first.pos) as u32;
-                let gs = self
+                in_trace = self
                     .found
                     .get(&pid)
-                    .map(|t| t.vms.as_slice())
-                    .unwrap_or(&[]);
-                in_trace = frames::trace_pc(pid, gs, traceno, first.code)
+                    .and_then(|t| Some((t.vms.as_slice(), t.build?)))
+                    .and_then(|(gs, b)| frames::trace_pc(pid, gs, b.g_traces, traceno, first.code))
                     .and_then(|pc| frames::proto_of_pc(pid, pc));
                 raw = rest;
             }

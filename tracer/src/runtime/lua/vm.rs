@@ -18,8 +18,6 @@ use crate::sys::procfs::{self, MapEntry};
 /// upstream 2.1 agree on these): `global_State`, `lua_State`, the VM's C
 /// frame (`vm_x64.dasc`), `GCfunc` and `GCproto` (`lj_obj.h`).
 pub mod gc64 {
-    /// `GG_State.g - GG_State.L`: the main `lua_State` precedes `g`.
-    pub const GG_L_TO_G: u64 = 0x70;
     pub const G_ALLOCF: u64 = 0x0;
     pub const G_ALLOCD: u64 = 0x8;
     /// `global_State.gc.currentwhite` and `.state` (`GCState` follows
@@ -50,10 +48,6 @@ pub mod gc64 {
     pub const PROTO_NUMLINE: u64 = 0x4c;
     pub const PROTO_LINEINFO: u64 = 0x50;
     pub const PROTO_SIZE: u32 = 0x68;
-    /// `GG_State.J - GG_State.g`, and `jit_State.trace` (the traces by
-    /// number).
-    pub const G_TO_J: u64 = 0x2e0;
-    pub const J_TRACE: u64 = 0x180;
     /// `GCtrace`: type byte value, snapshot count, snapshots, their map,
     /// machine code size and start, number.
     pub const GCT_TRACE: u8 = 9;
@@ -71,6 +65,34 @@ pub mod gc64 {
     pub const STR_DATA: u64 = 0x18;
 }
 
+/// What differs between the GC64 builds leaktrace reads. They are told
+/// apart in memory, by the size of a VM's main `lua_State` (`GG_State.g -
+/// GG_State.L`, see [`is_vm`]): OpenResty's luajit2 appends `exdata` and
+/// `exdata2` to upstream's `lua_State`, after every field read here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Build {
+    pub name: &'static str,
+    /// `GG_State.g - GG_State.L`.
+    pub l_size: u64,
+    /// `GG_State.J.trace - GG_State.g`: the traces by number.
+    pub g_traces: u64,
+}
+
+/// Every build whose layout is known; the offsets were read off each
+/// build's running VMs (a trace array whose entries are `GCtrace`s).
+pub const BUILDS: [Build; 2] = [
+    Build {
+        name: "OpenResty luajit2",
+        l_size: 0x70,
+        g_traces: 0x460,
+    },
+    Build {
+        name: "LuaJIT 2.1",
+        l_size: 0x60,
+        g_traces: 0x458,
+    },
+];
+
 /// The kernel walker's layout for a process whose interpreter code is at
 /// runtime `[vm_start, vm_end)` and whose VMs are `gs`.
 /// Each VM's `allocd` (the allocator state its `lj_alloc_*` calls get),
@@ -81,7 +103,7 @@ pub fn allocds(pid: u32, gs: &[u64]) -> Vec<u64> {
         .collect()
 }
 
-pub fn layout(vm: (u64, u64), gs: &[u64], allocds: &[u64]) -> LuaProc {
+pub fn layout(vm: (u64, u64), build: &Build, gs: &[u64], allocds: &[u64]) -> LuaProc {
     let mut g = [0u64; LUA_MAX_VMS];
     for (slot, v) in g.iter_mut().zip(gs) {
         *slot = *v;
@@ -106,7 +128,7 @@ pub fn layout(vm: (u64, u64), gs: &[u64], allocds: &[u64]) -> LuaProc {
         func_pc: gc64::FUNC_PC,
         func_ffid: gc64::FUNC_FFID,
         proto_size: gc64::PROTO_SIZE,
-        g_traces: (gc64::G_TO_J + gc64::J_TRACE) as u32,
+        g_traces: build.g_traces as u32,
         trace_mcode: gc64::TRACE_MCODE as u32,
         trace_szmcode: gc64::TRACE_SZMCODE as u32,
         g_gc_white: gc64::G_GC_WHITE,
@@ -131,18 +153,16 @@ fn read_u64(pid: u32, addr: u64) -> Option<u64> {
     u64_at(&b, 0)
 }
 
-/// Whether `g` is a VM's `global_State` (its first word already matched).
-fn is_vm(pid: u32, g: u64) -> bool {
-    let Some(l) = g.checked_sub(gc64::GG_L_TO_G) else {
-        return false;
-    };
-    let allocd = read_u64(pid, g + gc64::G_ALLOCD).unwrap_or(0);
-    let mainth = read_u64(pid, g + gc64::G_MAINTHREF).unwrap_or(0);
-    let glref = read_u64(pid, l + gc64::L_GLREF).unwrap_or(0);
-    let gct = procfs::read_mem(pid, l + gc64::GCT, 1)
-        .ok()
-        .and_then(|b| b.first().copied());
-    allocd != 0 && mainth == l && glref == g && gct == Some(gc64::GCT_THREAD)
+/// The build of the VM whose `global_State` is `g`, if it is one (its
+/// first word already matched).
+fn is_vm(pid: u32, g: u64) -> Option<&'static Build> {
+    let allocd = read_u64(pid, g + gc64::G_ALLOCD)?;
+    // The main thread, whose size says which LuaJIT this is.
+    let l = read_u64(pid, g + gc64::G_MAINTHREF)?;
+    let build = BUILDS.iter().find(|b| g.checked_sub(b.l_size) == Some(l))?;
+    let glref = read_u64(pid, l + gc64::L_GLREF)?;
+    let gct = *procfs::read_mem(pid, l + gc64::GCT, 1).ok()?.first()?;
+    (allocd != 0 && glref == g && gct == gc64::GCT_THREAD).then_some(build)
 }
 
 /// The anonymous writable mappings a VM's state can be in.
@@ -151,10 +171,17 @@ pub fn scannable(maps: &[MapEntry]) -> impl Iterator<Item = &MapEntry> {
         .filter(|m| m.path.is_none() && m.readable && m.writable && !m.executable)
 }
 
-/// The `global_State`s in `[start, end)` of `pid`: every 8-byte-aligned
-/// word equal to `allocf` (the runtime address of `lj_alloc_f`) that
-/// [`is_vm`] confirms. `budget` bytes at most are read (and used up).
-pub fn find_in(pid: u32, start: u64, end: u64, allocf: u64, budget: &mut u64) -> Vec<u64> {
+/// The `global_State`s in `[start, end)` of `pid`, with their builds:
+/// every 8-byte-aligned word equal to `allocf` (the runtime address of
+/// `lj_alloc_f`) that [`is_vm`] confirms. `budget` bytes at most are read
+/// (and used up).
+pub fn find_in(
+    pid: u32,
+    start: u64,
+    end: u64,
+    allocf: u64,
+    budget: &mut u64,
+) -> Vec<(u64, &'static Build)> {
     let needle = allocf.to_le_bytes();
     let mut found = Vec::new();
     let mut at = start;
@@ -168,8 +195,8 @@ pub fn find_in(pid: u32, start: u64, end: u64, allocf: u64, budget: &mut u64) ->
         for (i, word) in bytes.chunks_exact(8).enumerate() {
             if word == needle {
                 let g = at + 8 * i as u64;
-                if is_vm(pid, g) {
-                    found.push(g);
+                if let Some(build) = is_vm(pid, g) {
+                    found.push((g, build));
                 }
             }
         }
