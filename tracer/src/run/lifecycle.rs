@@ -6,6 +6,10 @@
 
 use super::*;
 
+/// Seconds a process caught before its loader mapped an allocator is
+/// tried again.
+const LATE_S: u64 = 5;
+
 impl<K: Kernel> Session<K> {
     /// Attach to a process (new, forked, exec'd, or matched by name or
     /// cgroup). Failures are kept as the target's status.
@@ -64,6 +68,40 @@ impl<K: Kernel> Session<K> {
             },
         );
         res.map(|_| ())
+    }
+
+    /// A process caught after its exec but before its loader mapped an
+    /// allocator (the exec event comes first): tried again at each tick.
+    fn defer(&mut self, pid: u32) {
+        self.targets.remove(&pid);
+        if !self.late.iter().any(|(p, _)| *p == pid) {
+            self.late.push((pid, Instant::now()));
+        }
+    }
+
+    /// Attaches the deferred processes whose loaders have run. One that
+    /// still maps no allocator after `LATE_S` has none (a static binary)
+    /// and is reported as not traced, like any other.
+    pub(super) fn retry_late(&mut self) {
+        for (pid, since) in std::mem::take(&mut self.late) {
+            if self.targets.contains_key(&pid) {
+                continue;
+            }
+            match self.add(pid) {
+                Ok(()) => log::info!("following {pid} once its loader ran"),
+                Err(e) if procfs::exiting(pid) => {
+                    self.targets.remove(&pid);
+                    log::debug!("not following {pid}: {e}");
+                }
+                Err(ProbeError::NoAllocator { .. })
+                    if since.elapsed() < std::time::Duration::from_secs(LATE_S) =>
+                {
+                    self.targets.remove(&pid);
+                    self.late.push((pid, since));
+                }
+                Err(e) => log::warn!("not following {pid}: {e}"),
+            }
+        }
     }
 
     /// Attach to a process named by `--pid` and, unless `--no-children`,
@@ -184,6 +222,15 @@ impl<K: Kernel> Session<K> {
                 {
                     match self.add(child) {
                         Ok(()) => log::info!("following child {child} of {parent}"),
+                        // A child that exited before or while it was
+                        // attached (the `sh -c` of a `system()`) leaves no
+                        // target and no warning.
+                        Err(e) if procfs::exiting(child) => {
+                            self.targets.remove(&child);
+                            log::debug!("not following child {child} of {parent}: {e}");
+                        }
+                        // Caught between its exec and its loader.
+                        Err(ProbeError::NoAllocator { .. }) => self.defer(child),
                         Err(e) => log::warn!("not following child {child} of {parent}: {e}"),
                     }
                 }
@@ -196,12 +243,16 @@ impl<K: Kernel> Session<K> {
                 if traced {
                     self.drop_address_space(pid);
                     self.targets.remove(&pid);
-                    if let Err(e) = self.add(pid) {
-                        log::warn!(
+                    match self.add(pid) {
+                        Err(e) if procfs::exiting(pid) => {
+                            self.targets.remove(&pid);
+                            log::debug!("process {pid} exited after its exec: {e}");
+                        }
+                        Err(ProbeError::NoAllocator { .. }) => self.defer(pid),
+                        Err(e) => log::warn!(
                             "process {pid} exec'd into something leaktrace cannot trace: {e}"
-                        );
-                    } else {
-                        log::info!("re-attached to {pid} after exec");
+                        ),
+                        Ok(()) => log::info!("re-attached to {pid} after exec"),
                     }
                 } else if self.selector.matches(pid) {
                     self.targets.remove(&pid);

@@ -129,6 +129,9 @@ struct Session<K: Kernel = Probes> {
     /// (an exec'd image maps its libraries after the exec event; without
     /// the syscall programs nothing says when).
     recent: Vec<(u32, Instant)>,
+    /// Processes met between their exec and their loader, tried again at
+    /// each tick (`retry_late`).
+    late: Vec<(u32, Instant)>,
 }
 
 impl<K: Kernel> Session<K> {
@@ -166,6 +169,7 @@ impl<K: Kernel> Session<K> {
             node_victims: Vec::new(),
             pending_forget: Default::default(),
             recent: Vec::new(),
+            late: Vec::new(),
         }
     }
 
@@ -437,6 +441,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 if connector.is_none() {
                     session.rescan();
                 }
+                session.retry_late();
                 session.refresh_objects();
                 session.sample()?;
                 if session.done() {

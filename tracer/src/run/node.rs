@@ -817,6 +817,7 @@ pub(super) async fn run(cfg: Config) -> anyhow::Result<()> {
                 if connector.is_none() {
                     session.rescan();
                 }
+                session.retry_late();
                 if ticks.is_multiple_of(REFRESH_EVERY) {
                     session.refresh_objects();
                     session.release_unmapped_faults();

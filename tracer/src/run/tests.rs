@@ -45,6 +45,9 @@ struct FakeKernel {
     watched: Vec<u32>,
     /// Syscall and fault events the next drain returns.
     syscalls: Vec<SyscallEvent>,
+    /// Processes whose loader has not mapped an allocator yet: the next
+    /// this many attaches of each fail with `NoAllocator`.
+    no_allocator_yet: HashMap<u32, u32>,
 }
 
 impl Default for FakeKernel {
@@ -61,6 +64,7 @@ impl Default for FakeKernel {
             exit_on_attach: Vec::new(),
             watched: Vec::new(),
             syscalls: Vec::new(),
+            no_allocator_yet: HashMap::new(),
         }
     }
 }
@@ -72,6 +76,13 @@ impl Kernel for FakeKernel {
         runtimes: &mut Runtimes,
     ) -> Result<Attachment, ProbeError> {
         self.attached.push(pid);
+        if let Some(left) = self.no_allocator_yet.get_mut(&pid).filter(|n| **n > 0) {
+            *left -= 1;
+            return Err(ProbeError::NoAllocator {
+                pid,
+                comm: "sh".into(),
+            });
+        }
         if self.exit_on_attach.contains(&pid) {
             // SAFETY: kill(2) on a process of the test's own tree.
             unsafe { libc::kill(pid as i32, libc::SIGKILL) };
@@ -579,6 +590,70 @@ fn a_pid_s_existing_descendants_are_attached_at_start_and_noted() {
         notes.contains(&format!(
             "process {root} (sh): 3 existing descendants traced"
         )),
+        "{notes}"
+    );
+}
+
+#[test]
+fn a_child_caught_before_its_loader_is_attached_at_a_later_tick() {
+    let parent = Sleeper::start();
+    let child = Sleeper::start();
+    let cfg = config(&["-p", &parent.pid().to_string()]);
+    let kernel = FakeKernel {
+        no_allocator_yet: HashMap::from([(child.pid(), 2)]),
+        ..FakeKernel::default()
+    };
+    let mut s = session(kernel, &cfg);
+    s.add(parent.pid()).expect("attach the parent");
+    s.on_proc_event(ProcEvent::Fork {
+        parent: parent.pid(),
+        child: child.pid(),
+    });
+    assert!(
+        !s.targets.contains_key(&child.pid()),
+        "no target (and no warning) while its loader runs"
+    );
+    s.retry_late();
+    assert!(!s.targets.contains_key(&child.pid()), "still no allocator");
+    s.retry_late();
+    assert_eq!(s.running(), 2, "attached once its allocator is mapped");
+    s.retry_late();
+    assert_eq!(
+        s.probes
+            .attached
+            .iter()
+            .filter(|p| **p == child.pid())
+            .count(),
+        3,
+        "tried three times, then left alone"
+    );
+}
+
+#[test]
+fn a_child_that_never_maps_an_allocator_is_reported_after_the_window() {
+    let parent = Sleeper::start();
+    let child = Sleeper::start();
+    let cfg = config(&["-p", &parent.pid().to_string()]);
+    let kernel = FakeKernel {
+        no_allocator_yet: HashMap::from([(child.pid(), u32::MAX)]),
+        ..FakeKernel::default()
+    };
+    let mut s = session(kernel, &cfg);
+    s.add(parent.pid()).expect("attach the parent");
+    s.on_proc_event(ProcEvent::Fork {
+        parent: parent.pid(),
+        child: child.pid(),
+    });
+    // As if the window had passed.
+    for (_, since) in &mut s.late {
+        *since -= std::time::Duration::from_secs(60);
+    }
+    s.retry_late();
+    assert!(s.late.is_empty());
+    s.sample().expect("sample");
+    let notes = s.report(&cfg).notes.join("\n");
+    assert!(
+        notes.contains(&format!("process {} (sleep) not traced", child.pid())),
         "{notes}"
     );
 }
