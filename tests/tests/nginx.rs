@@ -762,3 +762,52 @@ fn lua_ffi_leak_names_c_and_lua() {
         "{test}: one row for both workers:\n{all}"
     );
 }
+
+/// `lua_code_cache off` runs each request in a VM of its own, made after
+/// attach and closed after the request: the report counts those VMs and
+/// says their memory has native stacks only, and the worker keeps serving.
+#[test]
+fn per_request_vms_are_counted_and_named_in_a_note() {
+    let test = "per_request_vms_are_counted_and_named_in_a_note";
+    if !require_bpf(test) {
+        return;
+    }
+    let _alone = one_nginx_at_a_time();
+    let dir = work_dir(test);
+    let nginx = Nginx::start(
+        &dir.join("nginx"),
+        Options {
+            workers: 1,
+            lua_dir: Some(lua_dir()),
+            locations: "    location = /nocache { lua_code_cache off; content_by_lua_block { \
+                        local t = {} for i = 1, 100 do t[i] = { i } end ngx.say(#t) } }\n"
+                .to_string(),
+            ..Options::default()
+        },
+    );
+    let worker = nginx.workers()[0].to_string();
+    let tracer = Tracer::attach(&["-p", &worker, "-i", "0", "--format", "json"]);
+    for _ in 0..50 {
+        let r = nginx.get("/nocache").expect("GET /nocache");
+        assert_eq!((r.status, r.body.trim()), (200, "100"), "{test}: {r:?}");
+    }
+    let fin = tracer.interrupt();
+    assert!(fin.status.success(), "{test}: {fin:?}");
+    let r = fin.json();
+    let vms = r["counters"]["lua_vms_after_attach"].as_u64().unwrap_or(0);
+    assert!(
+        vms >= 1,
+        "{test}: no VM made after attach was counted: {}",
+        r["counters"]
+    );
+    let notes: Vec<&str> = r["notes"]
+        .as_array()
+        .map(|n| n.iter().filter_map(|n| n.as_str()).collect())
+        .unwrap_or_default();
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.starts_with(&format!("{vms} LuaJIT VM")) && n.contains("native stacks")),
+        "{test}: no note on the VMs made after attach: {notes:#?}"
+    );
+}

@@ -369,13 +369,17 @@ pub enum Counter {
     /// Not a loss: a return seen again by another traced process's return
     /// probe (kernels that run every return consumer; see `PendingCall`).
     RepeatedReturns = 15,
+    /// Not a loss: a LuaJIT VM made after attach allocated on a thread
+    /// (`lua_code_cache off` makes one per request); counted when a
+    /// thread's VM changes.
+    LuaVmsAfterAttach = 16,
 }
 
 /// Number of slots in `COUNTERS`.
-pub const COUNTER_SLOTS: u32 = 16;
+pub const COUNTER_SLOTS: u32 = 17;
 
 impl Counter {
-    pub const ALL: [Counter; 16] = [
+    pub const ALL: [Counter; 17] = [
         Counter::Allocs,
         Counter::Frees,
         Counter::FreesUnknown,
@@ -392,6 +396,7 @@ impl Counter {
         Counter::EventsLost,
         Counter::UnwindAborted,
         Counter::RepeatedReturns,
+        Counter::LuaVmsAfterAttach,
     ];
 
     /// Name used in reports (`snake_case`).
@@ -413,6 +418,7 @@ impl Counter {
             Counter::EventsLost => "syscall_events_lost",
             Counter::UnwindAborted => "unwind_aborted",
             Counter::RepeatedReturns => "repeated_returns",
+            Counter::LuaVmsAfterAttach => "lua_vms_after_attach",
         }
     }
 

@@ -60,7 +60,11 @@ pub struct LuaProc {
     /// first argument), in the order of `g`: which VM an allocation is for.
     pub allocd: [u64; LUA_MAX_VMS],
     pub g_gc_state: u32,
-    pub _pad: u32,
+    /// `g - allocd` of a VM (its `GG_State` is the first block of its
+    /// allocator state): how the kernel recognises a VM made after attach
+    /// (`lua_code_cache off` makes one per request) from an allocation's
+    /// `msp`, to count it. 0: unknown.
+    pub msp_to_g: u32,
 }
 const _: () = assert!(size_of::<LuaProc>() == 152);
 

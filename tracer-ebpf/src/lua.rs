@@ -35,17 +35,18 @@
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user},
     macros::{map, raw_tracepoint, uprobe},
-    maps::HashMap,
+    maps::{HashMap, LruHashMap},
     programs::{ProbeContext, RawTracePointContext},
     EbpfContext,
 };
 use tracer_common::{
-    chain, gen_tag, lua_pos, lua_stop, runtime, AllocKind, LuaGc, LuaProc, LUA_MAX_VMS, MAX_FRAMES,
-    MAX_INTERP_FRAMES,
+    chain, gen_tag, lua_pos, lua_stop, runtime, AllocKind, Counter, LuaGc, LuaProc, LUA_MAX_VMS,
+    MAX_FRAMES, MAX_INTERP_FRAMES,
 };
 
 use crate::{
     chain::{self as stages, slot, Job},
+    counters::count,
     probes::{enter, release},
 };
 
@@ -55,6 +56,17 @@ pub static LUA_PROCS: HashMap<u32, LuaProc> = HashMap::with_max_entries(1 << 11,
 /// Per process: the garbage collector's cycles seen (see `LuaGc`).
 #[map]
 static LUA_GC: HashMap<u32, LuaGc> = HashMap::with_max_entries(1 << 11, 0);
+
+/// Per thread: the `global_State` of the last VM user space does not know
+/// that allocated on it (made after attach: an nginx reload makes one in
+/// the master, `lua_code_cache off` one per request), found from the
+/// allocation's `msp`; a change is counted (`LuaVmsAfterAttach`), for the
+/// report to say that such memory has native stacks only. (Walking such
+/// a VM's frames was tried: the master's reload then recorded thousands
+/// of new Lua stacks, whose reading held up attaching the new workers,
+/// and a per-request VM is gone before its prototypes can be read.)
+#[map]
+static LUA_LAST: LruHashMap<u32, u64> = LruHashMap::with_max_entries(1 << 12, 0);
 
 // ---- allocator -----------------------------------------------------------
 
@@ -94,7 +106,29 @@ fn gc_look(msp: u64) -> u32 {
     if p.allocd[3] == msp {
         return look_vm::<3>(p, gc);
     }
+    remember_vm(p, msp);
     0
+}
+
+/// An allocation by a VM user space does not know: its `global_State` is
+/// at a fixed distance from the allocator state (`GG_State` is the state's
+/// first block), confirmed by `g->allocd` pointing back, and counted once
+/// per thread and VM.
+#[inline(always)]
+fn remember_vm(p: &LuaProc, msp: u64) {
+    if p.msp_to_g == 0 || msp == 0 {
+        return;
+    }
+    let g = msp.wrapping_add(u64::from(p.msp_to_g));
+    if read_u64(g + G_ALLOCD) != Some(msp) {
+        return;
+    }
+    let tid = bpf_get_current_pid_tgid() as u32;
+    // SAFETY: read-only lookup, copied out.
+    if unsafe { LUA_LAST.get(&tid) }.copied() != Some(g) {
+        count(Counter::LuaVmsAfterAttach);
+        let _ = LUA_LAST.insert(&tid, &g, 0);
+    }
 }
 
 const _: () = assert!(LUA_MAX_VMS == 4, "gc_look names each VM slot");
@@ -182,6 +216,8 @@ const FRAME_VARG: u64 = 3;
 const FRAME_CP: u64 = 5;
 /// `Job::lua_pc` of a trace's first frame (no PC is kept in a trace).
 const PC_TRACE: u64 = 1;
+/// `global_State.allocd` (the same in every build read).
+const G_ALLOCD: u64 = 8;
 
 #[inline(always)]
 fn read_u64(addr: u64) -> Option<u64> {

@@ -19,7 +19,8 @@ use super::{folded, json, pprof, svg, text, Report};
 pub enum Format {
     /// For a terminal.
     Text,
-    /// The `leaktrace.report/v1` schema.
+    /// JSON: the `leaktrace.report/v1` schema (`leaktrace.node/v1` from
+    /// `leaktrace node`).
     Json,
     /// Collapsed stacks (`frame;frame bytes`, root first) for flamegraph.pl
     /// and inferno.

@@ -88,6 +88,17 @@ impl<K: Kernel> Session<K> {
                  kernels (Linux 6.18 runs only the process's own)"
             ));
         }
+        let late_vms = self.counters.get(Counter::LuaVmsAfterAttach);
+        if late_vms > 0 {
+            notes.push(format!(
+                "{late_vms} LuaJIT VM{} made after attach allocated (an nginx reload makes one \
+                 in the master, lua_code_cache off one per request): their memory has native \
+                 stacks, without Lua frames, and counts at once; a VM that closes frees its \
+                 blocks by unmapping them, so they stay counted until their addresses are \
+                 reused, and rows under a VM's start-up can grow slowly without a leak",
+                if late_vms == 1 { "" } else { "s" }
+            ));
+        }
         let lost: Vec<String> = Counter::ALL
             .iter()
             .filter(|c| c.is_loss() && self.counters.get(**c) > 0)

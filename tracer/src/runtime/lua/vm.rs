@@ -76,6 +76,9 @@ pub struct Build {
     pub l_size: u64,
     /// `GG_State.J.trace - GG_State.g`: the traces by number.
     pub g_traces: u64,
+    /// `g - allocd`: `GG_State` is the first block of the VM's own
+    /// allocator state, right after dlmalloc's `malloc_state`.
+    pub msp_to_g: u64,
 }
 
 /// Every build whose layout is known; the offsets were read off each
@@ -85,11 +88,13 @@ pub const BUILDS: [Build; 2] = [
         name: "OpenResty luajit2",
         l_size: 0x70,
         g_traces: 0x460,
+        msp_to_g: 0x3e0,
     },
     Build {
         name: "LuaJIT 2.1",
         l_size: 0x60,
         g_traces: 0x458,
+        msp_to_g: 0x3d0,
     },
 ];
 
@@ -134,7 +139,7 @@ pub fn layout(vm: (u64, u64), build: &Build, gs: &[u64], allocds: &[u64]) -> Lua
         g_gc_white: gc64::G_GC_WHITE,
         allocd,
         g_gc_state: gc64::G_GC_STATE,
-        _pad: 0,
+        msp_to_g: build.msp_to_g as u32,
     }
 }
 
