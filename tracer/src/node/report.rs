@@ -66,7 +66,8 @@ pub struct SelfFigures {
     pub cpu_share: f64,
     /// The budget (`--budget-cpu`), as a share of one core.
     pub budget_share: f64,
-    /// The largest share over one reading interval.
+    /// The largest share over one reading interval, start-up and the
+    /// first reading left out.
     pub peak_share: f64,
     pub rss_bytes: u64,
     pub watched_processes: usize,

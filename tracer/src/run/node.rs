@@ -65,7 +65,10 @@ struct Meter {
     last_cost: ProgramCost,
     /// The share of one core over the last reading.
     pub last_share: f64,
+    /// The largest `last_share` since start-up: the start-up and the first
+    /// reading (each reads every process once) are left out.
     pub peak_share: f64,
+    windows: u32,
 }
 
 fn own_cpu_ns() -> u64 {
@@ -102,6 +105,7 @@ impl Meter {
             last_cost: cost,
             last_share: 0.0,
             peak_share: 0.0,
+            windows: 0,
         }
     }
 
@@ -118,7 +122,10 @@ impl Meter {
             let spent =
                 cost_ns(cpu, cost).saturating_sub(cost_ns(self.last_cpu_ns, self.last_cost));
             self.last_share = spent as f64 / wall;
-            self.peak_share = self.peak_share.max(self.last_share);
+            self.windows = self.windows.saturating_add(1);
+            if self.windows > 1 {
+                self.peak_share = self.peak_share.max(self.last_share);
+            }
         }
         self.last = now;
         self.last_cpu_ns = cpu;
@@ -782,6 +789,9 @@ pub(super) async fn run(cfg: Config) -> anyhow::Result<()> {
             None => "until SIGTERM or Ctrl-C".into(),
         }
     );
+    // Start-up read every process once: the first window starts now (the
+    // run's share still counts it).
+    node.meter.restart(session.probes.cost());
     // Each reading renders /metrics only while a receiver lives: the
     // server's, with --listen. Without it the receiver must go, or every
     // reading would build (and symbolize) a report nobody reads.
