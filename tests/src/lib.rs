@@ -7,6 +7,7 @@
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
+    os::unix::process::CommandExt,
     path::PathBuf,
     process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio},
     sync::mpsc,
@@ -134,13 +135,25 @@ pub fn wait_line(
     }
 }
 
+/// The fixture and everything it forked (a pool's workers): workers of a
+/// killed master would otherwise wait forever, holding the test runner's
+/// output open.
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on the process group the fixture leads.
+        unsafe { libc::kill(-(self.guard.0.id() as i32), libc::SIGKILL) };
+    }
+}
+
 impl Fixture {
     /// Start `path args...` and wait for it to print "ready".
     pub fn start(path: &std::path::Path, args: &[&str]) -> Self {
+        // A process group of its own: whatever it forks dies with it.
         let mut child = Command::new(path)
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
+            .process_group(0)
             .spawn()
             .unwrap_or_else(|e| panic!("failed to start fixture {}: {e}", path.display()));
         let stdout: ChildStdout = child.stdout.take().expect("piped stdout");
