@@ -445,6 +445,27 @@ impl Probes {
     ) -> Result<Attachment, ProbeError> {
         let nz = NonZeroU32::new(pid).ok_or(ProbeError::NoProcess { pid })?;
         let maps = process_maps(pid)?;
+        // The unwinder first: a probe fires as soon as it is attached, and
+        // a stack recorded before the process's unwind tables are in falls
+        // back to frame pointers (a worker forked mid-load had its first
+        // allocations in a row of their own).
+        let fresh = !self.registered.contains_key(&pid);
+        self.register_unwind(pid, &maps);
+        let res = self.attach_mapped(nz, &maps, runtimes);
+        if res.is_err() && fresh {
+            self.unregister_unwind(pid);
+        }
+        res
+    }
+
+    /// [`Self::attach_process`] once the unwinder has the process.
+    fn attach_mapped(
+        &mut self,
+        nz: NonZeroU32,
+        maps: &[procfs::MapEntry],
+        runtimes: &mut Runtimes,
+    ) -> Result<Attachment, ProbeError> {
+        let pid = nz.get();
         let wanted = self.wanted_names();
         let wanted: Vec<&str> = wanted.iter().map(String::as_str).collect();
         let mut attachment = Attachment::default();
@@ -495,7 +516,7 @@ impl Probes {
             }
         }
         let found = runtimes
-            .attach(nz, &maps, self)
+            .attach(nz, maps, self)
             .map_err(|f: AttachFailure| ProbeError::Attach {
                 pid,
                 function: f.function,
@@ -532,7 +553,6 @@ impl Probes {
             });
         }
         self.set_target(pid, true);
-        self.register_unwind(pid, &maps);
         Ok(attachment)
     }
 
@@ -606,8 +626,13 @@ impl Probes {
         self.attached_objects.remove(&pid);
         self.runtime_probed.remove(&pid);
         self.allocator_ranges.remove(&pid);
-        self.registered.remove(&pid);
         self.set_target(pid, false);
+        self.unregister_unwind(pid);
+    }
+
+    /// Undo [`Self::register_unwind`] and the runtime routing of `pid`.
+    fn unregister_unwind(&mut self, pid: u32) {
+        self.registered.remove(&pid);
         if let Some(Ok(mut rt)) = self
             .ebpf
             .map_mut(maps::RUNTIMES)
